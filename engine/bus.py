@@ -1,0 +1,204 @@
+"""The event bus: typed subscriptions, a documented call order, and isolation of failing sinks.
+
+Call order for one event: handlers with a higher ``priority`` run first; among equal priorities, the one
+subscribed first runs first. Every handler of an event finishes before ``emit`` returns, and they run one
+after another, never concurrently, so a sync handler sees events one at a time on the event-loop thread.
+
+Two roles:
+- a *sink* (the default) observes. If it raises, the error is logged with the event, counted in
+  ``bus.sink_errors``, and the remaining handlers still run.
+- a *work* handler (``work=True``) does the experiment's work. If it raises, ``emit`` raises too, and the
+  engine turns that into a failed client.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Iterable, Union
+
+import structlog
+
+from .events import Event
+
+__all__ = ["ALL", "EventBus", "Subscription", "Handler"]
+
+Handler = Callable[[Event], Union[None, Awaitable[None]]]
+Predicate = Callable[[Event], bool]
+
+
+class _All:
+    """Marker: subscribe to every event type."""
+
+    def __repr__(self) -> str:
+        return "ALL"
+
+
+ALL = _All()
+
+_log = structlog.get_logger("fedevents.bus")
+
+
+@dataclass(eq=False, slots=True)
+class Subscription:
+    """A handle on one subscription; ``unsubscribe()`` (or ``with``) removes it."""
+
+    types: tuple[type[Event], ...] | None
+    handler: Handler
+    priority: int
+    work: bool
+    every: int | None
+    once: bool
+    filter: Predicate | None
+    order: int
+    is_async: bool
+    _bus: "EventBus | None" = field(default=None, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return self._bus is not None
+
+    def unsubscribe(self) -> None:
+        """Remove the handler; calling it twice is harmless."""
+        if self._bus is not None:
+            self._bus._remove(self)
+            self._bus = None
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unsubscribe()
+
+    def matches(self, event: Event) -> bool:
+        if self.types is not None and not isinstance(event, self.types):
+            return False
+        if self.every is not None:
+            rnd = getattr(event, "round", None)
+            if rnd is None or rnd % self.every != 0:
+                return False
+        return self.filter is None or bool(self.filter(event))
+
+
+class EventBus:
+    """Routes each emitted event to the handlers subscribed to its type."""
+
+    def __init__(self) -> None:
+        self._subs: list[Subscription] = []
+        self._cache: dict[type[Event], list[Subscription]] = {}
+        self._counter = itertools.count()
+        self.sink_errors = 0
+
+    def subscribe(
+        self,
+        types: type[Event] | Iterable[type[Event]] | _All,
+        handler: Handler,
+        *,
+        priority: int = 0,
+        work: bool = False,
+        every: int | None = None,
+        once: bool = False,
+        filter: Predicate | None = None,
+    ) -> Subscription:
+        """Call ``handler(event)`` for every emitted event of ``types`` that passes the filters.
+
+        ``every=N`` keeps events whose ``round`` is a multiple of N (events without a round are skipped);
+        ``once=True`` removes the subscription after its first call; ``filter`` is any predicate.
+        """
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, found {type(handler).__name__}")
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be an int >= 1, found {every!r}")
+        sub = Subscription(
+            types=_normalise_types(types),
+            handler=handler,
+            priority=priority,
+            work=work,
+            every=every,
+            once=once,
+            filter=filter,
+            order=next(self._counter),
+            is_async=_is_async(handler),
+            _bus=self,
+        )
+        self._subs.append(sub)
+        self._subs.sort(key=lambda s: (-s.priority, s.order))
+        self._cache.clear()
+        return sub
+
+    def on(self, types: type[Event] | Iterable[type[Event]] | _All = ALL, **options: Any) -> Callable[[Handler], Handler]:
+        """Decorator form of ``subscribe``: ``@bus.on(TrainDone, priority=5)``; bare ``@bus.on()`` takes all."""
+
+        def register(handler: Handler) -> Handler:
+            self.subscribe(types, handler, **options)
+            return handler
+
+        return register
+
+    def handlers_for(self, event_type: type[Event]) -> list[Subscription]:
+        """The subscriptions an event of ``event_type`` would reach, in call order (before filters)."""
+        subs = self._cache.get(event_type)
+        if subs is None:
+            subs = [s for s in self._subs if s.types is None or issubclass(event_type, s.types)]
+            self._cache[event_type] = subs
+        return subs
+
+    def has_work_handler(self, event_type: type[Event]) -> bool:
+        return any(s.work for s in self.handlers_for(event_type))
+
+    async def emit(self, event: Event) -> None:
+        """Run every matching handler, in call order, and return when all are done."""
+        for sub in self.handlers_for(type(event)):
+            if not sub.active or not sub.matches(event):
+                continue
+            if sub.once:
+                sub.unsubscribe()
+            if sub.work:
+                result = sub.handler(event)
+                if sub.is_async:
+                    await result  # type: ignore[misc]
+                continue
+            try:
+                result = sub.handler(event)
+                if sub.is_async:
+                    await result  # type: ignore[misc]
+            except Exception as exc:  # a sink must never stop training
+                self.sink_errors += 1
+                _log.error(
+                    "sink failed",
+                    handler=_name(sub.handler),
+                    failed_event=type(event).__name__,
+                    failed_seq=event.seq,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+
+    def _remove(self, sub: Subscription) -> None:
+        self._subs.remove(sub)
+        self._cache.clear()
+
+
+def _normalise_types(types: object) -> tuple[type[Event], ...] | None:
+    if isinstance(types, _All):
+        return None
+    if isinstance(types, type):
+        types = (types,)
+    try:
+        found = tuple(types)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"types must be an Event subclass, a tuple of them or ALL, found {types!r}") from None
+    for t in found:
+        if not (isinstance(t, type) and issubclass(t, Event)):
+            raise TypeError(f"types must be Event subclasses, found {t!r}")
+    if not found:
+        raise ValueError("types must name at least one Event subclass")
+    return found
+
+
+def _is_async(handler: Handler) -> bool:
+    call = getattr(handler, "__call__", None)
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
+
+
+def _name(handler: object) -> str:
+    return getattr(handler, "__qualname__", None) or type(handler).__qualname__

@@ -1,0 +1,72 @@
+"""The ``fedevents`` command: ``fedevents run EXPERIMENT.yaml [...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from typing import Sequence
+
+from .errors import FedEventsError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedevents", description="Run federated learning experiments as events.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one or more experiments")
+    run.add_argument("experiments", nargs="+", metavar="EXPERIMENT.yaml")
+    run.add_argument("--common", metavar="COMMON.yaml", help="common file: dirs, devices and a defaults block")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override any config key (repeatable); the value is read as YAML")
+    run.add_argument("--device", dest="devices", action="append", metavar="DEVICE",
+                     help="device to run on, e.g. cpu or cuda:0 (repeatable; replaces the config's list)")
+    run.add_argument("--parallel", type=int, metavar="N", help="concurrent trainings per device")
+    run.add_argument("--logs-dir", metavar="DIR", help="where logs, records and traces go")
+    run.add_argument("--dry-run", action="store_true", help="emit the whole event sequence without training")
+    run.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except FedEventsError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"fedevents: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("fedevents: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .builder import build_experiments, flag_overrides
+
+    overrides = flag_overrides(devices=args.devices, parallel=args.parallel, logs_dir=args.logs_dir)
+    experiments = build_experiments(args.experiments, common=args.common,
+                                    overrides=[*args.overrides, *overrides], dry_run=args.dry_run)
+    for exp in experiments:
+        exp.run()
+        if args.dry_run:
+            _print_dry_run(exp)
+    return 0
+
+
+def _print_dry_run(exp) -> None:
+    summary = exp.components[0].summary()
+    cfg = exp.config
+    print(f"dry run of {cfg.exp_name}: {cfg.rounds} rounds, {len(cfg.clients)} clients "
+          f"({cfg.online_clients} online per round), {len(cfg.devices)} device(s) x {cfg.parallel} slot(s)")
+    for slot, count in summary["per_slot"].items():
+        print(f"  {slot:<16} {count:>6} work items")
+    print(f"  predicted makespan {summary['predicted_makespan_s']:.2f}s "
+          f"(train {summary['train_s_each']:.3f}s per client, validate {summary['val_s_per_task']:.3f}s per task)")
+    print(f"  trace: {exp.paths.trace}  events: {exp.paths.events}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Typed, immutable events: one class per fact that happens during an experiment.
+
+Every event carries where it comes from (run id, experiment name), when it happened (a per-run sequence
+number, wall-clock and monotonic time) and the ids it is about. Metrics are plain numbers; tensors never
+ride on events. ``to_dict`` turns any event into a JSON-safe dict; the layout is versioned by
+``SCHEMA_VERSION`` and documented in docs/events.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Event",
+    "ExperimentStarted",
+    "RoundStarted",
+    "ClientsSampled",
+    "ClientDispatched",
+    "TrainStarted",
+    "TrainDone",
+    "ClientUploaded",
+    "ValScheduled",
+    "ValStarted",
+    "ValDone",
+    "UploadsClosed",
+    "Aggregated",
+    "RoundFinished",
+    "ClientFailed",
+    "ExperimentFinished",
+    "ExperimentFailed",
+    "EVENT_TYPES",
+    "to_dict",
+]
+
+#: Bumped whenever a field is renamed or removed; adding a field keeps the version.
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Base of every event: who emitted it and when."""
+
+    run_id: str
+    exp_name: str
+    seq: int
+    wall_time: float
+    mono_time: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExperimentStarted(Event):
+    """The experiment is configured and about to run its first round."""
+
+    method: str
+    rounds: int
+    clients: int
+    online_clients: int
+    devices: tuple[str, ...]
+    parallel: int
+    seed: int
+    dry_run: bool
+    first_round: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundStarted(Event):
+    """A communication round began (round 0 is the initial validation)."""
+
+    round: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientsSampled(Event):
+    """The engine chose this round's online clients with its seeded generator."""
+
+    round: int
+    clients: tuple[str, ...]
+    sample_seed: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientDispatched(Event):
+    """The server sent a client its state; the train work handler answers this event.
+
+    ``state`` is ``"integrated"`` for a client that has never trained (it gets the full server state) and
+    ``"incremental"`` for a client the server has seen before.
+    """
+
+    round: int
+    client: str
+    task: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainStarted(Event):
+    """A client got a device slot and began local training; ``waited_s`` is its wait for the slot."""
+
+    round: int
+    client: str
+    task: str
+    device: str
+    slot: int
+    waited_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainDone(Event):
+    """A client finished local training; ``ran_s`` is the time it held its slot."""
+
+    round: int
+    client: str
+    task: str
+    device: str
+    slot: int
+    waited_s: float
+    ran_s: float
+    samples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientUploaded(Event):
+    """A client's update reached the server's inbox for this round."""
+
+    round: int
+    client: str
+    task: str
+    samples: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ValScheduled(Event):
+    """The engine asked for a client to be validated on ``tasks``; the validate work handler answers."""
+
+    round: int
+    client: str
+    tasks: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ValStarted(Event):
+    """A client got a device slot and began validation."""
+
+    round: int
+    client: str
+    device: str
+    slot: int
+    waited_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ValDone(Event):
+    """A client was scored on one task."""
+
+    round: int
+    client: str
+    task: str
+    device: str
+    slot: int
+    ran_s: float
+    samples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UploadsClosed(Event):
+    """The server stopped taking uploads for the round; the aggregate work handler answers."""
+
+    round: int
+    clients: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Aggregated(Event):
+    """The server combined this round's uploads into its new state."""
+
+    round: int
+    clients: tuple[str, ...]
+    samples: int
+    ran_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundFinished(Event):
+    """A round ended; ``trained`` and ``failed`` count this round's clients."""
+
+    round: int
+    trained: int
+    failed: int
+    validated: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientFailed(Event):
+    """A client's work raised; ``phase`` is ``"train"``, ``"validate"`` or ``"aggregate"``."""
+
+    round: int
+    client: str
+    task: str
+    phase: str
+    error_type: str
+    error: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExperimentFinished(Event):
+    """Every round ran; ``seconds`` is the wall time of the whole run."""
+
+    rounds: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExperimentFailed(Event):
+    """The run stopped early; ``reason`` is the one line a user sees."""
+
+    round: int
+    reason: str
+    error_type: str
+    traceback: str = ""
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    ExperimentStarted,
+    RoundStarted,
+    ClientsSampled,
+    ClientDispatched,
+    TrainStarted,
+    TrainDone,
+    ClientUploaded,
+    ValScheduled,
+    ValStarted,
+    ValDone,
+    UploadsClosed,
+    Aggregated,
+    RoundFinished,
+    ClientFailed,
+    ExperimentFinished,
+    ExperimentFailed,
+)
+
+
+def to_dict(event: Event) -> dict[str, Any]:
+    """The JSON-safe form of ``event``: its fields, ``"event"`` (the class name) and ``"schema"``."""
+    out: dict[str, Any] = {"event": type(event).__name__, "schema": SCHEMA_VERSION}
+    for f in dataclasses.fields(event):
+        out[f.name] = _json_safe(getattr(event, f.name))
+    return out
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_json_safe(v) for v in value]
+    return str(value)

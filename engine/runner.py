@@ -1,0 +1,209 @@
+"""The run loop: walks an experiment by emitting events and awaiting their handlers.
+
+Round 0 validates every client (when ``val_clients`` is ``all``). Each later round: sample the online
+clients, dispatch each one (integrated state to a new client, incremental to a known one) and let the train
+work handler train and upload it, validate every ``val_interval`` rounds and in the last round, close the
+uploads so the aggregate work handler combines them, finish the round. The engine owns the sampling
+generator; everything with torch happens in handlers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import anyio
+from structlog.contextvars import bound_contextvars
+
+from .bus import EventBus
+from .config import ExperimentConfig
+from .context import RunContext
+from .errors import ConfigError, RunFailed
+from .events import (
+    ClientDispatched,
+    ClientFailed,
+    ClientsSampled,
+    ExperimentFailed,
+    ExperimentFinished,
+    ExperimentStarted,
+    RoundFinished,
+    RoundStarted,
+    UploadsClosed,
+    ValScheduled,
+)
+
+__all__ = ["Engine", "sample_seed", "task_index"]
+
+
+def sample_seed(seed: int, round: int) -> int:
+    """The seed of round ``round``'s client sampling: stable across processes and platforms."""
+    digest = hashlib.blake2b(f"{seed}/sample/{round}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def task_index(participations: int, sustain_rounds: int, n_tasks: int) -> int:
+    """Which of a client's tasks it trains after ``participations`` earlier rounds: it stays
+    ``sustain_rounds`` participations on each task, then moves on, and stays on the last one."""
+    return min(participations // sustain_rounds, n_tasks - 1)
+
+
+@dataclass
+class _Phase:
+    done: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    first_error: RunFailed | None = None
+
+
+class Engine:
+    """Runs one experiment's rounds on a bus; work handlers must be subscribed before ``run``."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        bus: EventBus,
+        context: RunContext,
+        *,
+        dry_run: bool = False,
+        max_in_flight: int = 64,
+    ) -> None:
+        self.config = config
+        self.bus = bus
+        self.context = context
+        self.dry_run = dry_run
+        self.max_in_flight = max_in_flight
+        self.participations: dict[str, int] = {}
+        self.round = 0
+
+    async def emit(self, event_type: type, **fields: object) -> None:
+        await self.bus.emit(self.context.make(event_type, **fields))
+
+    async def run(self) -> None:
+        """Run every round; on failure emit ExperimentFailed and raise RunFailed."""
+        for needed in (ClientDispatched, ValScheduled, UploadsClosed):
+            if not self.bus.has_work_handler(needed):
+                raise ConfigError(f"no work handler is subscribed to {needed.__name__}; nothing would train")
+        cfg = self.config
+        started = time.monotonic()
+        await self.emit(
+            ExperimentStarted,
+            method=cfg.method,
+            rounds=cfg.rounds,
+            clients=len(cfg.clients),
+            online_clients=cfg.online_clients,
+            devices=cfg.devices,
+            parallel=cfg.parallel,
+            seed=cfg.seed,
+            dry_run=self.dry_run,
+        )
+        try:
+            if cfg.data["exp_opts"]["val_clients"] == "all":
+                await self._round_zero()
+            for rnd in range(1, cfg.rounds + 1):
+                await self._round(rnd)
+        except RunFailed as exc:
+            await self.emit(ExperimentFailed, round=self.round, reason=str(exc), error_type="RunFailed",
+                            traceback=exc.__cause__ and _format(exc.__cause__) or "")
+            raise
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self.emit(ExperimentFailed, round=self.round, reason=f"{type(exc).__name__}: {exc}",
+                                error_type=type(exc).__name__, traceback=_format(exc))
+            raise
+        await self.emit(ExperimentFinished, rounds=cfg.rounds, seconds=time.monotonic() - started)
+
+    async def _round_zero(self) -> None:
+        self.round = 0
+        started = time.monotonic()
+        await self.emit(RoundStarted, round=0)
+        validated = await self._validate(0, self.config.clients.names)
+        await self.emit(RoundFinished, round=0, trained=0, failed=0, validated=validated,
+                        seconds=time.monotonic() - started)
+
+    async def _round(self, rnd: int) -> None:
+        cfg = self.config
+        self.round = rnd
+        started = time.monotonic()
+        await self.emit(RoundStarted, round=rnd)
+        seed = sample_seed(cfg.seed, rnd)
+        picked = sorted(random.Random(seed).sample(range(len(cfg.clients)), cfg.online_clients))
+        online = tuple(cfg.clients.names[i] for i in picked)
+        await self.emit(ClientsSampled, round=rnd, clients=online, sample_seed=seed)
+
+        train = await self._phase(rnd, online, self._train_one)
+        validated = 0
+        if rnd % cfg.val_interval == 0 or rnd == cfg.rounds:
+            scope = cfg.clients.names if cfg.data["exp_opts"]["val_clients"] == "all" else train.done
+            validated = await self._validate(rnd, scope)
+        if train.done:
+            try:
+                await self.emit(UploadsClosed, round=rnd, clients=tuple(train.done))
+            except Exception as exc:
+                raise RunFailed(f"round {rnd}: aggregation failed: {type(exc).__name__}: {exc}") from exc
+        await self.emit(RoundFinished, round=rnd, trained=len(train.done), failed=len(train.failed),
+                        validated=validated, seconds=time.monotonic() - started)
+
+    async def _validate(self, rnd: int, clients: Iterable[str]) -> int:
+        phase = await self._phase(rnd, clients, self._validate_one)
+        return len(phase.done)
+
+    async def _phase(self, rnd: int, clients: Iterable[str], work) -> _Phase:
+        """Run ``work`` for every client, at most ``max_in_flight`` at once, in client order."""
+        phase = _Phase()
+        queue: Iterator[str] = iter(clients)
+        async with anyio.create_task_group() as tg:
+
+            async def worker() -> None:
+                for client in queue:
+                    await work(rnd, client, phase, tg.cancel_scope)
+
+            for _ in range(self.max_in_flight):
+                tg.start_soon(worker)
+        if phase.first_error is not None:
+            raise phase.first_error
+        return phase
+
+    async def _train_one(self, rnd: int, client: str, phase: _Phase, scope: anyio.CancelScope) -> None:
+        tasks = self.config.clients.tasks(client)
+        done_before = self.participations.get(client, 0)
+        task = tasks[task_index(done_before, self.config.sustain_rounds, len(tasks))]
+        state = "incremental" if client in self.participations else "integrated"
+        self.participations[client] = done_before + 1
+        with bound_contextvars(round=rnd, client=client, task=task):
+            try:
+                await self.emit(ClientDispatched, round=rnd, client=client, task=task, state=state)
+            except Exception as exc:
+                await self._client_failed(rnd, client, task, "train", exc, phase, scope)
+            else:
+                phase.done.append(client)
+
+    async def _validate_one(self, rnd: int, client: str, phase: _Phase, scope: anyio.CancelScope) -> None:
+        tasks = self.config.clients.tasks(client)
+        with bound_contextvars(round=rnd, client=client):
+            try:
+                await self.emit(ValScheduled, round=rnd, client=client, tasks=tasks)
+            except Exception as exc:
+                await self._client_failed(rnd, client, ",".join(tasks), "validate", exc, phase, scope)
+            else:
+                phase.done.append(client)
+
+    async def _client_failed(self, rnd: int, client: str, task: str, phase_name: str, exc: Exception,
+                             phase: _Phase, scope: anyio.CancelScope) -> None:
+        phase.failed.append(client)
+        with anyio.CancelScope(shield=True):
+            await self.emit(ClientFailed, round=rnd, client=client, task=task, phase=phase_name,
+                            error_type=type(exc).__name__, error=str(exc), traceback=_format(exc))
+        if phase.first_error is None:
+            verb = "training" if phase_name == "train" else "validating"
+            phase.first_error = RunFailed(
+                f"client {client} failed in round {rnd} while {verb}: {type(exc).__name__}: {exc}"
+            )
+            phase.first_error.__cause__ = exc
+            scope.cancel()  # failure policy 'fail': stop the rest of the phase
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
