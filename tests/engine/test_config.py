@@ -1,0 +1,139 @@
+"""Loading FedSTIL-format configs: deep merge, overrides, and one clear line for each kind of bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedevents.engine.config import load_experiment, load_experiments
+from fedevents.engine.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+MINIMAL = {"exp_name": "t", "exp_method": "fedavg", "clients": [{"client_name": "a", "tasks": ["x"]},
+                                                                 {"client_name": "b", "tasks": ["x"]}]}
+
+
+def write(tmp_path: Path, data: dict, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def error_of(tmp_path: Path, data: dict, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_experiment(write(tmp_path, data), **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_common_defaults_merge_deeply_under_the_experiment() -> None:
+    cfg = load_experiment(ROOT / "configs/fedavg.yaml", common=ROOT / "configs/common.yaml")
+    assert cfg.rounds == 6  # set by the experiment
+    assert cfg.val_interval == 5 and cfg.online_clients == 3  # kept from defaults
+    assert cfg.data["model_opts"] == {"name": "mlp", "hidden": [128], "channels": [16, 32]}
+    assert cfg.data["optimizer_opts"]["momentum"] == 0.9
+    assert cfg.seed == 123 and cfg.parallel == 2 and cfg.devices == ("cpu",)
+    assert cfg.clients.names == tuple(f"client-{i}" for i in range(5))
+
+
+def test_set_overrides_any_key_and_reads_values_as_yaml(tmp_path: Path) -> None:
+    cfg = load_experiment(write(tmp_path, MINIMAL), overrides=[
+        "exp_opts.comm_rounds=3", "optimizer_opts.lr=0.5", "device=[cpu]", "clients.1.tasks=[y, z]"])
+    assert cfg.rounds == 3
+    assert cfg.data["optimizer_opts"]["lr"] == 0.5
+    assert cfg.clients.tasks("b") == ("y", "z")
+
+
+def test_demo_is_self_contained_and_compact_clients_expand_to_names() -> None:
+    cfg = load_experiment(ROOT / "configs/demo.yaml")
+    assert cfg.clients.names[0] == "client-0" and cfg.clients.names[-1] == "client-9"
+    assert cfg.clients.tasks("client-3") == ("synth",)
+
+
+def test_a_hundred_thousand_clients_from_the_compact_form(tmp_path: Path) -> None:
+    data = dict(MINIMAL, clients={"count": 100_000, "tasks": ["x"], "prefix": "edge-"})
+    cfg = load_experiment(write(tmp_path, data))
+    assert len(cfg.clients) == 100_000
+    assert cfg.clients.names[0] == "edge-00000" and cfg.clients.names[-1] == "edge-99999"
+    assert cfg.online_clients == 100_000  # defaults to every client
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"exp_method": "fedavgg"}, "exp_method: expected one of fedavg, found 'fedavgg' (string); did you mean 'fedavg'?"),
+        ({"exp_opts": {"comm_round": 3}}, "exp_opts.comm_round: unknown key; did you mean 'comm_rounds'?"),
+        ({"exp_opts": {"comm_rounds": "ten"}}, "exp_opts.comm_rounds: expected an integer >= 1, found 'ten' (string)"),
+        ({"exp_opts": {"comm_rounds": 0}}, "exp_opts.comm_rounds: expected an integer >= 1, found 0 (integer)"),
+        ({"exp_opts": {"online_clients": -1}}, "exp_opts.online_clients: expected an integer >= 1, found -1 (integer)"),
+        ({"exp_opts": {"online_clients": 7}}, "exp_opts.online_clients = 7, but only 2 clients are defined"),
+        ({"parallel": True}, "parallel: expected an integer >= 1, found True (boolean)"),
+        ({"optimizer_opts": {"lr": 0}}, "optimizer_opts.lr: expected a number > 0, found 0.0 (number)"),
+        ({"clients": [{"client_name": "a", "tasks": ["x"]}, {"client_name": "a", "tasks": ["x"]}]},
+         "clients: client_name 'a' is defined twice; expected unique names"),
+        ({"clients": [{"client_name": "../etc", "tasks": ["x"]}]}, "clients[0].client_name: expected a name of letters"),
+        ({"clients": [{"client_name": "a/b", "tasks": ["x"]}]}, "clients[0].client_name: expected a name of letters"),
+        ({"clients": [{"client_name": "a\x00b", "tasks": ["x"]}]}, "clients[0].client_name: expected a name of letters"),
+        ({"clients": [{"client_name": "a", "tasks": []}]}, "clients[0].tasks: expected a list of at least 1 items"),
+        ({"clients": {"count": 0, "tasks": ["x"]}}, "clients.count: expected an integer >= 1, found 0 (integer)"),
+        ({"clients": "many"}, "clients: expected a list of clients (client_name, tasks) or a mapping with count and tasks"),
+        ({"device": ["gpu0"]}, "device[0]: expected 'cpu', 'cuda', 'cuda:N' or 'mps', found 'gpu0'"),
+        ({"datasets_dir": "/no/such/dir"}, "datasets_dir: expected an existing directory, found no directory at '/no/such/dir'"),
+        ({"exp_name": "my run"}, "exp_name: expected a name of letters"),
+        ({"task_opts": {"synthetic": {"input_shape": [1, 2, 3, 4]}}}, "task_opts.synthetic.input_shape: expected a list of 1 to 3 items"),
+    ],
+)
+def test_bad_values_give_one_line_naming_file_and_key(tmp_path: Path, change: dict, expected: str) -> None:
+    message = error_of(tmp_path, {**MINIMAL, **change})
+    assert message.startswith(str(tmp_path / "exp.yaml") + ": ")
+    assert expected in message
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    data = dict(MINIMAL)
+    del data["exp_method"]
+    assert error_of(tmp_path, data).endswith("exp_method: missing; expected one of fedavg")
+
+
+def test_error_from_an_override_names_the_override(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, MINIMAL, overrides=["exp_opts.val_interval=-2"])
+    assert msg == "--set exp_opts.val_interval: exp_opts.val_interval: expected an integer >= 1, found -2 (integer)"
+
+
+def test_error_from_common_defaults_names_both_files(tmp_path: Path) -> None:
+    common = write(tmp_path, {"defaults": {"exp_opts": {"val_interval": "often"}}}, "common.yaml")
+    msg = error_of(tmp_path, MINIMAL, common=common)
+    assert msg.startswith(f"{tmp_path / 'exp.yaml'} (with {common}): exp_opts.val_interval: expected an integer")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("exp_name: [unclosed", "expected valid YAML, found"),
+        ("- a\n- b\n", "expected a mapping of keys at the top level, found a list"),
+        ("!!python/object/apply:os.system ['echo pwned']", "expected valid YAML, found could not determine a constructor"),
+        ("exp_name: t\n\texp_method: fedavg\n", "expected valid YAML, found"),
+    ],
+)
+def test_malformed_yaml_and_python_tags_are_refused(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        load_experiment(path)
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.yaml: expected an experiment file, found no such file"):
+        load_experiment(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="--set comm_rounds: expected key.path=value"):
+        load_experiment(write(tmp_path, MINIMAL), overrides=["comm_rounds"])
+
+
+def test_every_file_is_validated_before_any_is_returned(tmp_path: Path) -> None:
+    good = write(tmp_path, MINIMAL, "good.yaml")
+    bad = write(tmp_path, {**MINIMAL, "parallel": 0}, "bad.yaml")
+    with pytest.raises(ConfigError, match="bad.yaml: parallel"):
+        load_experiments([good, bad])
