@@ -1,0 +1,28 @@
+"""The wheel installs fedevents.engine / .handlers / .federated and nothing with a generic top-level name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_holds_the_namespace_subpackages_only(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True, text=True,
+    )
+    wheel = next(tmp_path.glob("fedevents-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert "fedevents" in tops
+    assert not {"engine", "handlers", "federated", "tests", "benchmarks"} & tops
+    for module in ("fedevents/engine/bus.py", "fedevents/engine/cli.py", "fedevents/handlers/work.py",
+                   "fedevents/federated/__init__.py"):
+        assert module in names
+    assert "fedevents/__init__.py" not in names  # fedevents is a namespace package
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "fedevents = fedevents.engine.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
