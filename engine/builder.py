@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from .config import ExperimentConfig, load_experiments
@@ -78,7 +79,9 @@ def build_experiment(
         config = load_experiments([config], overrides=overrides, methods=METHODS)[0]
         if not dry_run:
             check_devices(config)
-    handlers = [load_handler(e, f"{config.source}: handlers[{i}]") for i, e in enumerate(config.data["handlers"])]
+    folder = Path(config.source).parent
+    handlers = [load_handler(e, f"{config.source}: handlers[{i}]", config_dir=folder)
+                for i, e in enumerate(config.data["handlers"])]
     exp = Experiment(config, dry_run=dry_run, run_id=run_id)
     exp.add(_work(config, exp, dry_run, WorkHandlers, SimulatedWork))
     if sinks:

@@ -1,7 +1,7 @@
 """Building user handlers named in a config's ``handlers:`` list.
 
 An entry is ``"package.module:Name"`` or ``{target: "package.module:Name", kwargs: {...}}``. ``Name`` is
-looked up in the imported module; a class is called with ``kwargs``, a function is used as it is (and may
+looked up in the imported module (a module in the config file's own folder is found too); a class is called with ``kwargs``, a function is used as it is (and may
 take no kwargs). The result is wired to the bus in one of two ways: an object with a ``subscribe(bus)``
 method subscribes itself; any other callable is subscribed to the event types in its ``events``
 attribute, or to every event. Importing runs the module's code: a config is as trusted as a script.
@@ -10,7 +10,10 @@ attribute, or to every event. Importing runs the module's code: a config is as t
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
 
 from fedevents.engine.bus import ALL, EventBus, Subscription
 from fedevents.engine.errors import HandlerLoadError
@@ -18,14 +21,15 @@ from fedevents.engine.errors import HandlerLoadError
 __all__ = ["load_handler", "attach_handler"]
 
 
-def load_handler(entry: str | Mapping[str, Any], where: str = "handlers") -> Any:
+def load_handler(entry: str | Mapping[str, Any], where: str = "handlers", *, config_dir: Path | None = None) -> Any:
     """Import and build the handler an entry names; any failure is a one-line HandlerLoadError."""
     target, kwargs = (entry, {}) if isinstance(entry, str) else (entry["target"], dict(entry.get("kwargs") or {}))
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise HandlerLoadError(f"{where}: expected 'package.module:Name', found {target!r}")
     try:
-        module = importlib.import_module(module_name)
+        with _importable(config_dir):
+            module = importlib.import_module(module_name)
     except Exception as exc:
         raise HandlerLoadError(f"{where}: could not import {module_name!r}: {type(exc).__name__}: {exc}") from exc
     obj: Any = module
@@ -48,3 +52,17 @@ def attach_handler(handler: Any, bus: EventBus) -> list[Subscription]:
     if hasattr(handler, "subscribe") and callable(handler.subscribe):
         return list(handler.subscribe(bus) or [])
     return [bus.subscribe(getattr(handler, "events", ALL), handler)]
+
+
+@contextmanager
+def _importable(folder: Path | None) -> Iterator[None]:
+    """Let a handler module that sits next to its config be imported, for the import only."""
+    if folder is None:
+        yield
+        return
+    entry = str(folder.resolve())
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        sys.path.remove(entry)
