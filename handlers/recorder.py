@@ -1,0 +1,206 @@
+"""The JSON recorder: the FedSTIL experiment record, ``data.<client>.<round>.<task>.<metric>``.
+
+Training and validation metrics of one (client, round, task) are merged into one dict, so neither erases
+the other. The record is kept in memory and written whole, atomically (temporary file, fsync, rename),
+only when a round finishes and when the run ends, never on every event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedevents.engine.bus import EventBus, Subscription
+from fedevents.engine.events import (
+    ClientFailed,
+    Event,
+    ExperimentFailed,
+    ExperimentFinished,
+    ExperimentStarted,
+    RoundFinished,
+    TrainDone,
+    ValDone,
+)
+
+from .logsink import SINK_PRIORITY
+
+__all__ = ["JsonRecorder", "format_record", "write_json_atomic", "write_text_atomic"]
+
+_EVENTS = (ExperimentStarted, TrainDone, ValDone, ClientFailed, RoundFinished, ExperimentFinished, ExperimentFailed)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_suffix(".json.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """``write_text_atomic`` of ``obj`` as compact JSON (the C encoder; ``indent`` would need the slow one)."""
+    write_text_atomic(path, json.dumps(obj, default=str, separators=(",", ":")))
+
+
+def format_record(record: Mapping[str, Any]) -> str:
+    """The record as JSON a person can read and diff: one line per client under ``data``.
+
+    Indenting everything would double the size and run the pure-Python encoder over every metric.
+    """
+    parts = []
+    for key, value in record.items():
+        if key == "data":
+            clients = ",\n".join(f"    {json.dumps(c)}: {json.dumps(r, default=str)}" for c, r in value.items())
+            body = "{\n" + clients + "\n  }" if clients else "{}"
+        else:
+            body = json.dumps(value, indent=2, default=str).replace("\n", "\n  ")
+        parts.append(f"  {json.dumps(key)}: {body}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+class JsonRecorder:
+    """Keeps the experiment record of one run and writes it to ``path``.
+
+    ``status`` is ``running`` until ExperimentFinished (``finished``) or ExperimentFailed (``failed``, with
+    ``error``); a run closed without either is recorded as failed. A resumed run (ExperimentStarted with
+    ``first_round`` > 1) keeps the rounds before ``first_round`` from an existing record at ``path``.
+    """
+
+    def __init__(self, path: Path, config: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        self.config = config
+        self.record: dict[str, Any] | None = None
+        self._data: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+        self._failures: list[dict[str, Any]] = []
+        self._dirty = False
+        self._subs: list[Subscription] = []
+
+    def subscribe(self, bus: EventBus, *, priority: int = SINK_PRIORITY) -> list[Subscription]:
+        self._subs.append(bus.subscribe(_EVENTS, self.handle, priority=priority))
+        return self._subs[-1:]
+
+    def handle(self, event: Event) -> None:
+        kind = type(event)
+        if kind is TrainDone or kind is ValDone:
+            if self.record is not None:
+                self._merge(event.client, event.round, event.task, event.metrics)  # type: ignore[attr-defined]
+        elif kind is RoundFinished:
+            if self.record is not None:
+                self.record["last_round"] = event.round  # type: ignore[attr-defined]
+                self.write()
+        elif kind is ExperimentStarted:
+            if self.record is None:
+                self._start(event)  # type: ignore[arg-type]
+        elif kind is ClientFailed:
+            self._failed_client(event)  # type: ignore[arg-type]
+        elif kind is ExperimentFinished:
+            self._end("finished", None)
+        elif kind is ExperimentFailed:
+            self._end("failed", event.reason)  # type: ignore[attr-defined]
+
+    def metrics(self, client: str, round: int, task: str) -> dict[str, float]:
+        """The merged metrics recorded for one (client, round, task); empty when there are none."""
+        return dict(self._data.get(client, {}).get(str(round), {}).get(task, {}))
+
+    def write(self) -> None:
+        """Write the record now (atomically); does nothing before ExperimentStarted."""
+        if self.record is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path, format_record(self._snapshot()))
+        self._dirty = False
+
+    def close(self) -> None:
+        """Write the final record; a run that neither finished nor failed is recorded as failed."""
+        for sub in self._subs:
+            sub.unsubscribe()
+        if self.record is None:
+            return
+        if self.record["status"] == "running":
+            self.record["status"] = "failed"
+            self.record["error"] = "the run stopped before it finished"
+            self._dirty = True
+        if self._dirty:
+            self.write()
+
+    def _start(self, ev: ExperimentStarted) -> None:
+        self.record = {"config": _plain(self.config), "run_id": ev.run_id, "status": "running"}
+        if ev.first_round > 1:
+            self._data = _earlier_rounds(self.path, ev.first_round)
+        self.write()
+
+    def _merge(self, client: str, rnd: int, task: str, metrics: Mapping[str, float]) -> None:
+        rounds = self._data.get(client)
+        if rounds is None:
+            rounds = self._data[client] = {}
+        key = str(rnd)
+        tasks = rounds.get(key)
+        if tasks is None:
+            tasks = rounds[key] = {}
+        slot = tasks.get(task)
+        if slot is None:
+            tasks[task] = dict(metrics)
+        else:
+            slot.update(metrics)
+        self._dirty = True
+
+    def _failed_client(self, ev: ClientFailed) -> None:
+        if self.record is None:
+            return
+        self._failures.append(
+            {"round": ev.round, "client": ev.client, "task": ev.task, "phase": ev.phase,
+             "error": f"{ev.error_type}: {ev.error}"}
+        )
+        self._dirty = True
+
+    def _end(self, status: str, error: str | None) -> None:
+        if self.record is None:
+            return
+        self.record["status"] = status
+        if error is not None:
+            self.record["error"] = error
+        self.write()
+
+    def _snapshot(self) -> dict[str, Any]:
+        out = dict(self.record or {})
+        # Rounds arrive in order except after a resume; numeric order keeps "10" after "9".
+        out["data"] = {
+            client: dict(sorted(rounds.items(), key=lambda kv: int(kv[0])))
+            for client, rounds in self._data.items()
+        }
+        if self._failures:
+            out["failures"] = list(self._failures)
+        return out
+
+
+def _earlier_rounds(path: Path, first_round: int) -> dict[str, dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f).get("data", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    kept: dict[str, dict[str, Any]] = {}
+    for client, rounds in data.items():
+        earlier = {r: tasks for r, tasks in rounds.items() if r.isdigit() and int(r) < first_round}
+        if earlier:
+            kept[client] = earlier
+    return kept
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-safe deep copy of the config, so later changes to the caller's mapping do not leak in."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
