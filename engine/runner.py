@@ -105,8 +105,9 @@ class Engine:
             for rnd in range(1, cfg.rounds + 1):
                 await self._round(rnd)
         except RunFailed as exc:
+            cause = _format(exc.__cause__) if exc.__cause__ is not None else ""
             await self.emit(ExperimentFailed, round=self.round, reason=str(exc), error_type="RunFailed",
-                            traceback=exc.__cause__ and _format(exc.__cause__) or "")
+                            traceback=cause)
             raise
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -134,13 +135,16 @@ class Engine:
         await self.emit(ClientsSampled, round=rnd, clients=online, sample_seed=seed)
 
         train = await self._phase(rnd, online, self._train_one)
+        # Sampled order, not completion order: aggregation must not depend on thread timing.
+        trained = set(train.done)
+        uploaded = tuple(c for c in online if c in trained)
         validated = 0
         if rnd % cfg.val_interval == 0 or rnd == cfg.rounds:
-            scope = cfg.clients.names if cfg.data["exp_opts"]["val_clients"] == "all" else train.done
+            scope = cfg.clients.names if cfg.data["exp_opts"]["val_clients"] == "all" else uploaded
             validated = await self._validate(rnd, scope)
-        if train.done:
+        if uploaded:
             try:
-                await self.emit(UploadsClosed, round=rnd, clients=tuple(train.done))
+                await self.emit(UploadsClosed, round=rnd, clients=uploaded)
             except Exception as exc:
                 raise RunFailed(f"round {rnd}: aggregation failed: {type(exc).__name__}: {exc}") from exc
         await self.emit(RoundFinished, round=rnd, trained=len(train.done), failed=len(train.failed),
