@@ -85,7 +85,7 @@ def build_experiment(
     exp = Experiment(config, dry_run=dry_run, run_id=run_id)
     exp.add(_work(config, exp, dry_run, WorkHandlers, SimulatedWork))
     if sinks:
-        exp.add(LogSink(exp.paths.log, console=console))
+        exp.add(LogSink(exp.paths.log, console=console, record_path=exp.paths.record))
         exp.add(JsonRecorder(exp.paths.record, config.data))
         exp.add(TraceRecorder(exp.paths.events, exp.paths.trace))
     for handler in handlers:

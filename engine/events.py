@@ -247,12 +247,23 @@ EVENT_TYPES: tuple[type[Event], ...] = (
 )
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def to_dict(event: Event) -> dict[str, Any]:
     """The JSON-safe form of ``event``: its fields, ``"event"`` (the class name) and ``"schema"``."""
-    out: dict[str, Any] = {"event": type(event).__name__, "schema": SCHEMA_VERSION}
-    for f in dataclasses.fields(event):
-        out[f.name] = _json_safe(getattr(event, f.name))
+    cls = type(event)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:  # dataclasses.fields() is slow enough to matter once per event
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    out: dict[str, Any] = {"event": cls.__name__, "schema": SCHEMA_VERSION}
+    for name in names:
+        value = getattr(event, name)
+        out[name] = value if type(value) in _PLAIN else _json_safe(value)
     return out
+
+
+_PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
 def _json_safe(value: Any) -> Any:
