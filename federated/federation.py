@@ -1,0 +1,208 @@
+"""The facade the handlers call: train, upload, validate and aggregate for named clients.
+
+Every method is synchronous and may run concurrently in worker threads for different clients. Randomness
+comes from ``(seed, round, client, task, purpose)`` only, so results do not depend on which thread runs
+first. Each worker thread keeps one model per device and loads whichever weights a call needs into it;
+between calls a client's state lives on the CPU in a ``ClientStore``.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from .fedavg import AggregateResult, FedAvgClient, FedAvgServer
+from .models import build_model, empty_model
+from .seeds import generator
+from .store import ClientState, ClientStore, state_nbytes
+from .synthetic import SyntheticSpec, client_data
+from .training import build_criterion, build_optimizer, build_scheduler, evaluate, train_local
+
+__all__ = ["METHODS", "DATASETS", "Federation", "TrainResult", "UploadResult", "ValResult"]
+
+METHODS = ("fedavg",)
+DATASETS = ("synthetic",)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """What one client's local training produced: its training samples and ``tr_acc`` / ``tr_loss``."""
+
+    samples: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class UploadResult:
+    """What one upload sent: the samples it weighs with and the bytes of its model state."""
+
+    samples: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ValResult:
+    """One client's score on one task's held-out split: ``val_acc`` / ``val_loss``."""
+
+    samples: int
+    metrics: dict[str, float]
+
+
+class Federation:
+    """Run one federated experiment's learning: global model, client states, local training, averaging."""
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        seed: int,
+        spill_dir: str | None = None,
+        max_in_memory: int = 256,
+    ) -> None:
+        method, task_opts = config["exp_method"], config["task_opts"]
+        if method not in METHODS:
+            raise ValueError(f"exp_method: expected one of {', '.join(METHODS)}, found {method!r}")
+        if task_opts["dataset"] not in DATASETS:
+            raise ValueError(
+                f"task_opts.dataset: expected one of {', '.join(DATASETS)}, found {task_opts['dataset']!r}"
+            )
+        self._seed = seed
+        self._spec = SyntheticSpec.from_dict(task_opts["synthetic"])
+        self._epochs = int(task_opts["train_epochs"])
+        self._batch_size = int(task_opts["batch_size"])
+        self._model_opts = dict(config["model_opts"])
+        self._optimizer_opts = dict(config["optimizer_opts"])
+        self._scheduler_opts = dict(config["scheduler_opts"])
+        self._criterion = build_criterion(config["criterion_opts"])
+        initial = self._initial_model()
+        self._server = FedAvgServer(initial.state_dict())
+        self._client = FedAvgClient()
+        self._store = ClientStore(max_in_memory=max_in_memory, spill_dir=spill_dir)
+        # Building a model costs more than training a small one for a round, so each worker thread keeps one
+        # per device and loads whatever weights a call needs into it.
+        self._models = threading.local()
+
+    @property
+    def store(self) -> ClientStore:
+        """The clients' stored states (read it; the federation writes it)."""
+        return self._store
+
+    def train(self, *, client: str, task: str, round: int, device: str, state: str) -> TrainResult:
+        """Train ``client`` on ``task`` from the server's payload for ``round`` and store its new state.
+
+        ``state`` says how the client joins ("integrated" when new, "incremental" when known); FedAvg sends
+        both the global model. The model trains on ``device``; the stored state goes back to the CPU.
+        """
+        dev = torch.device(device)
+        data = client_data(self._spec, seed=self._seed, task=task, client=client)
+        model = self._model(dev)
+        self._client.receive(model, self._server.dispatch(client, state))
+        previous = self._store.get(client)
+        optimizer, scheduler = self._optimizer_for(model, previous)
+        scores = train_local(
+            model, optimizer, scheduler, self._criterion, data.x_train.to(dev), data.y_train.to(dev),
+            epochs=self._epochs, batch_size=self._batch_size,
+            shuffle=generator(self._seed, round, client, task, "shuffle"),
+        )
+        samples = data.y_train.numel()
+        self._store.put(client, _snapshot(model, optimizer, scheduler, previous, samples))
+        return TrainResult(samples=samples, metrics={"tr_acc": scores.acc, "tr_loss": scores.loss})
+
+    def upload(self, *, client: str, round: int) -> UploadResult:
+        """Put ``client``'s latest trained state in the server's inbox for ``round``."""
+        stored = self._store.get(client)
+        if stored is None:
+            raise LookupError(
+                f"upload of {client!r} in round {round}: expected a client that has trained, found none"
+            )
+        self._server.receive(client, round, self._client.upload(stored.model, stored.samples))
+        return UploadResult(samples=stored.samples, nbytes=state_nbytes(stored.model))
+
+    def validate(self, *, client: str, tasks: Sequence[str], round: int, device: str) -> dict[str, ValResult]:
+        """Score ``client``'s model on each task's held-out split, by task.
+
+        A client that never trained is scored with the current global model, and stays unstored. ``round``
+        is accepted for methods whose scoring depends on it; FedAvg does not use it.
+        """
+        dev = torch.device(device)
+        stored = self._store.get(client)
+        model = self._model(dev)
+        model.load_state_dict(self._server.state if stored is None else stored.model)
+        results = {}
+        for task in tasks:
+            data = client_data(self._spec, seed=self._seed, task=task, client=client)
+            scores = evaluate(model, data.x_test.to(dev), data.y_test.to(dev))
+            metrics = {"val_acc": scores.acc, "val_loss": scores.loss}
+            results[task] = ValResult(samples=scores.samples, metrics=metrics)
+        return results
+
+    def aggregate(self, *, round: int, clients: Sequence[str]) -> AggregateResult:
+        """Average ``round``'s uploads from ``clients`` into the global model."""
+        return self._server.aggregate(round, clients)
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """Give the global model state (its tensors are never changed in place)."""
+        return self._server.state
+
+    def _model(self, device: torch.device) -> nn.Module:
+        models = self._models.__dict__.setdefault("by_device", {})
+        if device not in models:
+            models[device] = empty_model(
+                self._model_opts, self._spec.input_shape, self._spec.num_classes, device=device
+            )
+        return models[device]
+
+    def _optimizer_for(
+        self, model: nn.Module, previous: ClientState | None
+    ) -> tuple[torch.optim.Optimizer, LRScheduler | None]:
+        optimizer = build_optimizer(self._optimizer_opts, model.parameters())
+        scheduler = build_scheduler(self._scheduler_opts, optimizer)
+        if previous is not None:
+            # Cloned on the CPU: the optimizer updates its state in place (Adam's step counter stays on the CPU
+            # and is not copied by load_state_dict), and the stored state must not change.
+            optimizer.load_state_dict(_to_cpu(previous.optimizer, clone=True))
+            if scheduler is not None and previous.scheduler is not None:
+                scheduler.load_state_dict(copy.deepcopy(previous.scheduler))
+        return optimizer, scheduler
+
+    def _initial_model(self) -> nn.Module:
+        model = build_model(
+            self._model_opts, self._spec.input_shape, self._spec.num_classes, generator=generator(self._seed, "init")
+        )
+        # Building the optimizer and scheduler once reports a bad option now, not in the first round.
+        build_scheduler(self._scheduler_opts, build_optimizer(self._optimizer_opts, model.parameters()))
+        return model
+
+
+def _snapshot(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+    previous: ClientState | None,
+    samples: int,
+) -> ClientState:
+    return ClientState(
+        # A copy even on the CPU: the thread's model trains on, the stored state must not change.
+        model=_to_cpu(model.state_dict(), clone=True),
+        # The optimizer is thrown away after this call, so its tensors need no copy.
+        optimizer=_to_cpu(optimizer.state_dict(), clone=False),
+        scheduler=None if scheduler is None else scheduler.state_dict(),
+        rounds_trained=(0 if previous is None else previous.rounds_trained) + 1,
+        samples=samples,
+    )
+
+
+def _to_cpu(value: Any, *, clone: bool) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=clone)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v, clone=clone) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v, clone=clone) for v in value]
+    return value
