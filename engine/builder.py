@@ -99,8 +99,5 @@ def _work(config: ExperimentConfig, exp: Experiment, dry_run: bool, real: Any, s
     if dry_run:
         return simulated(config.data, exp.pool, exp.bus, exp.context)
     from fedevents.federated import Federation
-    from fedevents.handlers.work import share_cpu_threads
-
-    share_cpu_threads(exp.pool)
     federation = Federation(config.data, seed=config.seed, max_in_memory=config.data["exp_opts"]["clients_in_memory"])
-    return real(federation, exp.pool, exp.bus, exp.context)
+    return real(federation, exp.pool, exp.bus, exp.context, torch_threads=config.data["exp_opts"]["torch_threads"])

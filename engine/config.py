@@ -74,6 +74,7 @@ def _schema(methods: Sequence[str]) -> Section:
                         "val_clients": Field(Str(choices=("all", "online")), "all"),
                         "failure_policy": Field(Str(choices=("fail",)), "fail"),
                         "clients_in_memory": Field(Int(min=1), 256),
+                        "torch_threads": Field(Int(min=1), 1),
                     }
                 ),
                 {},

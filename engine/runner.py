@@ -14,7 +14,7 @@ import random
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterator, Sequence
 
 import anyio
 from structlog.contextvars import bound_contextvars
@@ -150,11 +150,11 @@ class Engine:
         await self.emit(RoundFinished, round=rnd, trained=len(train.done), failed=len(train.failed),
                         validated=validated, seconds=time.monotonic() - started)
 
-    async def _validate(self, rnd: int, clients: Iterable[str]) -> int:
+    async def _validate(self, rnd: int, clients: Sequence[str]) -> int:
         phase = await self._phase(rnd, clients, self._validate_one)
         return len(phase.done)
 
-    async def _phase(self, rnd: int, clients: Iterable[str], work) -> _Phase:
+    async def _phase(self, rnd: int, clients: Sequence[str], work) -> _Phase:
         """Run ``work`` for every client, at most ``max_in_flight`` at once, in client order."""
         phase = _Phase()
         queue: Iterator[str] = iter(clients)
@@ -164,7 +164,7 @@ class Engine:
                 for client in queue:
                     await work(rnd, client, phase, tg.cancel_scope)
 
-            for _ in range(self.max_in_flight):
+            for _ in range(min(self.max_in_flight, len(clients))):
                 tg.start_soon(worker)
         if phase.first_error is not None:
             raise phase.first_error
