@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence, TextIO
@@ -35,6 +36,7 @@ def build_experiments(
     dry_run: bool = False,
     console: TextIO | None = sys.stderr,
     sinks: bool = True,
+    resume: bool = False,
 ) -> list[Experiment]:
     """Load, validate and wire every experiment before any of them runs."""
     from fedevents.federated import METHODS
@@ -43,7 +45,7 @@ def build_experiments(
     if not dry_run:
         for cfg in configs:
             check_devices(cfg)
-    return [build_experiment(cfg, dry_run=dry_run, console=console, sinks=sinks) for cfg in configs]
+    return [build_experiment(cfg, dry_run=dry_run, console=console, sinks=sinks, resume=resume) for cfg in configs]
 
 
 def check_devices(config: ExperimentConfig) -> None:
@@ -65,12 +67,16 @@ def build_experiment(
     sinks: bool = True,
     overrides: Sequence[str] = (),
     run_id: str | None = None,
+    resume: bool = False,
 ) -> Experiment:
     """An experiment with its work handlers (real or simulated), default sinks and YAML handlers attached.
 
-    Subscribe your own handlers on ``experiment.bus`` before calling ``experiment.run()``.
+    With ``resume``, it continues the newest checkpointed run of the same experiment, or starts from the
+    beginning (and says so on ``console``) when there is none. Subscribe your own handlers on
+    ``experiment.bus`` before calling ``experiment.run()``.
     """
-    from fedevents.handlers import JsonRecorder, LogSink, SimulatedWork, TraceRecorder, WorkHandlers
+    from fedevents.handlers import JsonRecorder, LogSink, TraceRecorder
+    from fedevents.handlers.checkpoint import check_resumable, find_latest, load_checkpoint
     from fedevents.handlers.loading import attach_handler, load_handler
 
     if not isinstance(config, ExperimentConfig):
@@ -82,8 +88,20 @@ def build_experiment(
     folder = Path(config.source).parent
     handlers = [load_handler(e, f"{config.source}: handlers[{i}]", config_dir=folder)
                 for i, e in enumerate(config.data["handlers"])]
+    checkpoint = None
+    if resume and not dry_run:
+        latest = find_latest(config.checkpoints_dir, config.exp_name)
+        if latest is None:
+            _say(console, f"fedevents: {config.exp_name}: no checkpoint under {config.checkpoints_dir}; "
+                          f"starting from the beginning")
+        else:
+            checkpoint = load_checkpoint(latest)
+            check_resumable(checkpoint, config)
+            _say(console, f"fedevents: {config.exp_name}: resuming run {checkpoint.run_id} after round "
+                          f"{checkpoint.round} from {latest}")
+            run_id = checkpoint.run_id
     exp = Experiment(config, dry_run=dry_run, run_id=run_id)
-    exp.add(_work(config, exp, dry_run, WorkHandlers, SimulatedWork))
+    _add_work(exp, checkpoint)
     if sinks:
         exp.add(LogSink(exp.paths.log, console=console, record_path=exp.paths.record))
         exp.add(JsonRecorder(exp.paths.record, config.data))
@@ -95,9 +113,31 @@ def build_experiment(
     return exp
 
 
-def _work(config: ExperimentConfig, exp: Experiment, dry_run: bool, real: Any, simulated: Any) -> Any:
-    if dry_run:
-        return simulated(config.data, exp.pool, exp.bus, exp.context)
+def _add_work(exp: Experiment, checkpoint: Any) -> None:
+    """The work handlers: simulated in a dry run, else torch ones with a checkpointer."""
+    from fedevents.handlers import SimulatedWork, WorkHandlers
+
+    config = exp.config
+    if exp.dry_run:
+        exp.add(SimulatedWork(config.data, exp.pool, exp.bus, exp.context))
+        return
     from fedevents.federated import Federation
-    federation = Federation(config.data, seed=config.seed, max_in_memory=config.data["exp_opts"]["clients_in_memory"])
-    return real(federation, exp.pool, exp.bus, exp.context, torch_threads=config.data["exp_opts"]["torch_threads"])
+    from fedevents.handlers.checkpoint import Checkpointer
+
+    opts = config.data["exp_opts"]
+    spill = config.checkpoints_dir / exp.paths.run_id / "spill"
+    federation = Federation(config.data, seed=config.seed, max_in_memory=opts["clients_in_memory"],
+                            spill_dir=str(spill))
+    exp._closers.append(lambda: shutil.rmtree(spill, ignore_errors=True))
+    if checkpoint is not None:
+        federation.load_state_dict(checkpoint.federation)
+        exp.resume_round = checkpoint.round
+        exp.participations = dict(checkpoint.participations)
+    exp.add(WorkHandlers(federation, exp.pool, exp.bus, exp.context, torch_threads=opts["torch_threads"],
+                         timeout_s=opts["client_timeout_s"]))
+    exp.add(Checkpointer(config, federation, exp.bus, exp.context, participations=exp.participations))
+
+
+def _say(console: TextIO | None, line: str) -> None:
+    if console is not None:
+        print(line, file=console, flush=True)

@@ -72,7 +72,11 @@ def _schema(methods: Sequence[str]) -> Section:
                         "val_interval": Field(Int(min=1), 1),
                         "online_clients": Field(Int(min=1), None),
                         "val_clients": Field(Str(choices=("all", "online")), "all"),
-                        "failure_policy": Field(Str(choices=("fail",)), "fail"),
+                        "failure_policy": Field(Str(choices=("fail", "tolerate")), "fail"),
+                        "min_clients": Field(Int(min=1), 1),
+                        "client_timeout_s": Field(Float(positive=True), None),
+                        "checkpoint_interval": Field(Int(min=1), 1),
+                        "checkpoint_keep": Field(Int(min=1), 2),
                         "clients_in_memory": Field(Int(min=1), 256),
                         "torch_threads": Field(Int(min=1), 1),
                     }
@@ -236,6 +240,10 @@ class ExperimentConfig:
         return Path(self.data["logs_dir"])
 
     @property
+    def checkpoints_dir(self) -> Path:
+        return Path(self.data["checkpoints_dir"])
+
+    @property
     def sustain_rounds(self) -> int:
         return self.data["task_opts"]["sustain_rounds"]
 
@@ -339,6 +347,9 @@ def _cross_check(data: dict[str, Any], clients: ClientSet, path: Path) -> None:
     online = data["exp_opts"]["online_clients"]
     if online is not None and online > len(clients):
         raise ConfigError(f"{path}: exp_opts.online_clients = {online}, but only {len(clients)} clients are defined")
+    least = data["exp_opts"]["min_clients"]
+    if least > (online or len(clients)):
+        raise ConfigError(f"{path}: exp_opts.min_clients = {least}, but only {online or len(clients)} clients train per round")
     for i, device in enumerate(data["device"]):
         if not DEVICE_NAME.match(device):
             raise ConfigError(f"{path}: device[{i}]: expected 'cpu', 'cuda', 'cuda:N' or 'mps', found {device!r}")

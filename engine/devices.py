@@ -71,6 +71,14 @@ class DevicePool:
     @asynccontextmanager
     async def slot(self, *, exclusive: bool = False) -> AsyncIterator[Slot]:
         """Hold one slot (or, with ``exclusive``, every slot of one device) for the ``async with`` body."""
+        held = await self.acquire(exclusive=exclusive)
+        try:
+            yield held
+        finally:
+            self.release(held)
+
+    async def acquire(self, *, exclusive: bool = False) -> Slot:
+        """Wait for a slot and take it; the caller must ``release`` it exactly once, from the event loop."""
         asked = time.monotonic()
         request = _Request(exclusive)
         self._queue.append(request)
@@ -84,10 +92,11 @@ class DevicePool:
                 self._release(*request.granted)
             raise
         device, indices = request.granted  # type: ignore[misc]
-        try:
-            yield Slot(device, indices, time.monotonic() - asked)
-        finally:
-            self._release(device, indices)
+        return Slot(device, indices, time.monotonic() - asked)
+
+    def release(self, slot: Slot) -> None:
+        """Give a slot back and wake whoever waits first."""
+        self._release(slot.device, slot.indices)
 
     def _grant(self) -> None:
         # Strict first come, first served: stop at the first request that does not fit.

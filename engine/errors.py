@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["FedEventsError", "ConfigError", "DeviceError", "RunFailed", "HandlerLoadError"]
+__all__ = ["FedEventsError", "ConfigError", "DeviceError", "RunFailed", "HandlerLoadError", "Interrupted",
+           "CheckpointError"]
 
 
 class FedEventsError(Exception):
@@ -22,6 +23,10 @@ class DeviceError(ConfigError):
     """A configured device does not exist on this machine."""
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint cannot be used: missing pieces, corrupt, unsafe to load, or from another config."""
+
+
 class HandlerLoadError(ConfigError):
     """A ``handlers:`` entry could not be imported or built."""
 
@@ -30,3 +35,14 @@ class RunFailed(FedEventsError):
     """The experiment started but could not finish (a client failed under the ``fail`` policy)."""
 
     exit_status = 1
+
+
+class Interrupted(FedEventsError):
+    """SIGINT or SIGTERM stopped the run; exit status 130 or 143, as a shell reports a signal."""
+
+    def __init__(self, signal_name: str, round: int, last_checkpoint: int) -> None:
+        where = f"the checkpoint after round {last_checkpoint}" if last_checkpoint >= 0 else "the beginning"
+        super().__init__(f"interrupted by {signal_name} in round {round}; "
+                         f"the same command with --resume continues from {where}")
+        self.signal_name = signal_name
+        self.exit_status = 143 if signal_name == "SIGTERM" else 130

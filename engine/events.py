@@ -29,6 +29,8 @@ __all__ = [
     "Aggregated",
     "RoundFinished",
     "ClientFailed",
+    "CheckpointSaved",
+    "ExperimentInterrupted",
     "ExperimentFinished",
     "ExperimentFailed",
     "EVENT_TYPES",
@@ -62,7 +64,8 @@ class ExperimentStarted(Event):
     parallel: int
     seed: int
     dry_run: bool
-    first_round: int = 1
+    first_round: int = 0
+    resumed: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,6 +213,25 @@ class ClientFailed(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointSaved(Event):
+    """Everything needed to resume after ``round`` was written, atomically, to ``path``."""
+
+    round: int
+    path: str
+    nbytes: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExperimentInterrupted(Event):
+    """A signal (SIGINT or SIGTERM) stopped the run; it can resume from its last checkpoint."""
+
+    round: int
+    signal: str
+    last_checkpoint: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ExperimentFinished(Event):
     """Every round ran; ``seconds`` is the wall time of the whole run."""
 
@@ -242,6 +264,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     Aggregated,
     RoundFinished,
     ClientFailed,
+    CheckpointSaved,
+    ExperimentInterrupted,
     ExperimentFinished,
     ExperimentFailed,
 )

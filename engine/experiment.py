@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,6 +62,9 @@ class Experiment:
         self.context = RunContext(self.paths.run_id, config.exp_name)
         self.max_in_flight = max_in_flight
         self.components: list[Any] = []
+        self.resume_round: int | None = None
+        self.participations: dict[str, int] = {}
+        self.engine: Engine | None = None
         self._closers: list[Callable[[], None]] = []
 
     def add(self, component: Any) -> Any:
@@ -70,21 +76,70 @@ class Experiment:
             self._closers.append(close)
         return component
 
-    def run(self, *, backend: str = "asyncio") -> None:
-        """Run the experiment to the end in a new event loop (``"asyncio"`` or ``"trio"``)."""
-        anyio.run(self.run_async, backend=backend)
+    def run(self, *, backend: str = "asyncio", handle_signals: bool = True) -> None:
+        """Run the experiment to the end in a new event loop (``"asyncio"`` or ``"trio"``).
 
-    async def run_async(self) -> None:
+        With ``handle_signals`` (in the main thread), SIGINT or SIGTERM stops the run cleanly: nothing more
+        is dispatched, the record is marked interrupted and ``Interrupted`` is raised; a second signal ends
+        the process at once.
+        """
+        anyio.run(partial(self.run_async, handle_signals=handle_signals), backend=backend)
+
+    async def run_async(self, *, handle_signals: bool = False) -> None:
         """Run inside an existing event loop; components are closed on every exit path."""
         try:
             _check_writable(self.config.logs_dir, self.config.source)
-            engine = Engine(self.config, self.bus, self.context, dry_run=self.dry_run,
-                            max_in_flight=self.max_in_flight)
-            await engine.run()
+            self.engine = Engine(self.config, self.bus, self.context, dry_run=self.dry_run,
+                                 max_in_flight=self.max_in_flight, resume_round=self.resume_round,
+                                 participations=self.participations)
+            if handle_signals and threading.current_thread() is threading.main_thread():
+                await _run_with_signals(self.engine)
+            else:
+                await self.engine.run()
         finally:
             for close in reversed(self._closers):
                 close()
             self._closers.clear()
+
+
+async def _run_with_signals(engine: Engine) -> None:
+    failure: list[Exception] = []
+    previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                with anyio.open_signal_receiver(*_SIGNALS) as received:
+                    async for signum in received:
+                        engine.stop(signal.Signals(signum).name)
+                        break
+                # Leaving the receiver put the old handlers back; from now on a second signal ends at once.
+                for sig in _SIGNALS:
+                    signal.signal(sig, _exit_now)
+
+            async def main() -> None:
+                try:
+                    await engine.run()
+                except Exception as exc:  # kept out of the task group's exception group
+                    failure.append(exc)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            tg.start_soon(main)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failure:
+        raise failure[0]
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    # Every file fedevents writes is replaced atomically, so ending here loses no finished output.
+    os.write(2, f"fedevents: {signal.Signals(signum).name} again; exiting now\n".encode())
+    os._exit(128 + signum)
 
 
 def _unused_run_id(config: ExperimentConfig) -> str:

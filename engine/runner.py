@@ -14,7 +14,7 @@ import random
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import anyio
 from structlog.contextvars import bound_contextvars
@@ -22,13 +22,15 @@ from structlog.contextvars import bound_contextvars
 from .bus import EventBus
 from .config import ExperimentConfig
 from .context import RunContext
-from .errors import ConfigError, RunFailed
+from .errors import ConfigError, Interrupted, RunFailed
 from .events import (
+    CheckpointSaved,
     ClientDispatched,
     ClientFailed,
     ClientsSampled,
     ExperimentFailed,
     ExperimentFinished,
+    ExperimentInterrupted,
     ExperimentStarted,
     RoundFinished,
     RoundStarted,
@@ -59,7 +61,10 @@ class _Phase:
 
 
 class Engine:
-    """Runs one experiment's rounds on a bus; work handlers must be subscribed before ``run``."""
+    """Runs one experiment's rounds on a bus; work handlers must be subscribed before ``run``.
+
+    ``resume_round`` and ``participations`` continue a run from a checkpoint taken after that round.
+    """
 
     def __init__(
         self,
@@ -69,25 +74,46 @@ class Engine:
         *,
         dry_run: bool = False,
         max_in_flight: int = 64,
+        resume_round: int | None = None,
+        participations: Mapping[str, int] | None = None,
     ) -> None:
         self.config = config
         self.bus = bus
         self.context = context
         self.dry_run = dry_run
         self.max_in_flight = max_in_flight
-        self.participations: dict[str, int] = {}
+        self.resume_round = resume_round
+        self.participations: dict[str, int] = dict(participations or {})
         self.round = 0
+        self.last_checkpoint = -1 if resume_round is None else resume_round
+        self._stop: str | None = None
+        self._phase_scope: anyio.CancelScope | None = None
+        self._tolerate = config.data["exp_opts"]["failure_policy"] == "tolerate"
+
+    def stop(self, signal_name: str) -> None:
+        """Stop soon (a signal arrived): dispatch nothing more, cancel the running phase, end the run."""
+        if self._stop is None:
+            self._stop = signal_name
+            if self._phase_scope is not None:
+                self._phase_scope.cancel()
 
     async def emit(self, event_type: type, **fields: object) -> None:
         await self.bus.emit(self.context.make(event_type, **fields))
 
+    def first_round(self) -> int:
+        if self.resume_round is not None:
+            return self.resume_round + 1
+        return 0 if self.config.data["exp_opts"]["val_clients"] == "all" else 1
+
     async def run(self) -> None:
-        """Run every round; on failure emit ExperimentFailed and raise RunFailed."""
+        """Run every round; on failure emit ExperimentFailed and raise RunFailed (Interrupted on a signal)."""
         for needed in (ClientDispatched, ValScheduled, UploadsClosed):
             if not self.bus.has_work_handler(needed):
                 raise ConfigError(f"no work handler is subscribed to {needed.__name__}; nothing would train")
         cfg = self.config
         started = time.monotonic()
+        first = self.first_round()
+        watch = self.bus.subscribe(CheckpointSaved, self._checkpointed)
         await self.emit(
             ExperimentStarted,
             method=cfg.method,
@@ -98,12 +124,20 @@ class Engine:
             parallel=cfg.parallel,
             seed=cfg.seed,
             dry_run=self.dry_run,
+            first_round=first,
+            resumed=self.resume_round is not None,
         )
         try:
-            if cfg.data["exp_opts"]["val_clients"] == "all":
+            if first == 0:
                 await self._round_zero()
-            for rnd in range(1, cfg.rounds + 1):
+            for rnd in range(max(first, 1), cfg.rounds + 1):
+                self._check_stop()
                 await self._round(rnd)
+        except Interrupted as exc:
+            with anyio.CancelScope(shield=True):
+                await self.emit(ExperimentInterrupted, round=self.round, signal=exc.signal_name,
+                                last_checkpoint=self.last_checkpoint)
+            raise
         except RunFailed as exc:
             cause = _format(exc.__cause__) if exc.__cause__ is not None else ""
             await self.emit(ExperimentFailed, round=self.round, reason=str(exc), error_type="RunFailed",
@@ -114,15 +148,30 @@ class Engine:
                 await self.emit(ExperimentFailed, round=self.round, reason=f"{type(exc).__name__}: {exc}",
                                 error_type=type(exc).__name__, traceback=_format(exc))
             raise
+        finally:
+            watch.unsubscribe()
         await self.emit(ExperimentFinished, rounds=cfg.rounds, seconds=time.monotonic() - started)
+
+    def _checkpointed(self, ev: CheckpointSaved) -> None:
+        self.last_checkpoint = ev.round
+
+    def _check_stop(self) -> None:
+        if self._stop is not None:
+            raise Interrupted(self._stop, self.round, self.last_checkpoint)
 
     async def _round_zero(self) -> None:
         self.round = 0
         started = time.monotonic()
         await self.emit(RoundStarted, round=0)
         validated = await self._validate(0, self.config.clients.names)
-        await self.emit(RoundFinished, round=0, trained=0, failed=0, validated=validated,
-                        seconds=time.monotonic() - started)
+        await self._finish_round(0, 0, 0, validated, started)
+
+    async def _finish_round(self, rnd: int, trained: int, failed: int, validated: int, started: float) -> None:
+        try:
+            await self.emit(RoundFinished, round=rnd, trained=trained, failed=failed, validated=validated,
+                            seconds=time.monotonic() - started)
+        except Exception as exc:  # a work handler of RoundFinished (the checkpoint) failed
+            raise RunFailed(f"round {rnd}: {type(exc).__name__}: {exc}") from exc
 
     async def _round(self, rnd: int) -> None:
         cfg = self.config
@@ -138,17 +187,20 @@ class Engine:
         # Sampled order, not completion order: aggregation must not depend on thread timing.
         trained = set(train.done)
         uploaded = tuple(c for c in online if c in trained)
+        least = cfg.data["exp_opts"]["min_clients"]
+        if len(uploaded) < least:
+            raise RunFailed(f"round {rnd}: {len(uploaded)} of {len(online)} clients trained, fewer than "
+                            f"exp_opts.min_clients = {least}")
         validated = 0
         if rnd % cfg.val_interval == 0 or rnd == cfg.rounds:
             scope = cfg.clients.names if cfg.data["exp_opts"]["val_clients"] == "all" else uploaded
             validated = await self._validate(rnd, scope)
-        if uploaded:
-            try:
-                await self.emit(UploadsClosed, round=rnd, clients=uploaded)
-            except Exception as exc:
-                raise RunFailed(f"round {rnd}: aggregation failed: {type(exc).__name__}: {exc}") from exc
-        await self.emit(RoundFinished, round=rnd, trained=len(train.done), failed=len(train.failed),
-                        validated=validated, seconds=time.monotonic() - started)
+        try:
+            await self.emit(UploadsClosed, round=rnd, clients=uploaded)
+        except Exception as exc:
+            raise RunFailed(f"round {rnd}: aggregation failed: {type(exc).__name__}: {exc}") from exc
+        self._check_stop()
+        await self._finish_round(rnd, len(train.done), len(train.failed), validated, started)
 
     async def _validate(self, rnd: int, clients: Sequence[str]) -> int:
         phase = await self._phase(rnd, clients, self._validate_one)
@@ -158,7 +210,9 @@ class Engine:
         """Run ``work`` for every client, at most ``max_in_flight`` at once, in client order."""
         phase = _Phase()
         queue: Iterator[str] = iter(clients)
+        self._check_stop()
         async with anyio.create_task_group() as tg:
+            self._phase_scope = tg.cancel_scope
 
             async def worker() -> None:
                 for client in queue:
@@ -166,6 +220,8 @@ class Engine:
 
             for _ in range(min(self.max_in_flight, len(clients))):
                 tg.start_soon(worker)
+        self._phase_scope = None
+        self._check_stop()
         if phase.first_error is not None:
             raise phase.first_error
         return phase
@@ -200,7 +256,7 @@ class Engine:
         with anyio.CancelScope(shield=True):
             await self.emit(ClientFailed, round=rnd, client=client, task=task, phase=phase_name,
                             error_type=type(exc).__name__, error=str(exc), traceback=_format(exc))
-        if phase.first_error is None:
+        if phase.first_error is None and not self._tolerate:
             verb = "training" if phase_name == "train" else "validating"
             phase.first_error = RunFailed(
                 f"client {client} failed in round {rnd} while {verb}: {type(exc).__name__}: {exc}"

@@ -79,6 +79,12 @@ class FedAvgServer:
         with self._lock:
             return dict(self._state)
 
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace the global state (a resumed run) and drop any pending uploads."""
+        with self._lock:
+            self._state = dict(state)
+            self._inbox.clear()
+
     def dispatch(self, client: str, state: str) -> dict[str, torch.Tensor]:
         """Give the payload ``client`` starts its round from; for FedAvg the global state, whatever ``state``."""
         if state not in DISPATCH_STATES:

@@ -32,10 +32,15 @@ DATASETS = ("synthetic",)
 
 @dataclass(frozen=True, slots=True)
 class TrainResult:
-    """What one client's local training produced: its training samples and ``tr_acc`` / ``tr_loss``."""
+    """What one client's local training produced: its training samples and ``tr_acc`` / ``tr_loss``.
+
+    ``pending`` holds the new client state when training ran with ``commit=False``; ``Federation.commit``
+    stores it (a client that ran past its time limit is never committed).
+    """
 
     samples: int
     metrics: dict[str, float]
+    pending: ClientState | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +98,12 @@ class Federation:
         """The clients' stored states (read it; the federation writes it)."""
         return self._store
 
-    def train(self, *, client: str, task: str, round: int, device: str, state: str) -> TrainResult:
+    def train(self, *, client: str, task: str, round: int, device: str, state: str, commit: bool = True) -> TrainResult:
         """Train ``client`` on ``task`` from the server's payload for ``round`` and store its new state.
 
         ``state`` says how the client joins ("integrated" when new, "incremental" when known); FedAvg sends
-        both the global model. The model trains on ``device``; the stored state goes back to the CPU.
+        both the global model. The model trains on ``device``; the stored state goes back to the CPU. With
+        ``commit=False`` the new state is returned in ``pending`` instead of stored.
         """
         dev = torch.device(device)
         data = client_data(self._spec, seed=self._seed, task=task, client=client)
@@ -111,8 +117,29 @@ class Federation:
             shuffle=generator(self._seed, round, client, task, "shuffle"),
         )
         samples = data.y_train.numel()
-        self._store.put(client, _snapshot(model, optimizer, scheduler, previous, samples))
-        return TrainResult(samples=samples, metrics={"tr_acc": scores.acc, "tr_loss": scores.loss})
+        result = TrainResult(samples=samples, metrics={"tr_acc": scores.acc, "tr_loss": scores.loss},
+                             pending=_snapshot(model, optimizer, scheduler, previous, samples))
+        return self.commit(client, result) if commit else result
+
+    def commit(self, client: str, result: TrainResult) -> TrainResult:
+        """Store the state a ``commit=False`` training left pending; gives the result without it."""
+        if result.pending is None:
+            raise ValueError(f"commit of {client!r}: expected a result with a pending state, found none")
+        self._store.put(client, result.pending)
+        return TrainResult(samples=result.samples, metrics=result.metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: the global model and every client state that exists.
+
+        Taken at a round boundary, when no upload is pending. Tensors, numbers, strings, lists and dicts
+        only, so it loads with ``torch.load(..., weights_only=True)``.
+        """
+        return {"server": self._server.state, "clients": self._store.export()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a ``state_dict()``: the global model and the client states are replaced."""
+        self._server.load_state(state["server"])
+        self._store.replace_all(dict(state["clients"]))
 
     def upload(self, *, client: str, round: int) -> UploadResult:
         """Put ``client``'s latest trained state in the server's inbox for ``round``."""

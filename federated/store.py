@@ -83,6 +83,25 @@ class ClientStore:
                 self._path(client).unlink(missing_ok=True)
             self._keep(client, state)
 
+    def export(self) -> dict[str, dict[str, Any]]:
+        """Every stored state as plain dicts by client name (spilled ones read back, left on disk)."""
+        with self._lock:
+            out = {name: _as_dict(state) for name, state in self._memory.items()}
+            for name in sorted(self._spilled):
+                out[name] = torch.load(self._path(name), map_location="cpu", weights_only=True)
+            return out
+
+    def replace_all(self, states: dict[str, dict[str, Any]]) -> None:
+        """Forget every state and store ``states`` (as made by ``export``) instead."""
+        with self._lock:
+            for name in self._spilled:
+                self._path(name).unlink(missing_ok=True)
+            self._memory.clear()
+            self._nbytes.clear()
+            self._spilled.clear()
+            for name, fields in states.items():
+                self._keep(name, ClientState(**fields))
+
     def _keep(self, client: str, state: ClientState) -> None:
         self._memory[client] = state
         self._memory.move_to_end(client)

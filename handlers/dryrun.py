@@ -19,8 +19,10 @@ from fedevents.engine.context import RunContext
 from fedevents.engine.devices import DevicePool
 from fedevents.engine.events import (
     Aggregated,
+    CheckpointSaved,
     ClientDispatched,
     ClientUploaded,
+    RoundFinished,
     RoundStarted,
     TrainDone,
     TrainStarted,
@@ -41,6 +43,8 @@ class SimulatedWork:
         synth = task_opts["synthetic"]
         costs = config["dry_run_opts"]
         self.pool, self.bus, self.context = pool, bus, context
+        self.checkpoint_interval = config["exp_opts"]["checkpoint_interval"]
+        self.rounds = config["exp_opts"]["comm_rounds"]
         self.train_samples = synth["samples_per_client"]
         self.val_samples = synth["test_size"]
         batches = math.ceil(self.train_samples / task_opts["batch_size"]) * task_opts["train_epochs"]
@@ -57,6 +61,7 @@ class SimulatedWork:
             bus.subscribe(ValScheduled, self.validate, work=True),
             bus.subscribe(UploadsClosed, self.aggregate, work=True),
             bus.subscribe(RoundStarted, lambda ev: self._barrier((ev.round, "round"))),
+            bus.subscribe(RoundFinished, self.checkpoint, work=True, priority=-1_000),
         ]
 
     def _barrier(self, key: tuple[int, str]) -> None:
@@ -97,6 +102,11 @@ class SimulatedWork:
     async def aggregate(self, ev: UploadsClosed) -> None:
         await self._emit(Aggregated, round=ev.round, clients=ev.clients,
                          samples=self.train_samples * len(ev.clients), ran_s=0.0)
+
+    async def checkpoint(self, ev: RoundFinished) -> None:
+        """Say when a real run would checkpoint; nothing is written."""
+        if ev.round % self.checkpoint_interval == 0 or ev.round == self.rounds:
+            await self._emit(CheckpointSaved, round=ev.round, path="(dry run: not written)", nbytes=0, seconds=0.0)
 
     def summary(self) -> dict[str, Any]:
         """Work items per device slot and the predicted makespan in seconds."""

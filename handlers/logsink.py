@@ -28,8 +28,10 @@ from fedevents.engine.bus import ALL, EventBus, Subscription
 from fedevents.engine.events import (
     ClientFailed,
     Event,
+    CheckpointSaved,
     ExperimentFailed,
     ExperimentFinished,
+    ExperimentInterrupted,
     ExperimentStarted,
     RoundFinished,
     TrainDone,
@@ -341,6 +343,15 @@ class LogSink:
             self._finished(event)
         elif kind is ExperimentFailed:
             self._failed(event)
+        elif kind is ExperimentInterrupted:
+            self._person.warning(
+                f"experiment {event.exp_name} interrupted by {event.signal} in round {event.round}; "
+                f"run the same command with --resume to continue from round {event.last_checkpoint + 1}",
+                _console=True, round=event.round)
+            self._logging.flush()  # type: ignore[union-attr]
+        elif kind is CheckpointSaved:
+            self._person.info(f"checkpoint after round {event.round}: {event.path}", round=event.round,
+                              nbytes=event.nbytes, seconds=event.seconds)
 
     def close(self) -> None:
         """Flush and close the file and put structlog's previous configuration back; safe to repeat."""
@@ -358,7 +369,7 @@ class LogSink:
     def _open(self, event: ExperimentStarted) -> None:
         self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
         # A resumed run continues the log of the run it resumes.
-        mode = "a" if event.first_round > 1 else "w"
+        mode = "a" if event.resumed else "w"
         self._file = open(self.jsonl_path, mode, encoding="utf-8", buffering=1 << 16)
         self._logging = configure_logging(
             self._file, console=self.console, pretty=self.pretty, level=self.level, bind={"run_id": event.run_id}
@@ -369,7 +380,7 @@ class LogSink:
 
     def _started(self, ev: ExperimentStarted) -> None:
         devices = ",".join(ev.devices)
-        mode = "  dry run" if ev.dry_run else ""
+        mode = ("  dry run" if ev.dry_run else "") + (f"  resumed at round {ev.first_round}" if ev.resumed else "")
         self._person.info(
             f"experiment {ev.exp_name} started  {ev.method}  {ev.clients} clients ({ev.online_clients} online)"
             f"  {ev.rounds} rounds  devices {devices} × {ev.parallel} parallel{mode}  run {ev.run_id}",

@@ -18,6 +18,7 @@ from fedevents.engine.events import (
     Event,
     ExperimentFailed,
     ExperimentFinished,
+    ExperimentInterrupted,
     ExperimentStarted,
     RoundFinished,
     TrainDone,
@@ -28,7 +29,8 @@ from .logsink import SINK_PRIORITY
 
 __all__ = ["JsonRecorder", "format_record", "write_json_atomic", "write_text_atomic"]
 
-_EVENTS = (ExperimentStarted, TrainDone, ValDone, ClientFailed, RoundFinished, ExperimentFinished, ExperimentFailed)
+_EVENTS = (ExperimentStarted, TrainDone, ValDone, ClientFailed, RoundFinished, ExperimentFinished, ExperimentFailed,
+           ExperimentInterrupted)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -69,9 +71,9 @@ def format_record(record: Mapping[str, Any]) -> str:
 class JsonRecorder:
     """Keeps the experiment record of one run and writes it to ``path``.
 
-    ``status`` is ``running`` until ExperimentFinished (``finished``) or ExperimentFailed (``failed``, with
-    ``error``); a run closed without either is recorded as failed. A resumed run (ExperimentStarted with
-    ``first_round`` > 1) keeps the rounds before ``first_round`` from an existing record at ``path``.
+    ``status`` is ``running`` until ExperimentFinished (``finished``), ExperimentFailed (``failed``, with
+    ``error``) or ExperimentInterrupted (``interrupted``); a run closed without either is recorded as failed. A resumed run (ExperimentStarted with
+    ``resumed``) keeps the rounds before ``first_round`` from an existing record at ``path``.
     """
 
     def __init__(self, path: Path, config: Mapping[str, Any]) -> None:
@@ -105,6 +107,8 @@ class JsonRecorder:
             self._end("finished", None)
         elif kind is ExperimentFailed:
             self._end("failed", event.reason)  # type: ignore[attr-defined]
+        elif kind is ExperimentInterrupted:
+            self._end("interrupted", f"stopped by {event.signal}; resume from round {event.last_checkpoint}")  # type: ignore[attr-defined]
 
     def metrics(self, client: str, round: int, task: str) -> dict[str, float]:
         """The merged metrics recorded for one (client, round, task); empty when there are none."""
@@ -133,7 +137,7 @@ class JsonRecorder:
 
     def _start(self, ev: ExperimentStarted) -> None:
         self.record = {"config": _plain(self.config), "run_id": ev.run_id, "status": "running"}
-        if ev.first_round > 1:
+        if ev.resumed:
             self._data = _earlier_rounds(self.path, ev.first_round)
         self.write()
 

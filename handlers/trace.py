@@ -125,7 +125,7 @@ class TraceRecorder:
     def _open(self, ev: ExperimentStarted) -> None:
         self.events_path.parent.mkdir(parents=True, exist_ok=True)
         # A resumed run continues the events of the run it resumes.
-        mode = "a" if ev.first_round > 1 else "w"
+        mode = "a" if ev.resumed else "w"
         self._file = open(self.events_path, mode, encoding="utf-8", buffering=1 << 16)
         self._t0 = ev.mono_time
         for device in ev.devices:

@@ -153,7 +153,7 @@ async def test_a_resumed_run_keeps_the_rounds_before_it(tmp_path: Path, bus, run
     recorder = JsonRecorder(path, CONFIG)
     recorder.subscribe(bus)
     await run.emit(ExperimentStarted, method="fedavg", rounds=4, clients=1, online_clients=1, devices=("cpu",),
-                   parallel=1, seed=1, dry_run=False, first_round=3)
+                   parallel=1, seed=1, dry_run=False, first_round=3, resumed=True)
     await train_done(run, "c0", 3, "t0", tr_acc=0.35)
     await round_finished(run, 3)
     recorder.close()
