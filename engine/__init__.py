@@ -5,7 +5,7 @@ from .builder import build_experiment, build_experiments
 from .config import ExperimentConfig, load_experiment, load_experiments
 from .context import RunContext
 from .devices import DevicePool, Slot
-from .errors import ConfigError, DeviceError, FedEventsError, HandlerLoadError, RunFailed
+from .errors import CheckpointError, ConfigError, DeviceError, FedEventsError, HandlerLoadError, Interrupted, RunFailed
 from .events import *  # noqa: F403 - the event classes are the public vocabulary
 from .events import __all__ as _event_names
 from .experiment import Experiment, RunPaths
@@ -28,6 +28,8 @@ __all__ = [
     "FedEventsError",
     "HandlerLoadError",
     "RunFailed",
+    "Interrupted",
+    "CheckpointError",
     "Experiment",
     "RunPaths",
     "Engine",

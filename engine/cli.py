@@ -7,7 +7,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from .errors import FedEventsError
+from .errors import FedEventsError, Interrupted
 
 __all__ = ["main"]
 
@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--parallel", type=int, metavar="N", help="concurrent trainings per device")
     run.add_argument("--logs-dir", metavar="DIR", help="where logs, records and traces go")
     run.add_argument("--dry-run", action="store_true", help="emit the whole event sequence without training")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the newest checkpointed run of each experiment (start fresh if there is none)")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -36,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedEventsError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"fedevents: error: {exc}", file=sys.stderr)
+        label = "interrupted" if isinstance(exc, Interrupted) else "error"
+        print(f"fedevents: {label}: {exc}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print("fedevents: interrupted", file=sys.stderr)
@@ -48,7 +51,8 @@ def _run(args: argparse.Namespace) -> int:
 
     overrides = flag_overrides(devices=args.devices, parallel=args.parallel, logs_dir=args.logs_dir)
     experiments = build_experiments(args.experiments, common=args.common,
-                                    overrides=[*args.overrides, *overrides], dry_run=args.dry_run)
+                                    overrides=[*args.overrides, *overrides], dry_run=args.dry_run,
+                                    resume=args.resume)
     for exp in experiments:
         exp.run()
         if args.dry_run:

@@ -176,7 +176,7 @@ def check_resumable(checkpoint: Checkpoint, config: ExperimentConfig) -> None:
     if differ:
         shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
         raise CheckpointError(f"{config.source}: cannot resume run {checkpoint.run_id} with a changed config: "
-                              f"{shown} differ from the checkpoint (only {', '.join(SAFE_TO_CHANGE)} may change)")
+                              f"{shown} {'differs' if len(differ) == 1 else 'differ'} from the checkpoint (only {', '.join(SAFE_TO_CHANGE)} may change)")
     if checkpoint.round > config.rounds:
         raise CheckpointError(f"{config.source}: exp_opts.comm_rounds = {config.rounds}, but run "
                               f"{checkpoint.run_id} already finished round {checkpoint.round}")

@@ -1,0 +1,89 @@
+"""Helpers for reliability tests: a small experiment, real `fedevents run` subprocesses, record reading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+KILLER = '''
+import os, signal
+from fedevents.engine import ALL
+
+class Killer:
+    """Sends `signal` to this process when an event of type `at` (in `round`, n-th match) is emitted."""
+    def __init__(self, at, round, nth=1, signal="SIGKILL", twice=False, priority=0):
+        self.at, self.round, self.nth, self.signal, self.twice, self.priority = at, round, nth, signal, twice, priority
+        self.seen = 0
+    def subscribe(self, bus):
+        return [bus.subscribe(ALL, self, priority=self.priority)]
+    def __call__(self, ev):
+        if type(ev).__name__ == "ExperimentInterrupted" and self.twice:
+            os.kill(os.getpid(), getattr(signal, self.signal))
+        if type(ev).__name__ == self.at and getattr(ev, "round", None) == self.round:
+            self.seen += 1
+            if self.seen == self.nth:
+                os.kill(os.getpid(), getattr(signal, self.signal))
+
+class KillInCheckpointRename:
+    """Kills the process after a checkpoint's temporary file is written, before it is renamed."""
+    def __init__(self, round):
+        import fedevents.handlers.checkpoint as ck
+        real = os
+        class _Os:
+            def __getattr__(self, name):
+                return getattr(real, name)
+            def replace(self, src, dst):
+                if str(dst).endswith(f"round-{round:06d}.pt"):
+                    real.kill(real.getpid(), signal.SIGKILL)
+                return real.replace(src, dst)
+        ck.os = _Os()
+    def subscribe(self, bus):
+        return []
+'''
+
+
+def experiment(folder: Path, **exp_opts: Any) -> Path:
+    """A small FedAvg experiment in ``folder`` (7 rounds, validation every 2) and the kill helpers beside it."""
+    data = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+    data["exp_opts"].update({"comm_rounds": 7, "val_interval": 2, **exp_opts})
+    data["task_opts"]["synthetic"].update(samples_per_client=64, test_size=32)
+    data.update(logs_dir=str(folder / "logs"), checkpoints_dir=str(folder / "ckpts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "killer.py").write_text(KILLER)
+    path = folder / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def fedevents(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "fedevents.engine.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def record(folder: Path) -> dict[str, Any]:
+    (path,) = [p for p in (folder / "logs").glob("*.json") if not p.name.endswith(".trace.json")]
+    return json.loads(path.read_text())
+
+
+def events(folder: Path) -> list[dict[str, Any]]:
+    (path,) = (folder / "logs").glob("*.events.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run of the small experiment, to compare resumed runs with."""
+    folder = tmp_path_factory.mktemp("reference")
+    run = fedevents("run", str(experiment(folder)), cwd=folder)
+    assert run.returncode == 0, run.stderr
+    return folder

@@ -1,0 +1,131 @@
+"""A run killed with SIGKILL resumes with --resume and ends with the uninterrupted run's exact record."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from .conftest import events, experiment, fedevents, record
+
+KILL_POINTS = {
+    "mid-training": {"target": "killer:Killer", "kwargs": {"at": "TrainStarted", "round": 3, "nth": 2}},
+    "mid-validation": {"target": "killer:Killer", "kwargs": {"at": "ValStarted", "round": 4, "nth": 3}},
+    "after-record-before-checkpoint": {"target": "killer:Killer",
+                                        "kwargs": {"at": "RoundFinished", "round": 5, "priority": -10}},
+    "mid-checkpoint-write": {"target": "killer:KillInCheckpointRename", "kwargs": {"round": 2}},
+}
+
+
+def shape(evs: list[dict]) -> list:
+    """Event types and ids in order, each concurrent phase as a multiset."""
+    out, phase = [], Counter()
+    boundary = {"RoundStarted", "ClientsSampled", "UploadsClosed", "Aggregated", "RoundFinished", "CheckpointSaved",
+                "ExperimentFinished"}
+    for e in evs:
+        key = (e["event"], e.get("round"), e.get("client"), e.get("task"), json.dumps(e.get("clients")))
+        if e["event"] in boundary:
+            if phase:
+                out.append(phase)
+                phase = Counter()
+            out.append(key)
+        else:
+            phase[key] += 1
+    return out
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_then_resume_gives_the_uninterrupted_record(tmp_path: Path, reference: Path, point: str) -> None:
+    exp = experiment(tmp_path)
+    killed = fedevents("run", str(exp), "--set", f"handlers=[{json.dumps(KILL_POINTS[point])}]", cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    before = record(tmp_path)
+    assert before["status"] == "running"  # a valid JSON file, as last written at a round's end
+
+    resumed = fedevents("run", str(exp), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming run" in resumed.stderr
+    final, expected = record(tmp_path), record(reference)
+    assert final["status"] == "finished"
+    assert final["run_id"] == before["run_id"]
+    assert final["data"] == expected["data"]  # every metric, to the last digit
+
+    evs = events(tmp_path)
+    restart = max(i for i, e in enumerate(evs) if e["event"] == "ExperimentStarted")
+    assert evs[restart]["resumed"] is True
+    first = evs[restart]["first_round"]
+    ref = events(reference)
+    start_ref = next(i for i, e in enumerate(ref) if e["event"] == "RoundStarted" and e["round"] == first)
+    assert shape(evs[restart + 1:]) == shape(ref[start_ref:])
+
+
+def test_no_temporary_checkpoint_is_ever_loaded(tmp_path: Path) -> None:
+    exp = experiment(tmp_path)
+    kill = KILL_POINTS["mid-checkpoint-write"]
+    assert fedevents("run", str(exp), "--set", f"handlers=[{json.dumps(kill)}]", cwd=tmp_path).returncode == -9
+    (run_dir,) = (tmp_path / "ckpts").iterdir()
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert "round-000002.pt.tmp" in names and "round-000002.pt" not in names
+    resumed = fedevents("run", str(exp), "--resume", cwd=tmp_path)
+    assert "after round 1 from" in resumed.stderr
+
+
+def test_resume_with_nothing_checkpointed_starts_over_and_says_so(tmp_path: Path, reference: Path) -> None:
+    run = fedevents("run", str(experiment(tmp_path)), "--resume", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "no checkpoint under" in run.stderr and "starting from the beginning" in run.stderr
+    assert record(tmp_path)["data"] == record(reference)["data"]
+
+
+def test_resume_refuses_a_changed_config_and_allows_more_rounds(tmp_path: Path) -> None:
+    exp = experiment(tmp_path, comm_rounds=3)
+    assert fedevents("run", str(exp), cwd=tmp_path).returncode == 0
+    refused = fedevents("run", str(exp), "--resume", "--set", "optimizer_opts.lr=0.5",
+                        "--set", "task_opts.batch_size=8", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].endswith(
+        "optimizer_opts.lr, task_opts.batch_size differ from the checkpoint (only exp_opts.comm_rounds, "
+        "exp_opts.clients_in_memory, exp_opts.checkpoint_interval, exp_opts.checkpoint_keep, device, parallel, "
+        "logs_dir, checkpoints_dir, datasets_dir, handlers, dry_run_opts may change)")
+    extended = fedevents("run", str(exp), "--resume", "--set", "exp_opts.comm_rounds=5", cwd=tmp_path)
+    assert extended.returncode == 0, extended.stderr
+    data = record(tmp_path)["data"]
+    assert max(int(r) for client in data.values() for r in client) == 5
+
+
+def test_retention_keeps_the_last_k_checkpoints(tmp_path: Path) -> None:
+    exp = experiment(tmp_path, checkpoint_keep=2, checkpoint_interval=2)
+    assert fedevents("run", str(exp), cwd=tmp_path).returncode == 0
+    (run_dir,) = (tmp_path / "ckpts").iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["round-000006.pt", "round-000007.pt"]
+
+
+@pytest.mark.parametrize(("sig", "status"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_stops_cleanly_marks_the_record_and_resumes(tmp_path: Path, reference: Path, sig: str,
+                                                           status: int) -> None:
+    exp = experiment(tmp_path)
+    stop = {"target": "killer:Killer", "kwargs": {"at": "TrainStarted", "round": 4, "nth": 1, "signal": sig}}
+    run = fedevents("run", str(exp), "--set", f"handlers=[{json.dumps(stop)}]", cwd=tmp_path)
+    assert run.returncode == status, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last == (f"fedevents: interrupted: interrupted by {sig} in round 4; "
+                    "the same command with --resume continues from the checkpoint after round 3")
+    rec = record(tmp_path)
+    assert rec["status"] == "interrupted"
+    assert events(tmp_path)[-1]["event"] == "ExperimentInterrupted"
+    resumed = fedevents("run", str(exp), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert record(tmp_path)["data"] == record(reference)["data"]
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
+    exp = experiment(tmp_path)
+    stop = {"target": "killer:Killer",
+            "kwargs": {"at": "TrainStarted", "round": 2, "signal": "SIGINT", "twice": True}}
+    run = fedevents("run", str(exp), "--set", f"handlers=[{json.dumps(stop)}]", cwd=tmp_path)
+    assert run.returncode == 130
+    assert "SIGINT again; exiting now" in run.stderr
+    json.loads(next(p for p in (tmp_path / "logs").glob("*.json") if ".trace" not in p.name).read_text())
