@@ -1,0 +1,22 @@
+"""Federated (continual) methods by name: each a server half and a client half (see ``base``)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .base import LocalRound, Method, ModelOutput, ServerState
+from .baseline import Baseline
+from .fedavg import FedAvg
+from .fedprox import FedProx
+
+__all__ = ["LocalRound", "Method", "ModelOutput", "ServerState", "REGISTRY", "METHODS", "build_method"]
+
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Baseline, FedAvg, FedProx)}
+METHODS = tuple(sorted(REGISTRY))
+
+
+def build_method(name: str, options: Mapping[str, Any] | None = None) -> Method:
+    """The method ``exp_method`` names, built with ``method_opts``; a ValueError names a bad option."""
+    if name not in REGISTRY:
+        raise ValueError(f"exp_method: expected one of {', '.join(METHODS)}, found {name!r}")
+    return REGISTRY[name](options)

@@ -1,0 +1,112 @@
+"""The method contract: a federated (continual) method is a server half and a client half.
+
+The ``Federation`` drives every method the same way, in a worker thread per client:
+
+    server half    payload(server, client, kind)       what the server sends a client this round
+                   aggregate(server, uploads)          the new server state from this round's uploads
+    client half    start(rnd)                          load the payload (or the client's own model)
+                   training_data(rnd, x, y)            the samples to train on (e.g. plus exemplars)
+                   batch_loss(rnd, xb, yb, out, loss)  the loss of one batch (e.g. plus a penalty)
+                   finish(rnd)                         after local training (e.g. new importances)
+                   upload(state)                       what the client sends back
+
+``rnd.memory`` is the method's state for one client (importances, anchors, exemplars, …). It is stored
+with the client between rounds and in checkpoints, so it may hold only tensors, numbers, strings, lists
+and dicts; tensors in it are moved to the CPU after ``finish``. ``rnd.scratch`` lives for one round only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from ..fedavg import Upload, weighted_mean
+
+__all__ = ["LocalRound", "Method", "ModelOutput", "ServerState", "option"]
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """A training forward pass: ``logits`` for the classifier and ``features`` for metric losses."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+@dataclass
+class ServerState:
+    """The server's state: the global model and whatever else a method keeps (e.g. summed importances)."""
+
+    model: dict[str, torch.Tensor]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LocalRound:
+    """One client's local round as a method sees it, inside a worker thread."""
+
+    client: str
+    task: str
+    round: int
+    device: torch.device
+    model: nn.Module
+    payload: Mapping[str, Any]
+    memory: dict[str, Any]
+    previous_model: Mapping[str, torch.Tensor] | None
+    previous_task: str | None
+    task_data: Callable[[str], tuple[torch.Tensor, torch.Tensor]]
+    forward: Callable[[torch.Tensor], ModelOutput]
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+
+def option(options: Mapping[str, Any], key: str, default: float, *, method: str, minimum: float = 0.0) -> float:
+    """A number from ``method_opts``, checked: a one-line ValueError names the key, the bound and the value."""
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise ValueError(f"method_opts.{key}: expected a number >= {minimum:g} for {method}, found {value!r}")
+    return float(value)
+
+
+class Method:
+    """FedAvg's behaviour; other methods override the hooks that differ."""
+
+    name: ClassVar[str] = "fedavg"
+    #: ``method_opts`` keys this method reads, with their defaults (documented in docs/methods.md).
+    defaults: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise ValueError(f"method_opts.{unknown[0]}: not an option of {self.name} (its options: {known})")
+        self.options = {**self.defaults, **options}
+
+    # server half -------------------------------------------------------------------------------------
+    def payload(self, server: ServerState, client: str, kind: str) -> dict[str, Any]:
+        """What ``client`` starts from; ``kind`` is "integrated" (new client) or "incremental"."""
+        return {"model": server.model}
+
+    def aggregate(self, server: ServerState, uploads: Mapping[str, Upload]) -> ServerState:
+        """The new server state: here the sample-weighted mean of this round's models."""
+        return ServerState(weighted_mean(uploads), server.extras)
+
+    # client half -------------------------------------------------------------------------------------
+    def start(self, rnd: LocalRound) -> None:
+        rnd.model.load_state_dict(rnd.payload["model"])
+
+    def training_data(self, rnd: LocalRound, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, y
+
+    def batch_loss(self, rnd: LocalRound, xb: torch.Tensor, yb: torch.Tensor, out: ModelOutput,
+                   loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def finish(self, rnd: LocalRound) -> None:
+        pass
+
+    def upload(self, model: Mapping[str, torch.Tensor], samples: int, memory: Mapping[str, Any]) -> Upload:
+        return Upload(state=model, samples=samples)
