@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from .config import ExperimentConfig, load_experiments
-from .errors import DeviceError
+from .errors import ConfigError, DeviceError
 from .experiment import Experiment
 
 __all__ = ["build_experiment", "build_experiments", "flag_overrides"]
@@ -126,8 +126,11 @@ def _add_work(exp: Experiment, checkpoint: Any) -> None:
 
     opts = config.data["exp_opts"]
     spill = config.checkpoints_dir / exp.paths.run_id / "spill"
-    federation = Federation(config.data, seed=config.seed, max_in_memory=opts["clients_in_memory"],
-                            spill_dir=str(spill))
+    try:
+        federation = Federation(config.data, seed=config.seed, max_in_memory=opts["clients_in_memory"],
+                                spill_dir=str(spill))
+    except ValueError as exc:  # a method option, a model option or the data set's layout
+        raise ConfigError(f"{config.source}: {exc}") from None
     exp._closers.append(lambda: shutil.rmtree(spill, ignore_errors=True))
     if checkpoint is not None:
         federation.load_state_dict(checkpoint.federation)

@@ -34,7 +34,8 @@ __all__ = ["ExperimentConfig", "ClientSet", "load_experiments", "load_experiment
 #: Keys a common file holds at its top level (besides ``defaults``).
 COMMON_KEYS = ("datasets_dir", "checkpoints_dir", "logs_dir", "parallel", "device")
 METHODS = ("fedavg",)
-MODELS = ("cnn", "mlp")
+#: Model names by task kind; tests check they match fedevents.federated's builders.
+MODELS = ("cnn", "mlp", "resnet18", "resnet34", "resnet50")
 DEVICE_NAME = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
 
 
@@ -46,6 +47,15 @@ def _schema(methods: Sequence[str]) -> Section:
             "count": Field(Int(min=1)),
             "tasks": Field(ListOf(name, min_len=1)),
             "prefix": Field(Str(safe_name=True), "client-"),
+        }
+    )
+    criterion = Section(
+        {
+            "name": Field(Str(choices=("cross_entropy", "triplet"))),
+            "epsilon": Field(Float(min=0.0, below=1.0), 0.0),
+            "margin": Field(Float(min=0.0), 0.3),
+            "weight": Field(Float(positive=True), 1.0),
+            "num_classes": Field(Int(min=1), None),
         }
     )
     handler = OneOf(
@@ -89,6 +99,12 @@ def _schema(methods: Sequence[str]) -> Section:
                         "name": Field(Str(choices=MODELS), "mlp"),
                         "hidden": Field(ListOf(Int(min=1)), [64, 64]),
                         "channels": Field(ListOf(Int(min=1), min_len=1), [16, 32]),
+                        "num_classes": Field(Int(min=1), None),
+                        "last_stride": Field(Int(min=1), 1),
+                        "neck": Field(Str(choices=("bnneck", "no")), "bnneck"),
+                        "fine_tuning": Field(ListOf(Str()), []),
+                        "pretrained": Field(Str(nullable=True), None),
+                        "width": Field(Int(min=1), 64),
                     }
                 ),
                 {},
@@ -116,18 +132,30 @@ def _schema(methods: Sequence[str]) -> Section:
                 {},
             ),
             "criterion_opts": Field(
-                Section(
-                    {
-                        "name": Field(Str(choices=("cross_entropy",)), "cross_entropy"),
-                        "epsilon": Field(Float(min=0.0, below=1.0), 0.0),
-                    }
+                OneOf(
+                    [(lambda v: isinstance(v, dict) or v is None, criterion),
+                     (lambda v: isinstance(v, list), ListOf(criterion, min_len=1))],
+                    "a criterion mapping (name, ...) or a list of them",
                 ),
-                {},
+                {"name": "cross_entropy"},
             ),
             "task_opts": Field(
                 Section(
                     {
-                        "dataset": Field(Str(choices=("synthetic",)), "synthetic"),
+                        "dataset": Field(Str(choices=("reid", "synthetic")), "synthetic"),
+                        "map_mode": Field(Str(choices=("standard", "first-match")), "standard"),
+                        "augment_opts": Field(
+                            Section(
+                                {
+                                    "level": Field(Str(choices=("default", "none", "strong")), "default"),
+                                    "img_size": Field(ListOf(Int(min=1), min_len=2, max_len=2), [256, 128]),
+                                    "norm_mean": Field(ListOf(Float(), min_len=3, max_len=3), [0.485, 0.456, 0.406]),
+                                    "norm_std": Field(ListOf(Float(positive=True), min_len=3, max_len=3),
+                                                      [0.229, 0.224, 0.225]),
+                                }
+                            ),
+                            {},
+                        ),
                         "sustain_rounds": Field(Int(min=1), 1),
                         "train_epochs": Field(Int(min=1), 1),
                         "batch_size": Field(Int(min=1), 32),
@@ -148,6 +176,7 @@ def _schema(methods: Sequence[str]) -> Section:
                 ),
                 {},
             ),
+            "method_opts": Field(AnyMapping(), {}),
             "server": Field(AnyMapping(), {}),
             "clients": Field(
                 OneOf(
@@ -358,6 +387,13 @@ def _cross_check(data: dict[str, Any], clients: ClientSet, path: Path) -> None:
     ddir = data["datasets_dir"]
     if ddir is not None and not Path(ddir).is_dir():
         raise ConfigError(f"{path}: datasets_dir: expected an existing directory, found no directory at {ddir!r}")
+    if data["task_opts"]["dataset"] == "reid":
+        if ddir is None:
+            raise ConfigError(f"{path}: datasets_dir: expected the folder of the ReID tasks for task_opts.dataset "
+                              f"reid, found none")
+        if data["model_opts"]["num_classes"] is None:
+            raise ConfigError(f"{path}: model_opts.num_classes: expected the number of training identities for "
+                              f"task_opts.dataset reid, found none")
 
 
 def deep_merge(lower: Mapping[str, Any], upper: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Federated learning in plain torch: synthetic tasks, models, local training, client states and FedAvg.
+"""Federated and federated-continual learning in plain torch: tasks, models, methods, metrics, client states.
 
 Knows nothing of events or of the engine; the handlers call ``Federation`` from worker threads.
 """
@@ -6,8 +6,12 @@ Knows nothing of events or of the engine; the handlers call ``Federation`` from 
 from __future__ import annotations
 
 from .devices import check_device
-from .fedavg import AggregateResult, FedAvgClient, FedAvgServer, Upload, weighted_mean
+from .backbones import REID_MODELS, build_reid_model
+from .fedavg import AggregateResult, FedAvgClient, Upload, weighted_mean
 from .federation import DATASETS, METHODS, Federation, TrainResult, UploadResult, ValResult
+from .methods import Method, build_method
+from .reid_metrics import reid_scores
+from .server import FedAvgServer, Server
 from .models import MODELS, build_model, empty_model
 from .seeds import derive_seed, generator
 from .store import ClientState, ClientStore
@@ -26,6 +30,9 @@ __all__ = [
     "Federation",
     "METHODS",
     "MODELS",
+    "Method",
+    "REID_MODELS",
+    "Server",
     "OPTIMIZERS",
     "SCHEDULERS",
     "SyntheticSpec",
@@ -33,7 +40,10 @@ __all__ = [
     "Upload",
     "UploadResult",
     "ValResult",
+    "build_method",
     "build_model",
+    "build_reid_model",
+    "reid_scores",
     "check_device",
     "client_data",
     "derive_seed",

@@ -11,23 +11,23 @@ from __future__ import annotations
 import copy
 import threading
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from .fedavg import AggregateResult, FedAvgClient, FedAvgServer
-from .models import build_model, empty_model
+from .criteria import build_reid_criterion
+from .fedavg import AggregateResult
+from .methods import METHODS, LocalRound, Method, ModelOutput, build_method
 from .seeds import generator
+from .server import Server
 from .store import ClientState, ClientStore, state_nbytes
-from .synthetic import SyntheticSpec, client_data
-from .training import build_criterion, build_optimizer, build_scheduler, evaluate, train_local
+from .tasks import DATASETS, build_task_source
+from .training import build_criterion, build_optimizer, build_scheduler, train_local
 
 __all__ = ["METHODS", "DATASETS", "Federation", "TrainResult", "UploadResult", "ValResult"]
 
-METHODS = ("fedavg",)
-DATASETS = ("synthetic",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +60,7 @@ class ValResult:
 
 
 class Federation:
-    """Run one federated experiment's learning: global model, client states, local training, averaging."""
+    """Run one federated experiment's learning: a method's server and client halves over a task source."""
 
     def __init__(
         self,
@@ -70,24 +70,18 @@ class Federation:
         spill_dir: str | None = None,
         max_in_memory: int = 256,
     ) -> None:
-        method, task_opts = config["exp_method"], config["task_opts"]
-        if method not in METHODS:
-            raise ValueError(f"exp_method: expected one of {', '.join(METHODS)}, found {method!r}")
-        if task_opts["dataset"] not in DATASETS:
-            raise ValueError(
-                f"task_opts.dataset: expected one of {', '.join(DATASETS)}, found {task_opts['dataset']!r}"
-            )
+        task_opts = config["task_opts"]
+        self._method = build_method(config["exp_method"], config.get("method_opts") or {})
+        self._tasks = build_task_source(config, seed)
         self._seed = seed
-        self._spec = SyntheticSpec.from_dict(task_opts["synthetic"])
         self._epochs = int(task_opts["train_epochs"])
         self._batch_size = int(task_opts["batch_size"])
         self._model_opts = dict(config["model_opts"])
         self._optimizer_opts = dict(config["optimizer_opts"])
         self._scheduler_opts = dict(config["scheduler_opts"])
-        self._criterion = build_criterion(config["criterion_opts"])
+        self._criterion = build_loss(config["criterion_opts"], self._model_opts.get("num_classes"))
         initial = self._initial_model()
-        self._server = FedAvgServer(initial.state_dict())
-        self._client = FedAvgClient()
+        self._server = Server(initial.state_dict(), self._method)
         self._store = ClientStore(max_in_memory=max_in_memory, spill_dir=spill_dir)
         # Building a model costs more than training a small one for a round, so each worker thread keeps one
         # per device and loads whatever weights a call needs into it.
@@ -98,27 +92,48 @@ class Federation:
         """The clients' stored states (read it; the federation writes it)."""
         return self._store
 
+    @property
+    def method(self) -> Method:
+        return self._method
+
     def train(self, *, client: str, task: str, round: int, device: str, state: str, commit: bool = True) -> TrainResult:
         """Train ``client`` on ``task`` from the server's payload for ``round`` and store its new state.
 
-        ``state`` says how the client joins ("integrated" when new, "incremental" when known); FedAvg sends
-        both the global model. The model trains on ``device``; the stored state goes back to the CPU. With
+        ``state`` says how the client joins ("integrated" when new, "incremental" when known); the method
+        decides what that means. The model trains on ``device``; the stored state goes back to the CPU. With
         ``commit=False`` the new state is returned in ``pending`` instead of stored.
         """
         dev = torch.device(device)
-        data = client_data(self._spec, seed=self._seed, task=task, client=client)
         model = self._model(dev)
-        self._client.receive(model, self._server.dispatch(client, state))
         previous = self._store.get(client)
-        optimizer, scheduler = self._optimizer_for(model, previous)
-        scores = train_local(
-            model, optimizer, scheduler, self._criterion, data.x_train.to(dev), data.y_train.to(dev),
-            epochs=self._epochs, batch_size=self._batch_size,
-            shuffle=generator(self._seed, round, client, task, "shuffle"),
+        rnd = LocalRound(
+            client=client, task=task, round=round, device=dev, model=model,
+            payload=self._server.dispatch(client, state),
+            memory=dict(previous.memory) if previous is not None else {},
+            previous_model=previous.model if previous is not None else None,
+            previous_task=previous.task if previous is not None else None,
+            task_data=lambda name: tuple(t.to(dev) for t in self._tasks.train_data(client, name)),
+            forward=lambda xb: _output(model(xb)),
         )
-        samples = data.y_train.numel()
-        result = TrainResult(samples=samples, metrics={"tr_acc": scores.acc, "tr_loss": scores.loss},
-                             pending=_snapshot(model, optimizer, scheduler, previous, samples))
+        self._method.start(rnd)
+        x, y = rnd.task_data(task)
+        x, y = self._method.training_data(rnd, x, y)
+        optimizer, scheduler = self._optimizer_for(model, previous)
+
+        def batch_loss(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = _output(model(xb))
+            base = self._criterion(out.logits, out.features, yb)
+            return self._method.batch_loss(rnd, xb, yb, out, base), out.logits
+
+        scores = train_local(
+            model, optimizer, scheduler, None, x, y, epochs=self._epochs, batch_size=self._batch_size,
+            shuffle=generator(self._seed, round, client, task, "shuffle"), batch_loss=batch_loss,
+            augment=self._tasks.augment, augment_generator=generator(self._seed, round, client, task, "augment"),
+        )
+        self._method.finish(rnd)
+        samples = int(y.shape[0])
+        pending = _snapshot(model, optimizer, scheduler, previous, samples, _to_cpu(rnd.memory, clone=False), task)
+        result = TrainResult(samples=samples, metrics={"tr_acc": scores.acc, "tr_loss": scores.loss}, pending=pending)
         return self.commit(client, result) if commit else result
 
     def commit(self, client: str, result: TrainResult) -> TrainResult:
@@ -128,34 +143,22 @@ class Federation:
         self._store.put(client, result.pending)
         return TrainResult(samples=result.samples, metrics=result.metrics)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs: the global model and every client state that exists.
-
-        Taken at a round boundary, when no upload is pending. Tensors, numbers, strings, lists and dicts
-        only, so it loads with ``torch.load(..., weights_only=True)``.
-        """
-        return {"server": self._server.state, "clients": self._store.export()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from a ``state_dict()``: the global model and the client states are replaced."""
-        self._server.load_state(state["server"])
-        self._store.replace_all(dict(state["clients"]))
-
     def upload(self, *, client: str, round: int) -> UploadResult:
-        """Put ``client``'s latest trained state in the server's inbox for ``round``."""
+        """Put ``client``'s latest trained state (as its method packs it) in the server's inbox for ``round``."""
         stored = self._store.get(client)
         if stored is None:
             raise LookupError(
                 f"upload of {client!r} in round {round}: expected a client that has trained, found none"
             )
-        self._server.receive(client, round, self._client.upload(stored.model, stored.samples))
-        return UploadResult(samples=stored.samples, nbytes=state_nbytes(stored.model))
+        upload = self._method.upload(stored.model, stored.samples, stored.memory)
+        self._server.receive(client, round, upload)
+        return UploadResult(samples=upload.samples,
+                            nbytes=state_nbytes(upload.state) + state_nbytes(getattr(upload, "extras", {})))
 
     def validate(self, *, client: str, tasks: Sequence[str], round: int, device: str) -> dict[str, ValResult]:
         """Score ``client``'s model on each task's held-out split, by task.
 
-        A client that never trained is scored with the current global model, and stays unstored. ``round``
-        is accepted for methods whose scoring depends on it; FedAvg does not use it.
+        A client that never trained is scored with the current global model, and stays unstored.
         """
         dev = torch.device(device)
         stored = self._store.get(client)
@@ -163,32 +166,41 @@ class Federation:
         model.load_state_dict(self._server.state if stored is None else stored.model)
         results = {}
         for task in tasks:
-            data = client_data(self._spec, seed=self._seed, task=task, client=client)
-            scores = evaluate(model, data.x_test.to(dev), data.y_test.to(dev))
-            metrics = {"val_acc": scores.acc, "val_loss": scores.loss}
-            results[task] = ValResult(samples=scores.samples, metrics=metrics)
+            samples, metrics = self._tasks.score(model, client, task, dev)
+            results[task] = ValResult(samples=samples, metrics=metrics)
         return results
 
     def aggregate(self, *, round: int, clients: Sequence[str]) -> AggregateResult:
-        """Average ``round``'s uploads from ``clients`` into the global model."""
+        """Combine ``round``'s uploads from ``clients`` into the server's new state."""
         return self._server.aggregate(round, clients)
 
     def server_state(self) -> dict[str, torch.Tensor]:
         """Give the global model state (its tensors are never changed in place)."""
         return self._server.state
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: the server's state and every client state that exists.
+
+        Taken at a round boundary, when no upload is pending. Tensors, numbers, strings, lists and dicts
+        only, so it loads with ``torch.load(..., weights_only=True)``.
+        """
+        return {"server": self._server.state_dict(), "clients": self._store.export()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a ``state_dict()``: the server's state and the client states are replaced."""
+        self._server.load_state(state["server"])
+        self._store.replace_all(dict(state["clients"]))
+
     def _model(self, device: torch.device) -> nn.Module:
         models = self._models.__dict__.setdefault("by_device", {})
         if device not in models:
-            models[device] = empty_model(
-                self._model_opts, self._spec.input_shape, self._spec.num_classes, device=device
-            )
+            models[device] = self._tasks.empty_model(self._model_opts, device)
         return models[device]
 
     def _optimizer_for(
         self, model: nn.Module, previous: ClientState | None
     ) -> tuple[torch.optim.Optimizer, LRScheduler | None]:
-        optimizer = build_optimizer(self._optimizer_opts, model.parameters())
+        optimizer = build_optimizer(self._optimizer_opts, [p for p in model.parameters() if p.requires_grad])
         scheduler = build_scheduler(self._scheduler_opts, optimizer)
         if previous is not None:
             # Cloned on the CPU: the optimizer updates its state in place (Adam's step counter stays on the CPU
@@ -199,12 +211,29 @@ class Federation:
         return optimizer, scheduler
 
     def _initial_model(self) -> nn.Module:
-        model = build_model(
-            self._model_opts, self._spec.input_shape, self._spec.num_classes, generator=generator(self._seed, "init")
-        )
+        model = self._tasks.build_model(self._model_opts, generator(self._seed, "init"))
         # Building the optimizer and scheduler once reports a bad option now, not in the first round.
         build_scheduler(self._scheduler_opts, build_optimizer(self._optimizer_opts, model.parameters()))
         return model
+
+
+def build_loss(opts: Any, num_classes: int | None) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss ``criterion_opts`` names, called as ``(logits, features, targets)``.
+
+    A single ``cross_entropy`` uses torch's fused loss; a list (e.g. cross-entropy plus triplet) is a
+    weighted sum of ReID losses.
+    """
+    if isinstance(opts, Mapping) and opts.get("name") == "cross_entropy" and opts.get("weight", 1.0) == 1.0:
+        ce = build_criterion(opts)
+        return lambda logits, features, targets: ce(logits, targets)
+    return build_reid_criterion(opts, num_classes=num_classes)
+
+
+def _output(out: Any) -> ModelOutput:
+    """A model's training output as logits and features (a one-output model's logits are its features)."""
+    if isinstance(out, tuple):
+        return ModelOutput(out[0], out[1])
+    return ModelOutput(out, out)
 
 
 def _snapshot(
@@ -213,8 +242,12 @@ def _snapshot(
     scheduler: LRScheduler | None,
     previous: ClientState | None,
     samples: int,
+    memory: dict[str, Any],
+    task: str,
 ) -> ClientState:
     return ClientState(
+        memory=memory,
+        task=task,
         # A copy even on the CPU: the thread's model trains on, the stored state must not change.
         model=_to_cpu(model.state_dict(), clone=True),
         # The optimizer is thrown away after this call, so its tensors need no copy.

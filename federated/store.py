@@ -11,7 +11,7 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,10 @@ class ClientState:
     scheduler: dict[str, Any] | None
     rounds_trained: int
     samples: int
+    #: The method's state for this client (importances, anchors, exemplars, …); tensors on the CPU.
+    memory: dict[str, Any] = field(default_factory=dict)
+    #: The task of the client's last round.
+    task: str | None = None
 
 
 class ClientStore:
@@ -135,7 +139,7 @@ class ClientStore:
 
 def _as_dict(state: ClientState) -> dict[str, Any]:
     # Not dataclasses.asdict: it deep-copies every tensor.
-    return {field.name: getattr(state, field.name) for field in fields(state)}
+    return {f.name: getattr(state, f.name) for f in fields(state)}
 
 
 def state_nbytes(value: Any) -> int:

@@ -7,7 +7,7 @@ sums on the device, so a batch costs what a hand-written torch loop costs (one h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import structlog
 import torch
@@ -32,6 +32,9 @@ SCHEDULERS = ("cosine", "none", "step_lr")
 CRITERIA = ("cross_entropy",)
 
 _log = structlog.get_logger("fedevents.federated")
+
+#: ``(xb, yb) -> (loss, logits)``: one training batch's loss and the logits its accuracy is read from.
+BatchLoss = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,25 +82,38 @@ def train_local(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler | None,
-    criterion: nn.Module,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     x: torch.Tensor,
     y: torch.Tensor,
     *,
     epochs: int,
     batch_size: int,
     shuffle: torch.Generator,
+    batch_loss: BatchLoss | None = None,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    augment_generator: torch.Generator | None = None,
 ) -> Scores:
     """Train ``model`` for ``epochs`` passes over ``(x, y)``; give mean loss and accuracy over all samples seen.
 
-    ``shuffle`` is a CPU generator; each epoch draws its permutation from it, so the batch order is fixed by
-    the seed alone.
+    Each batch's loss is ``criterion(model(xb), yb)``, or ``batch_loss(xb, yb) -> (loss, logits)`` when
+    given (a method's penalty, a model with two outputs). ``augment(xb, generator)`` transforms each
+    training batch. ``shuffle`` is a CPU generator; each epoch draws its permutation from it, so the batch
+    order is fixed by the seed alone.
     """
+    if batch_loss is None:
+        if criterion is None:
+            raise ValueError("train_local: expected a criterion or a batch_loss, found neither")
+
+        def batch_loss(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = model(xb)
+            return criterion(logits, yb), logits
+
     model.train()
     count = y.shape[0]
     total_loss = total_correct = 0.0
     for epoch in range(epochs):
         order = torch.randperm(count, generator=shuffle).to(x.device, non_blocking=True)
-        loss_sum, correct = _epoch(model, optimizer, criterion, x, y, order, batch_size)
+        loss_sum, correct = _epoch(optimizer, batch_loss, x, y, order, batch_size, augment, augment_generator)
         if scheduler is not None:
             scheduler.step()
         epoch_loss, epoch_correct = loss_sum.item(), correct.item()
@@ -111,21 +127,23 @@ def train_local(
 
 
 def _epoch(
-    model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    criterion: nn.Module,
+    batch_loss: BatchLoss,
     x: torch.Tensor,
     y: torch.Tensor,
     order: torch.Tensor,
     batch_size: int,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None,
+    augment_generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for batch in order.split(batch_size):
         xb, yb = x[batch], y[batch]
+        if augment is not None:
+            xb = augment(xb, augment_generator)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(xb)
-        loss = criterion(logits, yb)
+        loss, logits = batch_loss(xb, yb)
         loss.backward()
         optimizer.step()
         # Sums stay on the device: reading them per batch would stall a GPU on every step.

@@ -55,7 +55,8 @@ def test_dry_run_prints_a_summary_and_writes_the_trace_without_training(tmp_path
     ("args", "message"),
     [
         (["--set", "exp_opts.online_clients=50"], "exp_opts.online_clients = 50, but only 10 clients are defined"),
-        (["--set", "exp_method=fedsgd"], "exp_method: expected one of fedavg, found 'fedsgd' (string)"),
+        (["--set", "exp_method=fedsgd"], "exp_method: expected one of baseline, "),
+        (["--set", "exp_method=fedsgd"], ", found 'fedsgd' (string)"),
         (["--set", "exp_opts.comm_round=3"], "exp_opts.comm_round: unknown key; did you mean 'comm_rounds'?"),
         (["--parallel", "0"], "parallel: expected an integer >= 1, found 0 (integer)"),
         (["--device", "cuda:3"], "device 'cuda:"),

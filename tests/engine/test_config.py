@@ -33,7 +33,8 @@ def test_common_defaults_merge_deeply_under_the_experiment() -> None:
     cfg = load_experiment(ROOT / "configs/fedavg.yaml", common=ROOT / "configs/common.yaml")
     assert cfg.rounds == 6  # set by the experiment
     assert cfg.val_interval == 5 and cfg.online_clients == 3  # kept from defaults
-    assert cfg.data["model_opts"] == {"name": "mlp", "hidden": [128], "channels": [16, 32]}
+    assert cfg.data["model_opts"]["name"] == "mlp" and cfg.data["model_opts"]["hidden"] == [128]
+    assert cfg.data["model_opts"]["channels"] == [16, 32]  # a default, untouched by either file
     assert cfg.data["optimizer_opts"]["momentum"] == 0.9
     assert cfg.seed == 123 and cfg.parallel == 2 and cfg.devices == ("cpu",)
     assert cfg.clients.names == tuple(f"client-{i}" for i in range(5))
@@ -84,6 +85,10 @@ def test_a_hundred_thousand_clients_from_the_compact_form(tmp_path: Path) -> Non
         ({"datasets_dir": "/no/such/dir"}, "datasets_dir: expected an existing directory, found no directory at '/no/such/dir'"),
         ({"exp_name": "my run"}, "exp_name: expected a name of letters"),
         ({"task_opts": {"synthetic": {"input_shape": [1, 2, 3, 4]}}}, "task_opts.synthetic.input_shape: expected a list of 1 to 3 items"),
+        ({"task_opts": {"dataset": "reid"}}, "datasets_dir: expected the folder of the ReID tasks for task_opts.dataset reid, found none"),
+        ({"criterion_opts": [{"name": "triplet", "margn": 0.3}]}, "criterion_opts[0].margn: unknown key; did you mean 'margin'?"),
+        ({"criterion_opts": []}, "criterion_opts: expected a list of at least 1 items"),
+        ({"task_opts": {"map_mode": "first_match"}}, "task_opts.map_mode: expected one of first-match, standard, found 'first_match' (string); did you mean 'first-match'?"),
     ],
 )
 def test_bad_values_give_one_line_naming_file_and_key(tmp_path: Path, change: dict, expected: str) -> None:
@@ -137,3 +142,23 @@ def test_every_file_is_validated_before_any_is_returned(tmp_path: Path) -> None:
     bad = write(tmp_path, {**MINIMAL, "parallel": 0}, "bad.yaml")
     with pytest.raises(ConfigError, match="bad.yaml: parallel"):
         load_experiments([good, bad])
+
+
+def test_model_names_match_what_federated_can_build() -> None:
+    from fedevents.engine.config import MODELS
+    from fedevents.federated import MODELS as SMALL, REID_MODELS
+
+    assert sorted(MODELS) == sorted(SMALL + REID_MODELS)
+
+
+def test_reid_needs_the_number_of_identities(tmp_path: Path) -> None:
+    data = {**MINIMAL, "datasets_dir": str(tmp_path), "task_opts": {"dataset": "reid"}, "model_opts": {"name": "resnet18"}}
+    assert error_of(tmp_path, data).endswith("model_opts.num_classes: expected the number of training identities "
+                                             "for task_opts.dataset reid, found none")
+
+
+def test_a_criterion_list_keeps_its_order_and_fills_defaults(tmp_path: Path) -> None:
+    data = {**MINIMAL, "criterion_opts": [{"name": "cross_entropy", "epsilon": 0.1}, {"name": "triplet"}]}
+    cfg = load_experiment(write(tmp_path, data))
+    assert [c["name"] for c in cfg.data["criterion_opts"]] == ["cross_entropy", "triplet"]
+    assert cfg.data["criterion_opts"][1]["margin"] == 0.3 and cfg.data["criterion_opts"][0]["epsilon"] == 0.1

@@ -94,7 +94,7 @@ def test_an_upload_missing_a_key_of_the_global_model_is_refused() -> None:
 def test_dispatch_hands_out_the_global_state_for_either_join_state() -> None:
     server = FedAvgServer({"w": torch.ones(2)})
     for state in ("integrated", "incremental"):
-        assert torch.equal(server.dispatch("a", state)["w"], torch.ones(2))
+        assert torch.equal(server.dispatch("a", state)["model"]["w"], torch.ones(2))
     with pytest.raises(ValueError, match="expected state in"):
         server.dispatch("a", "joined")
 

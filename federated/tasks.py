@@ -1,0 +1,144 @@
+"""Task sources: where a client's training data comes from, which model fits it, and how it is scored.
+
+``synthetic`` generates a classification task per task name (no files); scores are ``val_acc`` and
+``val_loss``. ``reid`` reads the FedSTIL layout ``<datasets_dir>/<task>/{train,query,gallery}/<id>/``;
+scores are CMC rank-1/3/5/10 and mAP as ``val_rank_k`` and ``val_map``. Training labels of a ReID task are
+its identities numbered after those of every task before it (tasks in name order), so identities of
+different data sets never share a classifier row.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .backbones import REID_MODELS, build_reid_model, empty_reid_model
+from .models import MODELS, build_model, empty_model
+from .reid_data import IMAGE_CACHE, AugmentOpts, augment, load_image_set, load_reid_task
+from .reid_metrics import reid_scores
+from .synthetic import SyntheticSpec, client_data
+from .training import evaluate
+
+__all__ = ["TaskSource", "SyntheticTasks", "ReidTasks", "build_task_source", "DATASETS"]
+
+DATASETS = ("reid", "synthetic")
+
+
+class TaskSource:
+    """What the Federation asks of a data set."""
+
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+
+    def build_model(self, model_opts: Mapping[str, Any], generator: torch.Generator) -> nn.Module:
+        raise NotImplementedError
+
+    def empty_model(self, model_opts: Mapping[str, Any], device: torch.device) -> nn.Module:
+        raise NotImplementedError
+
+    def train_data(self, client: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training samples and labels of ``client`` on ``task``, on the CPU."""
+        raise NotImplementedError
+
+    def score(self, model: nn.Module, client: str, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
+        """How many samples were scored and the validation metrics of ``model`` on ``task``."""
+        raise NotImplementedError
+
+
+class SyntheticTasks(TaskSource):
+    """The built-in synthetic classification task; each client owns a non-IID slice of every task."""
+
+    def __init__(self, opts: Mapping[str, Any], seed: int) -> None:
+        self.spec = SyntheticSpec.from_dict(opts["synthetic"])
+        self.seed = seed
+
+    def _check(self, model_opts: Mapping[str, Any]) -> None:
+        if model_opts["name"] not in MODELS:
+            raise ValueError(f"model_opts.name: expected one of {', '.join(MODELS)} for task_opts.dataset "
+                             f"synthetic, found {model_opts['name']!r}")
+
+    def build_model(self, model_opts: Mapping[str, Any], generator: torch.Generator) -> nn.Module:
+        self._check(model_opts)
+        return build_model(model_opts, self.spec.input_shape, self.spec.num_classes, generator=generator)
+
+    def empty_model(self, model_opts: Mapping[str, Any], device: torch.device) -> nn.Module:
+        return empty_model(model_opts, self.spec.input_shape, self.spec.num_classes, device=device)
+
+    def train_data(self, client: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        data = client_data(self.spec, seed=self.seed, task=task, client=client)
+        return data.x_train, data.y_train
+
+    def score(self, model: nn.Module, client: str, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
+        data = client_data(self.spec, seed=self.seed, task=task, client=client)
+        scores = evaluate(model, data.x_test.to(device), data.y_test.to(device))
+        return scores.samples, {"val_acc": scores.acc, "val_loss": scores.loss}
+
+
+class ReidTasks(TaskSource):
+    """Person re-identification tasks read from disk, each decoded once and cached."""
+
+    def __init__(self, opts: Mapping[str, Any], datasets_dir: str, tasks: Sequence[str], num_classes: int) -> None:
+        self.augment_opts = AugmentOpts.from_dict(opts["augment_opts"])
+        # "standard" is the Market-1501 mAP over every correct match; reid_metrics calls it "true".
+        self.map_mode = "true" if opts.get("map_mode", "standard") == "standard" else opts["map_mode"]
+        self.tasks = {name: load_reid_task(datasets_dir, name) for name in sorted(set(tasks))}
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for name, task in self.tasks.items():
+            self.offsets[name] = total
+            total += task.num_ids
+        if total > num_classes:
+            raise ValueError(f"model_opts.num_classes = {num_classes}, but the tasks under {datasets_dir} have "
+                             f"{total} training identities; expected at least {total}")
+        level = self.augment_opts.level
+        self.augment = None if level == "none" else (lambda x, gen: augment(x, level, generator=gen))
+
+    def _check(self, model_opts: Mapping[str, Any]) -> None:
+        if model_opts["name"] not in REID_MODELS:
+            raise ValueError(f"model_opts.name: expected one of {', '.join(REID_MODELS)} for task_opts.dataset "
+                             f"reid, found {model_opts['name']!r}")
+
+    def build_model(self, model_opts: Mapping[str, Any], generator: torch.Generator) -> nn.Module:
+        self._check(model_opts)
+        return build_reid_model(model_opts, generator=generator)
+
+    def empty_model(self, model_opts: Mapping[str, Any], device: torch.device) -> nn.Module:
+        return empty_reid_model(model_opts, device=device)
+
+    def train_data(self, client: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images = load_image_set(self.tasks[task], "train", self.augment_opts, cache=IMAGE_CACHE)
+        return images.images, images.labels + self.offsets[task]
+
+    def score(self, model: nn.Module, client: str, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
+        query = load_image_set(self.tasks[task], "query", self.augment_opts, cache=IMAGE_CACHE)
+        gallery = load_image_set(self.tasks[task], "gallery", self.augment_opts, cache=IMAGE_CACHE)
+        model.eval()
+        with torch.inference_mode():
+            q = torch.cat([model(b.to(device)) for b in query.images.split(256)])
+            g = torch.cat([model(b.to(device)) for b in gallery.images.split(256)])
+        scores = reid_scores(q, query.pids, query.camids, g, gallery.pids, gallery.camids, map_mode=self.map_mode)
+        metrics = {f"val_{key}": value for key, value in scores.items()}
+        return len(query), metrics
+
+
+def build_task_source(config: Mapping[str, Any], seed: int) -> TaskSource:
+    """The task source ``task_opts.dataset`` names, over every task the clients will learn."""
+    opts = config["task_opts"]
+    if opts["dataset"] == "synthetic":
+        return SyntheticTasks(opts, seed)
+    if opts["dataset"] == "reid":
+        if not config.get("datasets_dir"):
+            raise ValueError("datasets_dir: expected the folder of the ReID tasks for task_opts.dataset reid, found none")
+        num_classes = config["model_opts"].get("num_classes")
+        if not num_classes:
+            raise ValueError("model_opts.num_classes: expected the number of training identities for a ReID model, found none")
+        return ReidTasks(opts, config["datasets_dir"], all_tasks(config["clients"]), num_classes)
+    raise ValueError(f"task_opts.dataset: expected one of {', '.join(DATASETS)}, found {opts['dataset']!r}")
+
+
+def all_tasks(clients: Any) -> list[str]:
+    """Every task named by a clients list or by the compact ``{count, tasks}`` form."""
+    if isinstance(clients, Mapping):
+        return list(clients["tasks"])
+    return [task for client in clients for task in client["tasks"]]
