@@ -6,12 +6,16 @@ from typing import Any, Mapping
 
 from .base import LocalRound, Method, ModelOutput, ServerState
 from .baseline import Baseline
+from .ewc import EWC
 from .fedavg import FedAvg
+from .fedcurv import FedCurv
 from .fedprox import FedProx
+from .icarl import ICaRL
+from .mas import MAS
 
 __all__ = ["LocalRound", "Method", "ModelOutput", "ServerState", "REGISTRY", "METHODS", "build_method"]
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Baseline, FedAvg, FedProx)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Baseline, EWC, FedAvg, FedCurv, FedProx, ICaRL, MAS)}
 METHODS = tuple(sorted(REGISTRY))
 
 

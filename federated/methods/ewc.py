@@ -1,0 +1,34 @@
+"""EWC (online): FedAvg, and on each client a pull toward its last finished task's weights by Fisher importance."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .base import LocalRound
+from .consolidation import Consolidation
+from .counts import count_option
+from .importance import fisher_diagonal
+
+__all__ = ["EWC"]
+
+
+class EWC(Consolidation):
+    """Loss + lambda/2 * sum_i F_i (w_i - w*_i)^2; F sums each finished task's empirical Fisher diagonal.
+
+    ``fisher_batches`` caps the samples the Fisher is measured on at that many batches of 64 (evenly
+    spaced over the task's training samples); null uses them all.
+    """
+
+    name = "ewc"
+    defaults = {"lambda": 100.0, "fisher_batches": None}
+    scale = 0.5
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self.fisher_batches = count_option(self.options, "fisher_batches", method=self.name, minimum=1,
+                                           optional=True)
+
+    def importance(self, rnd: LocalRound, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return fisher_diagonal(rnd.model, rnd.forward, x, y, batches=self.fisher_batches)
