@@ -66,7 +66,7 @@ def test_the_fisher_at_non_zero_weights_matches_the_softmax_formula() -> None:
 
 
 def test_a_task_switch_consolidates_the_finished_task_before_loading_the_payload() -> None:
-    method = EWC()
+    method = EWC({"lambda": 100.0})
     previous = _linear([[0.0, 0.0], [0.0, 0.0]], [0.0, 0.0])
     payload = _linear([[1.0, 2.0], [3.0, 4.0]], [1.0, -1.0])
     model = _linear([[9.0, 9.0], [9.0, 9.0]], [9.0, 9.0])
@@ -110,7 +110,7 @@ def test_no_penalty_before_a_first_consolidation() -> None:
 
 
 def test_options_and_registry() -> None:
-    assert REGISTRY["ewc"] is EWC and build_method("ewc").strength == 100.0
+    assert REGISTRY["ewc"] is EWC and build_method("ewc").strength == 10.0
     assert EWC({"fisher_batches": 3}).fisher_batches == 3 and EWC().fisher_batches is None
     with pytest.raises(ValueError, match=r"^method_opts.fisher_batches: expected null or a whole number >= 1 "
                                          r"for ewc, found 0$"):
