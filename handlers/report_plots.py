@@ -125,8 +125,9 @@ def _comparison(exps: Sequence[ExperimentReport]) -> Figure:
     colors = _cmap("tab10" if len(exps) <= 10 else "tab20")
     for i, exp in enumerate(exps):
         label = exp.label if only else f"{exp.label} ({metric_name(exp.metric)})"
+        # Marker and dash vary too, so runs with equal scores stay visible on top of each other.
         _mean_line(ax, [c.scores for c in exp.clients], label, color=colors(i % colors.N), linewidth=2.0,
-                   marker="o", markersize=4)
+                   marker="osD^v"[i % 5], markersize=5, linestyle=("-", "--", ":", "-.")[i % 4])
     name = metric_name(only) if only else "score"
     _label_score_axes(ax, f"mean {name} over clients", [c.scores for e in exps for c in e.clients], only)
     handles, labels = ax.get_legend_handles_labels()
