@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from fedevents.engine.bus import EventBus, Subscription
 from fedevents.engine.events import (
     ClientFailed,
+    ClientUploaded,
     Event,
     ExperimentFailed,
     ExperimentFinished,
@@ -29,7 +30,8 @@ from .logsink import SINK_PRIORITY
 
 __all__ = ["JsonRecorder", "format_record", "write_json_atomic", "write_text_atomic"]
 
-_EVENTS = (ExperimentStarted, TrainDone, ValDone, ClientFailed, RoundFinished, ExperimentFinished, ExperimentFailed,
+_EVENTS = (ExperimentStarted, TrainDone, ValDone, ClientUploaded, ClientFailed, RoundFinished, ExperimentFinished,
+           ExperimentFailed,
            ExperimentInterrupted)
 
 
@@ -82,6 +84,7 @@ class JsonRecorder:
         self.record: dict[str, Any] | None = None
         self._data: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
         self._failures: list[dict[str, Any]] = []
+        self._comm: dict[str, list[int]] = {}  # round -> [uploads, bytes]
         self._dirty = False
         self._subs: list[Subscription] = []
 
@@ -94,6 +97,11 @@ class JsonRecorder:
         if kind is TrainDone or kind is ValDone:
             if self.record is not None:
                 self._merge(event.client, event.round, event.task, event.metrics)  # type: ignore[attr-defined]
+        elif kind is ClientUploaded:
+            if self.record is not None:
+                counts = self._comm.setdefault(str(event.round), [0, 0])  # type: ignore[attr-defined]
+                counts[0] += 1
+                counts[1] += event.nbytes  # type: ignore[attr-defined]
         elif kind is RoundFinished:
             if self.record is not None:
                 self.record["last_round"] = event.round  # type: ignore[attr-defined]
@@ -138,7 +146,7 @@ class JsonRecorder:
     def _start(self, ev: ExperimentStarted) -> None:
         self.record = {"config": _plain(self.config), "run_id": ev.run_id, "status": "running"}
         if ev.resumed:
-            self._data = _earlier_rounds(self.path, ev.first_round)
+            self._data, self._comm = _earlier_rounds(self.path, ev.first_round)
         self.write()
 
     def _merge(self, client: str, rnd: int, task: str, metrics: Mapping[str, float]) -> None:
@@ -180,23 +188,30 @@ class JsonRecorder:
             client: dict(sorted(rounds.items(), key=lambda kv: int(kv[0])))
             for client, rounds in self._data.items()
         }
+        if self._comm:
+            by_round = dict(sorted(self._comm.items(), key=lambda kv: int(kv[0])))
+            out["comm"] = {"uploads": sum(v[0] for v in by_round.values()),
+                           "upload_bytes": sum(v[1] for v in by_round.values()), "by_round": by_round}
         if self._failures:
             out["failures"] = list(self._failures)
         return out
 
 
-def _earlier_rounds(path: Path, first_round: int) -> dict[str, dict[str, Any]]:
+def _earlier_rounds(path: Path, first_round: int) -> tuple[dict[str, dict[str, Any]], dict[str, list[int]]]:
+    """The metrics and upload counts of the rounds a resumed run does not repeat."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f).get("data", {})
+            record = json.load(f)
+        data, by_round = record.get("data", {}), record.get("comm", {}).get("by_round", {})
     except (OSError, ValueError, AttributeError):
-        return {}
+        return {}, {}
     kept: dict[str, dict[str, Any]] = {}
     for client, rounds in data.items():
         earlier = {r: tasks for r, tasks in rounds.items() if r.isdigit() and int(r) < first_round}
         if earlier:
             kept[client] = earlier
-    return kept
+    comm = {r: list(v) for r, v in by_round.items() if r.isdigit() and int(r) < first_round}
+    return kept, comm
 
 
 def _plain(value: Any) -> Any:

@@ -10,6 +10,7 @@ import pytest
 
 from fedevents.engine.events import (
     ClientFailed,
+    ClientUploaded,
     ExperimentFailed,
     ExperimentStarted,
     RoundFinished,
@@ -166,3 +167,31 @@ async def test_the_record_keeps_one_line_per_client(recorder, run) -> None:
     await run.round_one()
     text = recorder.path.read_text()
     assert '    "c1": {"1": {"t0": {"tr_acc": 0.7, "tr_loss": 0.8}}}\n' in text
+
+
+async def uploaded(run, client: str, rnd: int, nbytes: int) -> None:
+    await run.emit(ClientUploaded, round=rnd, client=client, task="t0", samples=8, nbytes=nbytes)
+
+
+async def test_uploads_and_their_bytes_are_counted_per_round(recorder, run) -> None:
+    await run.start()
+    await uploaded(run, "c0", 1, 100)
+    await uploaded(run, "c1", 1, 150)
+    await uploaded(run, "c0", 2, 100)
+    await round_finished(run, 2)
+    assert load(recorder.path)["comm"] == {"uploads": 3, "upload_bytes": 350,
+                                           "by_round": {"1": [2, 250], "2": [1, 100]}}
+
+
+async def test_a_resumed_run_counts_uploads_of_repeated_rounds_once(tmp_path: Path, bus, run) -> None:
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps({"config": {}, "run_id": "old", "status": "running", "data": {},
+                                "comm": {"uploads": 3, "upload_bytes": 30, "by_round": {"1": [1, 10], "2": [2, 20]}}}))
+    recorder = JsonRecorder(path, CONFIG)
+    recorder.subscribe(bus)
+    await run.emit(ExperimentStarted, method="fedavg", rounds=3, clients=1, online_clients=1, devices=("cpu",),
+                   parallel=1, seed=1, dry_run=False, first_round=2, resumed=True)
+    await uploaded(run, "c0", 2, 20)  # round 2 is run again: its earlier count must not stay
+    await round_finished(run, 2)
+    recorder.close()
+    assert load(path)["comm"] == {"uploads": 2, "upload_bytes": 30, "by_round": {"1": [1, 10], "2": [1, 20]}}

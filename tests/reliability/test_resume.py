@@ -52,6 +52,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_record(tmp_path: Path, refe
     assert final["status"] == "finished"
     assert final["run_id"] == before["run_id"]
     assert final["data"] == expected["data"]  # every metric, to the last digit
+    assert final["comm"] == expected["comm"]  # uploads and bytes, counted once each
 
     evs = events(tmp_path)
     restart = max(i for i, e in enumerate(evs) if e["event"] == "ExperimentStarted")
