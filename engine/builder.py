@@ -15,16 +15,27 @@ from .experiment import Experiment
 __all__ = ["build_experiment", "build_experiments", "flag_overrides"]
 
 
+class _Default:
+    """Marker: write to whatever ``sys.stderr`` is when the experiment is built."""
+
+
+_DEFAULT = _Default()
+
+
+def _console(console: TextIO | None | _Default) -> TextIO | None:
+    return sys.stderr if isinstance(console, _Default) else console
+
+
 def flag_overrides(*, devices: Sequence[str] | None = None, parallel: int | None = None,
-                   logs_dir: str | None = None) -> list[str]:
-    """Command-line flags as ``--set`` overrides, so they are validated like every other key."""
-    out: list[str] = []
+                   logs_dir: str | None = None) -> list[tuple[str, str]]:
+    """Command-line flags as labelled overrides: validated like every key, and named as flags in messages."""
+    out: list[tuple[str, str]] = []
     if devices:
-        out.append("device=[" + ", ".join(repr(d) for d in devices) + "]")
+        out.append(("--device", "device=[" + ", ".join(repr(d) for d in devices) + "]"))
     if parallel is not None:
-        out.append(f"parallel={parallel}")
+        out.append(("--parallel", f"parallel={parallel}"))
     if logs_dir is not None:
-        out.append(f"logs_dir={logs_dir!r}")
+        out.append(("--logs-dir", f"logs_dir={logs_dir!r}"))
     return out
 
 
@@ -32,13 +43,14 @@ def build_experiments(
     paths: Sequence[str | os.PathLike[str]],
     *,
     common: str | os.PathLike[str] | None = None,
-    overrides: Sequence[str] = (),
+    overrides: Sequence[str | tuple[str, str]] = (),
     dry_run: bool = False,
-    console: TextIO | None = sys.stderr,
+    console: TextIO | None | _Default = _DEFAULT,
     sinks: bool = True,
     resume: bool = False,
 ) -> list[Experiment]:
     """Load, validate and wire every experiment before any of them runs."""
+    console = _console(console)
     from fedevents.federated import METHODS
 
     configs = load_experiments(paths, common=common, overrides=overrides, methods=METHODS)
@@ -63,9 +75,9 @@ def build_experiment(
     config: ExperimentConfig | str | os.PathLike[str],
     *,
     dry_run: bool = False,
-    console: TextIO | None = sys.stderr,
+    console: TextIO | None | _Default = _DEFAULT,
     sinks: bool = True,
-    overrides: Sequence[str] = (),
+    overrides: Sequence[str | tuple[str, str]] = (),
     run_id: str | None = None,
     resume: bool = False,
 ) -> Experiment:
@@ -77,6 +89,8 @@ def build_experiment(
     """
     from fedevents.handlers import JsonRecorder, LogSink, TraceRecorder
     from fedevents.handlers.checkpoint import check_resumable, find_latest, load_checkpoint
+
+    console = _console(console)
     from fedevents.handlers.loading import attach_handler, load_handler
 
     if not isinstance(config, ExperimentConfig):
@@ -97,10 +111,17 @@ def build_experiment(
         else:
             checkpoint = load_checkpoint(latest)
             check_resumable(checkpoint, config)
-            _say(console, f"fedevents: {config.exp_name}: resuming run {checkpoint.run_id} after round "
-                          f"{checkpoint.round} from {latest}")
             run_id = checkpoint.run_id
+            if checkpoint.round >= config.rounds:
+                _say(console, f"fedevents: {config.exp_name}: run {run_id} already finished its {config.rounds} "
+                              f"rounds; nothing to resume (raise exp_opts.comm_rounds to extend it)")
+            else:
+                _say(console, f"fedevents: {config.exp_name}: resuming run {run_id} after round "
+                              f"{checkpoint.round} from {latest}")
     exp = Experiment(config, dry_run=dry_run, run_id=run_id)
+    if checkpoint is not None and checkpoint.round >= config.rounds:
+        exp.finished = True
+        return exp
     _add_work(exp, checkpoint)
     if sinks:
         exp.add(LogSink(exp.paths.log, console=console, record_path=exp.paths.record))

@@ -5,16 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from .errors import ConfigError, FedEventsError, Interrupted
 
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``fedevents: error:`` line and exit status 2, like any bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"fedevents: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedevents", description="Run federated learning experiments as events.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fedevents", description="Run federated learning experiments as events.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run one or more experiments")
     run.add_argument("experiments", nargs="+", metavar="EXPERIMENT.yaml")
     run.add_argument("--common", metavar="COMMON.yaml", help="common file: dirs, devices and a defaults block")
@@ -29,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue the newest checkpointed run of each experiment (start fresh if there is none)")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    data = sub.add_parser("data", help="make data sets").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="make data sets").add_subparsers(dest="data_command", required=True,
+                                                                         parser_class=_Parser)
     synth = data.add_parser("synth-reid", help="write a synthetic ReID data set in the FedSTIL layout")
     synth.add_argument("out_dir", metavar="OUT_DIR")
     synth.add_argument("--clients", type=int, default=3)

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from .errors import ConfigError
+from .yamlsafe import YamlProblem, load_yaml
 from .schema import (
     AnyMapping,
     Field,
@@ -27,6 +28,7 @@ from .schema import (
     Section,
     SpecError,
     Str,
+    describe,
 )
 
 __all__ = ["ExperimentConfig", "ClientSet", "load_experiments", "load_experiment", "parse_override", "COMMON_KEYS"]
@@ -36,7 +38,7 @@ COMMON_KEYS = ("datasets_dir", "checkpoints_dir", "logs_dir", "parallel", "devic
 METHODS = ("fedavg",)
 #: Model names by task kind; tests check they match fedevents.federated's builders.
 MODELS = ("cnn", "mlp", "resnet18", "resnet34", "resnet50")
-DEVICE_NAME = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
+DEVICE_NAME = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 
 
 def _schema(methods: Sequence[str]) -> Section:
@@ -198,11 +200,34 @@ def _schema(methods: Sequence[str]) -> Section:
     )
 
 
+class NumberedNames(Sequence[str]):
+    """``prefix`` + a zero-padded index for every index below ``count``, made when asked for, never stored."""
+
+    def __init__(self, prefix: str, count: int) -> None:
+        self.prefix, self.count, self.width = prefix, count, len(str(count - 1))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if index < 0:
+            index += self.count
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return f"{self.prefix}{index:0{self.width}d}"
+
+
+#: Most clients a compact ``clients: {count: N}`` may define; sampling needs len() to fit a machine word.
+MAX_CLIENTS = 1_000_000_000
+
+
 @dataclass(frozen=True)
 class ClientSet:
     """Client names and their task streams; a compact ``count`` form shares one stream and costs no list."""
 
-    names: tuple[str, ...]
+    names: Sequence[str]
     _tasks: Mapping[str, tuple[str, ...]] | tuple[str, ...]
 
     def __len__(self) -> int:
@@ -216,10 +241,9 @@ class ClientSet:
     @classmethod
     def from_config(cls, clients: Any) -> "ClientSet":
         if isinstance(clients, dict):
-            count, prefix = clients["count"], clients["prefix"]
-            width = len(str(count - 1))
-            names = tuple(f"{prefix}{i:0{width}d}" for i in range(count))
-            return cls(names, tuple(clients["tasks"]))
+            if clients["count"] > MAX_CLIENTS:
+                raise SpecError("clients.count", f"expected at most {MAX_CLIENTS:,} clients, found {clients['count']:,}")
+            return cls(NumberedNames(clients["prefix"], clients["count"]), tuple(clients["tasks"]))
         names = tuple(c["client_name"] for c in clients)
         return cls(names, {c["client_name"]: tuple(c["tasks"]) for c in clients})
 
@@ -277,16 +301,19 @@ class ExperimentConfig:
         return self.data["task_opts"]["sustain_rounds"]
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str, label: str | None = None) -> tuple[list[str], Any]:
     """Split ``key.path=value`` into its path and its value, read as a YAML scalar or flow collection."""
     key, sep, raw = text.partition("=")
     parts = key.strip().split(".")
+    where = label or f"--set {text}"
     if not sep or not all(parts):
-        raise ConfigError(f"--set {text}: expected key.path=value, found no '=' or an empty key")
+        raise ConfigError(f"{where}: expected key.path=value, found no '=' or an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
+    except YamlProblem as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text}: expected a YAML value after '=', found {raw!r} ({_yaml_problem(exc)})") from None
+        raise ConfigError(f"{where}: expected a YAML value after '=', found {raw!r} ({_yaml_problem(exc)})") from None
     return parts, value
 
 
@@ -302,7 +329,9 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: expected a readable UTF-8 YAML file, found {type(exc).__name__}: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except YamlProblem as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: expected valid YAML, found {_yaml_problem(exc)}") from None
     if data is None:
@@ -316,17 +345,27 @@ def load_experiments(
     paths: Sequence[str | os.PathLike[str]],
     *,
     common: str | os.PathLike[str] | None = None,
-    overrides: Iterable[str] = (),
+    overrides: Iterable[str | tuple[str, str]] = (),
     methods: Sequence[str] = METHODS,
 ) -> list[ExperimentConfig]:
-    """Every experiment file merged onto the common file, overridden and validated, before anything runs."""
+    """Every experiment file merged onto the common file, overridden and validated, before anything runs.
+
+    An override is ``"key.path=value"`` or ``(label, "key.path=value")``, the label naming where it came
+    from in messages (a flag such as ``--device``).
+    """
     if not paths:
         raise ConfigError("expected at least one experiment file, found none")
     base: dict[str, Any] = {}
     if common is not None:
         base = _common_layer(read_yaml(common), str(common))
-    parsed = [parse_override(o) for o in overrides]
+    parsed = [_labelled(o) for o in overrides]
     return [_load_one(Path(p), base, parsed, methods, str(common) if common else None) for p in paths]
+
+
+def _labelled(override: str | tuple[str, str]) -> tuple[list[str], Any, str]:
+    label, text = override if isinstance(override, tuple) else (None, override)
+    parts, value = parse_override(text, label)
+    return parts, value, label or f"--set {'.'.join(parts)}"
 
 
 def load_experiment(path: str | os.PathLike[str], **kwargs: Any) -> ExperimentConfig:
@@ -334,9 +373,10 @@ def load_experiment(path: str | os.PathLike[str], **kwargs: Any) -> ExperimentCo
 
 
 def _common_layer(common: dict[str, Any], where: str) -> dict[str, Any]:
-    layer = dict(common.get("defaults") or {})
-    if not isinstance(layer, dict):
-        raise ConfigError(f"{where}: defaults: expected a mapping, found {type(common['defaults']).__name__}")
+    defaults = common.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{where}: defaults: expected a mapping, found {describe(defaults)}")
+    layer = dict(defaults)
     for key, value in common.items():
         if key != "defaults":
             layer[key] = value
@@ -346,54 +386,76 @@ def _common_layer(common: dict[str, Any], where: str) -> dict[str, Any]:
 def _load_one(
     path: Path,
     base: dict[str, Any],
-    overrides: list[tuple[list[str], Any]],
+    overrides: list[tuple[list[str], Any, str]],
     methods: Sequence[str],
     common_name: str | None,
 ) -> ExperimentConfig:
     experiment = read_yaml(path)
     own = _common_layer(experiment, str(path)) if "defaults" in experiment else experiment
     merged = deep_merge(base, own)
-    for parts, value in overrides:
+    for parts, value, _ in overrides:
         _set_path(merged, parts, value, path)
     try:
         data = _schema(methods).check(merged, "")
+        clients = ClientSet.from_config(data["clients"])
+        _cross_check(data, clients)
     except SpecError as exc:
         where = _origin(exc.path, experiment, overrides, common_name, path)
-        raise ConfigError(f"{where}: {exc.path}: {exc.message}") from None
-    clients = ClientSet.from_config(data["clients"])
-    _cross_check(data, clients, path)
+        text = exc.message if exc.message.startswith(exc.path) else f"{exc.path}: {exc.message}"
+        raise ConfigError(f"{where}: {text}") from None
     if data["exp_opts"]["online_clients"] is None:
         data["exp_opts"]["online_clients"] = len(clients)
     return ExperimentConfig(source=str(path), data=data, clients=clients)
 
 
-def _cross_check(data: dict[str, Any], clients: ClientSet, path: Path) -> None:
-    seen: set[str] = set()
-    for name in clients.names:
-        if name in seen:
-            raise ConfigError(f"{path}: clients: client_name {name!r} is defined twice; expected unique names")
-        seen.add(name)
+def _cross_check(data: dict[str, Any], clients: ClientSet) -> None:
+    """Checks across keys; each raises SpecError at the key a user would change."""
+    if not isinstance(data["clients"], dict):
+        seen: set[str] = set()
+        for name in clients.names:
+            if name in seen:
+                raise SpecError("clients", f"client_name {name!r} is defined twice; expected unique names")
+            seen.add(name)
     online = data["exp_opts"]["online_clients"]
     if online is not None and online > len(clients):
-        raise ConfigError(f"{path}: exp_opts.online_clients = {online}, but only {len(clients)} clients are defined")
+        raise SpecError("exp_opts.online_clients",
+                        f"exp_opts.online_clients = {online}, but only {len(clients)} clients are defined")
     least = data["exp_opts"]["min_clients"]
     if least > (online or len(clients)):
-        raise ConfigError(f"{path}: exp_opts.min_clients = {least}, but only {online or len(clients)} clients train per round")
+        raise SpecError("exp_opts.min_clients",
+                        f"exp_opts.min_clients = {least}, but only {online or len(clients)} clients train per round")
     for i, device in enumerate(data["device"]):
         if not DEVICE_NAME.match(device):
-            raise ConfigError(f"{path}: device[{i}]: expected 'cpu', 'cuda', 'cuda:N' or 'mps', found {device!r}")
+            raise SpecError(f"device[{i}]", f"expected 'cpu', 'cuda' or 'cuda:N', found {device!r}")
     if len(set(data["device"])) != len(data["device"]):
-        raise ConfigError(f"{path}: device: expected distinct devices, found {data['device']}")
+        raise SpecError("device", f"expected distinct devices, found {data['device']}")
     ddir = data["datasets_dir"]
     if ddir is not None and not Path(ddir).is_dir():
-        raise ConfigError(f"{path}: datasets_dir: expected an existing directory, found no directory at {ddir!r}")
+        raise SpecError("datasets_dir", f"expected an existing directory, found no directory at {ddir!r}")
+    for key in ("logs_dir", "checkpoints_dir"):
+        problem = _not_creatable(Path(data[key]))
+        if problem:
+            raise SpecError(key, f"expected a writable directory, found {problem}")
     if data["task_opts"]["dataset"] == "reid":
         if ddir is None:
-            raise ConfigError(f"{path}: datasets_dir: expected the folder of the ReID tasks for task_opts.dataset "
-                              f"reid, found none")
+            raise SpecError("datasets_dir", "expected the folder of the ReID tasks for task_opts.dataset reid, found none")
         if data["model_opts"]["num_classes"] is None:
-            raise ConfigError(f"{path}: model_opts.num_classes: expected the number of training identities for "
-                              f"task_opts.dataset reid, found none")
+            raise SpecError("model_opts.num_classes",
+                            "expected the number of training identities for task_opts.dataset reid, found none")
+
+
+def _not_creatable(folder: Path) -> str | None:
+    """Why ``folder`` could not be used or made (nothing is created here), or None."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            return None
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{str(folder)!r}, which is under a file ({probe})" if probe != folder else f"{str(folder)!r} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{str(folder)!r}, and {probe} is not writable"
+    return None
 
 
 def deep_merge(lower: Mapping[str, Any], upper: Mapping[str, Any]) -> dict[str, Any]:
@@ -432,16 +494,16 @@ def _set_path(target: dict[str, Any], parts: list[str], value: Any, path: Path) 
 def _origin(
     key_path: str,
     experiment: Mapping[str, Any],
-    overrides: list[tuple[list[str], Any]],
+    overrides: list[tuple[list[str], Any, str]],
     common_name: str | None,
     path: Path,
 ) -> str:
-    """The file (or ``--set``) a key path came from, for the front of an error message."""
+    """The file, flag or ``--set`` a key path came from, for the front of an error message (last one wins)."""
     dotted = re.sub(r"\[(\d+)\]", r".\1", key_path)
-    for parts, _ in overrides:
+    for parts, _, label in reversed(overrides):
         joined = ".".join(parts)
         if dotted == joined or dotted.startswith(joined + "."):
-            return f"--set {joined}"
+            return label
     if common_name is None or _has_path(experiment, dotted.split(".")):
         return str(path)
     return f"{path} (with {common_name})"
@@ -463,6 +525,7 @@ def _has_path(node: Any, parts: list[str]) -> bool:
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    problem = problem[len("found "):] if problem.startswith("found ") else problem
     if mark is not None:
         return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
     return str(problem)

@@ -65,6 +65,8 @@ class Experiment:
         self.resume_round: int | None = None
         self.participations: dict[str, int] = {}
         self.engine: Engine | None = None
+        #: Set when a resumed run had already finished every round: running it does nothing.
+        self.finished = False
         self._closers: list[Callable[[], None]] = []
 
     def add(self, component: Any) -> Any:
@@ -87,6 +89,8 @@ class Experiment:
 
     async def run_async(self, *, handle_signals: bool = False) -> None:
         """Run inside an existing event loop; components are closed on every exit path."""
+        if self.finished:
+            return
         try:
             _check_writable(self.config.logs_dir, self.config.source)
             self.engine = Engine(self.config, self.bus, self.context, dry_run=self.dry_run,

@@ -22,7 +22,7 @@ from structlog.contextvars import bound_contextvars
 from .bus import EventBus
 from .config import ExperimentConfig
 from .context import RunContext
-from .errors import ConfigError, Interrupted, RunFailed
+from .errors import ConfigError, FedEventsError, Interrupted, RunFailed
 from .events import (
     CheckpointSaved,
     ClientDispatched,
@@ -171,7 +171,8 @@ class Engine:
             await self.emit(RoundFinished, round=rnd, trained=trained, failed=failed, validated=validated,
                             seconds=time.monotonic() - started)
         except Exception as exc:  # a work handler of RoundFinished (the checkpoint) failed
-            raise RunFailed(f"round {rnd}: {type(exc).__name__}: {exc}") from exc
+            reason = str(exc) if isinstance(exc, FedEventsError) else f"{type(exc).__name__}: {exc}"
+            raise RunFailed(f"round {rnd}: {reason}") from exc
 
     async def _round(self, rnd: int) -> None:
         cfg = self.config

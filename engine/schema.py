@@ -6,6 +6,7 @@ Every check raises ``SpecError(path, message)``; the loader adds the file name i
 from __future__ import annotations
 
 import difflib
+import reprlib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -39,11 +40,15 @@ class SpecError(Exception):
         self.message = message
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 50, 50
+
+
 def describe(value: Any) -> str:
-    """How a found value reads in a message: its repr, and its YAML type where that helps."""
+    """How a found value reads in a message: a short repr (never the whole of a huge value) and its type."""
     kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}
     name = kind.get(type(value), type(value).__name__)
-    text = repr(value)
+    text = _SHORT.repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{text} ({name})" if value is not None else "nothing (null)"

@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,7 +27,7 @@ import torch
 from fedevents.engine.bus import EventBus, Subscription
 from fedevents.engine.config import ExperimentConfig
 from fedevents.engine.context import RunContext
-from fedevents.engine.errors import CheckpointError
+from fedevents.engine.errors import CheckpointError, RunFailed
 from fedevents.engine.events import CheckpointSaved, ClientDispatched, RoundFinished
 
 from .logsink import SINK_PRIORITY
@@ -118,6 +119,10 @@ class Checkpointer:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise RunFailed(f"could not write checkpoint {final}: {exc.strerror or exc}; "
+                            f"the previous checkpoint is untouched") from exc
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -142,15 +147,15 @@ def find_latest(checkpoints_dir: Path, exp_name: str) -> Path | None:
 
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read a checkpoint safely; anything unexpected is a one-line CheckpointError."""
+    _check_archive(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise CheckpointError(f"checkpoint {path}: refused: it holds Python objects that only unsafe "
-                                  f"loading could build ({first[:120]})") from None
-        raise CheckpointError(f"checkpoint {path}: expected a fedevents checkpoint, found a corrupt file ({first[:120]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({refused.group(1)})" if refused else ""
+        raise CheckpointError(f"checkpoint {path}: refused: it holds a Python object{what} that only unsafe "
+                              f"loading could build, and fedevents never loads checkpoints that way") from None
+    except Exception as exc:  # torch raises many types for damaged archives
         raise CheckpointError(f"checkpoint {path}: expected a complete fedevents checkpoint, found a truncated "
                               f"or corrupt file ({type(exc).__name__})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -163,6 +168,21 @@ def load_checkpoint(path: Path) -> Checkpoint:
                               f"federation, found {', '.join(missing)} missing")
     return Checkpoint(path=path, run_id=data["run_id"], round=int(data["round"]), config=data["config"],
                       participations=dict(data["participations"]), federation=data["federation"])
+
+
+def _check_archive(path: Path) -> None:
+    """A checkpoint is a zip archive whose every member matches its CRC; torch.load checks neither."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"checkpoint {path}: expected a fedevents checkpoint (a torch zip archive), "
+                              f"found a file that is not one, or is cut short") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path}: expected a readable file, found {exc.strerror or exc}") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path}: expected an intact checkpoint, found {bad} damaged "
+                              f"(its checksum does not match)")
 
 
 def check_resumable(checkpoint: Checkpoint, config: ExperimentConfig) -> None:

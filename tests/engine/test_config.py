@@ -81,7 +81,7 @@ def test_a_hundred_thousand_clients_from_the_compact_form(tmp_path: Path) -> Non
         ({"clients": [{"client_name": "a", "tasks": []}]}, "clients[0].tasks: expected a list of at least 1 items"),
         ({"clients": {"count": 0, "tasks": ["x"]}}, "clients.count: expected an integer >= 1, found 0 (integer)"),
         ({"clients": "many"}, "clients: expected a list of clients (client_name, tasks) or a mapping with count and tasks"),
-        ({"device": ["gpu0"]}, "device[0]: expected 'cpu', 'cuda', 'cuda:N' or 'mps', found 'gpu0'"),
+        ({"device": ["gpu0"]}, "device[0]: expected 'cpu', 'cuda' or 'cuda:N', found 'gpu0'"),
         ({"datasets_dir": "/no/such/dir"}, "datasets_dir: expected an existing directory, found no directory at '/no/such/dir'"),
         ({"exp_name": "my run"}, "exp_name: expected a name of letters"),
         ({"task_opts": {"synthetic": {"input_shape": [1, 2, 3, 4]}}}, "task_opts.synthetic.input_shape: expected a list of 1 to 3 items"),

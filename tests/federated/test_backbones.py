@@ -206,23 +206,20 @@ def test_empty_model_checks_options_and_builds_on_the_device_given() -> None:
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["classifier.weight"]
 
 
-def test_a_width_16_resnet50_trains_a_batch_of_32_well_within_a_second() -> None:
-    """The CPU demo's budget: forward and backward of 32 images of 3x64x32 on two cores.
+def test_a_width_16_resnet50_takes_a_training_step_on_a_batch_of_32() -> None:
+    """The CPU demo's shape: 32 images of 3x64x32 go forward and backward and every trainable weight moves.
 
-    About 0.05 s on an idle machine; the bound is the budget itself, so that tests running beside this one
-    on the same cores do not make it flaky, and the best of five steps is taken for the same reason.
+    Its speed is measured by benchmarks, not asserted here.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        model = build_reid_model(_opts("resnet50", num_classes=100), generator=generator(0, "init")).train()
-        x = _images(32)
-        best = math.inf
-        for _ in range(5):
-            start = time.perf_counter()
-            logits, feature = model(x)
-            (logits.sum() + feature.sum()).backward()
-            best = min(best, time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    assert best < 1.0
+    model = build_reid_model(_opts("resnet50", num_classes=100), generator=generator(0, "init")).train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    logits, feature = model(_images(32))
+    assert logits.shape == (32, 100) and feature.shape == (32, model.feature_dim)
+    loss = torch.nn.functional.cross_entropy(logits, torch.arange(32) % 100) + feature.pow(2).mean()
+    assert torch.isfinite(loss)
+    loss.backward()
+    optimizer.step()
+    frozen_bias = {"bottleneck.bias"}  # BNNeck's bias never trains
+    moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert set(moved) == {name for name, p in model.named_parameters() if p.requires_grad} - frozen_bias

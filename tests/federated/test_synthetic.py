@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 import pytest
@@ -87,12 +86,10 @@ def test_clients_of_one_task_share_its_classes_and_tasks_differ() -> None:
     assert _nearest_centroid_accuracy(a, other_task) < 0.2
 
 
-def test_generating_a_client_takes_milliseconds() -> None:
-    client_data(SPEC, seed=5, task="warm", client="up")
-    start = time.perf_counter()
-    for i in range(50):
-        client_data(SPEC, seed=5, task="t0", client=f"fresh-{i}")
-    assert (time.perf_counter() - start) / 50 < 0.02
+def test_a_repeated_request_is_served_from_the_cache() -> None:
+    """Generating a client's data happens once; its cost is a benchmark's business, not a test's."""
+    first = client_data(SPEC, seed=5, task="t0", client="cached")
+    assert client_data(SPEC, seed=5, task="t0", client="cached") is first
 
 
 def test_the_cache_stays_bounded_however_many_clients_ask() -> None:

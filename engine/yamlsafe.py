@@ -1,0 +1,68 @@
+"""Reading YAML that a user wrote: the safe loader, duplicate keys refused, aliases kept finite and small."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+__all__ = ["load_yaml", "YamlProblem", "MAX_VALUES"]
+
+#: Values a config may hold once its aliases are expanded; a real experiment has a few thousand.
+MAX_VALUES = 1_000_000
+
+
+class YamlProblem(ValueError):
+    """The text is YAML we refuse; the message completes "expected ..., found ..."."""
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping (the second would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                mark = key_node.start_mark
+                raise YamlProblem(f"expected each key once in a mapping, found {key!r} again at line "
+                                  f"{mark.line + 1}, column {mark.column + 1}")
+            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse ``text``; YamlProblem for a duplicate key, a recursive alias or an alias bomb."""
+    data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    _check_size(data)
+    return data
+
+
+def _check_size(root: Any) -> None:
+    # Each distinct container is walked once (aliases share objects), so this is linear in the text even
+    # when the expanded document would be astronomically large; a container met again on its own path
+    # is a cycle.
+    expanded: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        key = id(node)
+        children = list(node.values()) if isinstance(node, dict) else node
+        if done:
+            on_path.discard(key)
+            total = 1 + sum(expanded.get(id(c), 1) if isinstance(c, (dict, list)) else 1 for c in children)
+            expanded[key] = total
+            if total > MAX_VALUES:
+                raise YamlProblem(f"expected at most {MAX_VALUES:,} values once aliases are expanded, found more "
+                                  f"(an alias repeated inside aliases?)")
+            continue
+        if key in on_path:
+            raise YamlProblem("expected a finite document, found an alias that contains itself")
+        if key in expanded:
+            continue
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if isinstance(c, (dict, list)))
