@@ -30,6 +30,7 @@ from fedevents.engine.context import RunContext
 from fedevents.engine.errors import CheckpointError, RunFailed
 from fedevents.engine.events import CheckpointSaved, ClientDispatched, RoundFinished
 
+from .atomic import write_atomic
 from .logsink import SINK_PRIORITY
 
 __all__ = ["Checkpointer", "Checkpoint", "find_latest", "load_checkpoint", "check_resumable", "SAFE_TO_CHANGE"]
@@ -112,20 +113,11 @@ class Checkpointer:
         payload["federation"] = self.federation.state_dict()
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"round-{rnd:06d}.pt"
-        tmp = final.with_name(final.name + ".tmp")
         try:
-            with open(tmp, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+            write_atomic(final, lambda f: torch.save(payload, f))
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise RunFailed(f"could not write checkpoint {final}: {exc.strerror or exc}; "
                             f"the previous checkpoint is untouched") from exc
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         _fsync_dir(self.directory)
         for old in _checkpoint_files(self.directory)[self.keep:]:
             old.unlink(missing_ok=True)

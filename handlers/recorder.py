@@ -26,6 +26,7 @@ from fedevents.engine.events import (
     ValDone,
 )
 
+from .atomic import write_text_atomic
 from .logsink import SINK_PRIORITY
 
 __all__ = ["JsonRecorder", "format_record", "write_json_atomic", "write_text_atomic"]
@@ -33,20 +34,6 @@ __all__ = ["JsonRecorder", "format_record", "write_json_atomic", "write_text_ato
 _EVENTS = (ExperimentStarted, TrainDone, ValDone, ClientUploaded, ClientFailed, RoundFinished, ExperimentFinished,
            ExperimentFailed,
            ExperimentInterrupted)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_suffix(".json.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

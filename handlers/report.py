@@ -26,6 +26,8 @@ from fedevents.engine.errors import ConfigError
 from fedevents.engine.runner import task_index
 from fedevents.federated import continual
 
+from .atomic import write_text_atomic
+
 __all__ = [
     "ClientSeries",
     "ExperimentReport",
@@ -36,7 +38,6 @@ __all__ = [
     "format_table",
     "load_record",
     "report_main",
-    "write_atomic",
     "write_report",
 ]
 
@@ -315,33 +316,16 @@ def format_csv(report: Report) -> str:
         writer.writerow([_cell(getattr(e, f), precise=True) for _, _, f in _COLUMNS] + [_cell(e.run_id)])
     return buffer.getvalue()
 
+
 def write_report(report: Report, out_dir: str | Path, plots: Sequence[str | Path] = ()) -> list[Path]:
     """Write ``report.md`` and ``report.csv`` into ``out_dir`` atomically; give their paths."""
     out = _out_dir(out_dir)
     written = []
     for name, text in (("report.md", format_markdown(report, plots)), ("report.csv", format_csv(report))):
         written.append(out / name)
-        _write_text(out / name, text)
+        write_text_atomic(out / name, text)
     return written
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Have ``write`` fill a temporary file next to ``path``, then rename it over ``path``.
-
-    A reader sees the old file or the new one, never half of one; on any error the temporary file goes.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-def _write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 def report_main(args: argparse.Namespace) -> int:
     """Run ``fedevents report RECORD.json ... [--out DIR] [--metric NAME]``; give the exit status.

@@ -20,7 +20,8 @@ from matplotlib.ticker import MaxNLocator
 
 from fedevents.federated.continual import accuracy_matrix
 
-from .report import MAP_METRIC, ExperimentReport, Report, Scores, write_atomic
+from .atomic import write_atomic
+from .report import MAP_METRIC, ExperimentReport, Report, Scores
 
 __all__ = ["plot_report"]
 

@@ -1,0 +1,31 @@
+"""Writing a file so that a reader sees the old version or the new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import IO, Any, Callable
+
+__all__ = ["write_atomic", "write_text_atomic"]
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Have ``write`` fill ``<path>.tmp``, flush it to disk, then rename it over ``path``.
+
+    On any error the temporary file is removed and ``path`` is left as it was.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``write_atomic`` of UTF-8 text."""
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
