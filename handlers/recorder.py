@@ -8,7 +8,6 @@ only when a round finishes and when the run ends, never on every event.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 

@@ -13,13 +13,12 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from fedevents.engine.config import ClientSet
 from fedevents.engine.errors import ConfigError

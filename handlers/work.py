@@ -149,7 +149,7 @@ class WorkHandlers:
 
         if self.timeout_s is None:
             return await anyio.to_thread.run_sync(in_thread)
-        with anyio.move_on_after(self.timeout_s) as scope:
+        with anyio.move_on_after(self.timeout_s):
             return await anyio.to_thread.run_sync(in_thread, abandon_on_cancel=True)
         with job.lock:
             if job.done:  # finished just as the time ran out

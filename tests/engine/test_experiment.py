@@ -7,10 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
 
 from fedevents.engine import (
-    ClientDispatched, TrainDone, TrainStarted, ValDone, build_experiment, load_experiment,
+    TrainDone, TrainStarted, build_experiment,
 )
 from fedevents.engine.testing import EventRecorder
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
 from fedevents.engine.config import load_experiment
 from fedevents.federated import Federation

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import anyio
-import pytest
 
 from fedevents.engine import build_experiment
 

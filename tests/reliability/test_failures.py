@@ -6,7 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import anyio
 import pytest
 
 from fedevents.engine import (
