@@ -36,7 +36,7 @@ class Killer:
 class KillInCheckpointRename:
     """Kills the process after a checkpoint's temporary file is written, before it is renamed."""
     def __init__(self, round):
-        import fedevents.handlers.checkpoint as ck
+        import fedevents.handlers.atomic as ck  # where checkpoints are renamed into place
         real = os
         class _Os:
             def __getattr__(self, name):
