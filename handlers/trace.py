@@ -10,7 +10,7 @@ configured list plus one and ``tid`` is the slot index plus one; the names ("cud
 
 from __future__ import annotations
 
-import time
+import json
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import IO, Any
@@ -30,12 +30,10 @@ from fedevents.engine.events import (
 )
 
 from .logsink import SINK_PRIORITY, event_json
-from .recorder import write_json_atomic
 
 __all__ = ["TraceRecorder"]
 
-#: The Chrome trace is rewritten whole, so at round ends only this often; ``close`` always writes it.
-_CHROME_EVERY_S = 10.0
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 class TraceRecorder:
@@ -47,14 +45,15 @@ class TraceRecorder:
         self._file: IO[str] | None = None
         self._t0: float | None = None
         self._last_mono = 0.0
-        self._trace: list[dict[str, Any]] = []
+        self._chrome: IO[str] | None = None
+        self._first_chrome_event = True
+        self._offset_us = 0.0
         self._pids: dict[str, int] = {}
         self._threads: set[tuple[int, int]] = set()
         self._open_train: dict[tuple[int, str], TrainStarted] = {}
-        self._open_val: dict[tuple[int, str], tuple[float, dict[str, Any]]] = {}
+        self._open_val: dict[tuple[int, str], tuple[float, dict[str, Any]]] = {}  # written at the round's end
         self._trainings: Counter[tuple[str, int]] = Counter()
         self._busy: defaultdict[tuple[str, int], float] = defaultdict(float)
-        self._chrome_written = 0.0
         self._closed = False
         self._subs: list[Subscription] = []
 
@@ -86,10 +85,9 @@ class TraceRecorder:
         elif kind is ClientFailed:
             self._client_failed(event)  # type: ignore[arg-type]
         elif kind is RoundFinished:
-            self._open_val.clear()  # a round's validations are over when it finishes
+            self._close_validations()  # a round's validations are over when it finishes
             self._file.flush()  # type: ignore[union-attr]
-            if time.monotonic() - self._chrome_written >= _CHROME_EVERY_S:
-                self.write_chrome()
+            self._chrome.flush()  # type: ignore[union-attr]
 
     def summary(self) -> dict[str, Any]:
         """Trainings and busy seconds per (device, slot), their totals, and the makespan seen so far."""
@@ -100,65 +98,90 @@ class TraceRecorder:
             "makespan_s": 0.0 if self._t0 is None else self._last_mono - self._t0,
         }
 
-    def write_chrome(self) -> None:
-        """Write the Chrome trace now (atomically); does nothing before ExperimentStarted."""
-        if self._t0 is None:
-            return
-        self.chrome_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.chrome_path, {"traceEvents": self._trace, "displayTimeUnit": "ms"})
-        self._chrome_written = time.monotonic()
-
     def close(self) -> None:
-        """Flush and close the events file and write the Chrome trace; safe to call more than once."""
+        """Finish both files (the Chrome trace gets its closing bracket); safe to call more than once."""
         for sub in self._subs:
             sub.unsubscribe()
+        self._closed = True
         if self._file is None:
-            self._closed = True
             return
         try:
+            self._close_validations()
             self._file.close()
+            self._chrome.write("\n]\n")  # type: ignore[union-attr]
+            self._chrome.close()  # type: ignore[union-attr]
         finally:
-            self._file = None
-            self._closed = True
-            self.write_chrome()
+            self._file = self._chrome = None
 
     def _open(self, ev: ExperimentStarted) -> None:
         self.events_path.parent.mkdir(parents=True, exist_ok=True)
-        # A resumed run continues the events of the run it resumes.
+        # A resumed run continues the events and the trace of the run it resumes.
         mode = "a" if ev.resumed else "w"
         self._file = open(self.events_path, mode, encoding="utf-8", buffering=1 << 16)
         self._t0 = ev.mono_time
+        self._chrome = self._open_chrome(ev.resumed)
         for device in ev.devices:
             self._pid(device)
 
+    def _open_chrome(self, resumed: bool) -> IO[str]:
+        """The trace as a JSON array, appended to as spans end, so a long run keeps none of it in memory.
+
+        The trace event format allows the closing ``]`` to be missing, so the trace of a run that died
+        still opens. A resumed run appends after the spans it finds, its clock shifted to start after them.
+        """
+        if resumed and self.chrome_path.exists():
+            text = self.chrome_path.read_text(encoding="utf-8").rstrip()
+            text = text[:-1].rstrip() if text.endswith("]") else text.rstrip(",")
+            try:
+                earlier = json.loads(text + "]") if text.startswith("[") else []
+            except ValueError:
+                earlier = None
+            if earlier is not None:
+                ends = [e.get("ts", 0) + e.get("dur", 0) for e in earlier if isinstance(e, dict)]
+                self._offset_us = max(ends, default=0.0) + 1e6  # a one-second gap marks the restart
+                self._first_chrome_event = not earlier
+                chrome = open(self.chrome_path, "w", encoding="utf-8", buffering=1 << 16)
+                chrome.write(text)
+                return chrome
+        chrome = open(self.chrome_path, "w", encoding="utf-8", buffering=1 << 16)
+        chrome.write("[")
+        return chrome
+
+    def _put(self, event: dict[str, Any]) -> None:
+        self._chrome.write(("\n" if self._first_chrome_event else ",\n") + _encode(event))  # type: ignore[union-attr]
+        self._first_chrome_event = False
+
+    def _close_validations(self) -> None:
+        for _, span in self._open_val.values():
+            self._put(span)
+        self._open_val.clear()
+
     def _us(self, mono: float) -> float:
-        return round((mono - self._t0) * 1e6, 3)  # type: ignore[operator]
+        return round((mono - self._t0) * 1e6 + self._offset_us, 3)  # type: ignore[operator]
 
     def _pid(self, device: str) -> int:
         pid = self._pids.get(device)
         if pid is None:
             pid = self._pids[device] = len(self._pids) + 1
-            self._trace.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": device}})
-            self._trace.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0,
-                                "args": {"sort_index": pid}})
+            self._put({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": device}})
+            self._put({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}})
         return pid
 
     def _where(self, device: str, slot: int) -> tuple[int, int]:
         pid, tid = self._pid(device), slot + 1
         if (pid, tid) not in self._threads:
             self._threads.add((pid, tid))
-            self._trace.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
-                                "args": {"name": f"slot {slot}"}})
-            self._trace.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid,
-                                "args": {"sort_index": tid}})
+            self._put({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": f"slot {slot}"}})
+            self._put({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tid}})
         return pid, tid
 
     def _span(self, name: str, cat: str, start: float, end: float, device: str, slot: int,
-              args: dict[str, Any]) -> dict[str, Any]:
+              args: dict[str, Any], *, write: bool = True) -> dict[str, Any]:
         pid, tid = self._where(device, slot)
         span = {"ph": "X", "name": name, "cat": cat, "ts": self._us(start),
                 "dur": round(max(end - start, 0.0) * 1e6, 3), "pid": pid, "tid": tid, "args": args}
-        self._trace.append(span)
+        if write:
+            self._put(span)
         return span
 
     def _train_done(self, ev: TrainDone) -> None:
@@ -171,7 +194,7 @@ class TraceRecorder:
 
     def _val_started(self, ev: ValStarted) -> None:
         span = self._span(f"val {ev.client} r{ev.round}", "val", ev.mono_time, ev.mono_time, ev.device, ev.slot,
-                          {"waited_s": ev.waited_s, "metrics": {}})
+                          {"waited_s": ev.waited_s, "metrics": {}}, write=False)
         self._open_val[(ev.round, ev.client)] = (ev.mono_time, span)
 
     def _val_done(self, ev: ValDone) -> None:
@@ -179,7 +202,7 @@ class TraceRecorder:
         if key not in self._open_val:
             start = ev.mono_time - ev.ran_s
             span = self._span(f"val {ev.client} r{ev.round}", "val", start, ev.mono_time, ev.device, ev.slot,
-                              {"metrics": {}})
+                              {"metrics": {}}, write=False)
             self._open_val[key] = (start, span)
         start, span = self._open_val[key]
         # The span grows to the client's last ValDone of the round.
@@ -187,8 +210,8 @@ class TraceRecorder:
         span["args"]["metrics"][ev.task] = dict(ev.metrics)
 
     def _instant(self, name: str, ev: Event, args: dict[str, Any]) -> None:
-        self._trace.append({"ph": "i", "s": "g", "name": name, "ts": self._us(ev.mono_time),
-                            "pid": 1, "tid": 1, "args": {"round": ev.round, **args}})  # type: ignore[attr-defined]
+        self._put({"ph": "i", "s": "g", "name": name, "ts": self._us(ev.mono_time),
+                   "pid": 1, "tid": 1, "args": {"round": ev.round, **args}})  # type: ignore[attr-defined]
 
     def _client_failed(self, ev: ClientFailed) -> None:
         started = self._open_train.pop((ev.round, ev.client), None)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedevents.engine.events import ClientFailed, RoundStarted, TrainStarted, to_dict
+from fedevents.engine.events import ClientFailed, ExperimentStarted, RoundStarted, TrainStarted, to_dict
 from fedevents.handlers import TraceRecorder
 
 pytestmark = pytest.mark.anyio
@@ -23,6 +23,8 @@ def tracer(tmp_path: Path, bus):
 
 def chrome(tracer: TraceRecorder) -> list[dict]:
     doc = json.loads(tracer.chrome_path.read_text())
+    if isinstance(doc, list):  # the JSON array form, streamed as spans end
+        return doc
     assert doc["displayTimeUnit"] == "ms"
     return doc["traceEvents"]
 
@@ -135,3 +137,35 @@ async def test_close_is_idempotent(tracer, run) -> None:
     tracer.close()
     tracer.close()
     assert chrome(tracer)[0] == {"ph": "M", "name": "process_name", "pid": 1, "tid": 0, "args": {"name": "cpu"}}
+
+
+async def test_the_trace_of_a_run_that_died_still_parses(tracer, run) -> None:
+    """Spans are appended as they end; without close() only the closing bracket is missing."""
+    await run.start()
+    await run.round_one()
+    text = tracer.chrome_path.read_text()
+    assert text.startswith("[") and not text.rstrip().endswith("]")
+    events = json.loads(text + "]")
+    assert {e["name"] for e in events if e["ph"] == "X"} == {"train c0 r1", "train c1 r1", "val c0 r1"}
+
+
+async def test_a_resumed_run_appends_after_the_earlier_spans(tmp_path, bus, run) -> None:
+    first = TraceRecorder(tmp_path / "run.events.jsonl", tmp_path / "run.trace.json")
+    first.subscribe(bus)
+    await run.start()
+    await run.round_one()  # the process dies here: no close()
+    first._chrome.flush()
+    for sub in first._subs:
+        sub.unsubscribe()
+
+    second = TraceRecorder(tmp_path / "run.events.jsonl", tmp_path / "run.trace.json")
+    second.subscribe(bus)
+    await run.emit(ExperimentStarted, 0.0, method="fedavg", rounds=2, clients=2, online_clients=2,
+                   devices=("cpu", "cuda:0"), parallel=2, seed=1, dry_run=False, first_round=1, resumed=True)
+    await run.round_one()
+    second.close()
+    events = json.loads((tmp_path / "run.trace.json").read_text())
+    trains = sorted((e["ts"], e["name"]) for e in events if e["ph"] == "X" and e["name"].startswith("train c0"))
+    assert len(trains) == 2  # the first process's span is kept
+    # the resumed clock starts one second after the earlier trace's last event (the aggregation at 4.5 s)
+    assert trains[1][0] == trains[0][0] + 4.5e6 + 1e6
