@@ -36,7 +36,7 @@ def test_demo_runs_and_writes_record_log_and_traces(tmp_path: Path) -> None:
     trained = [m for c in record["data"].values() for r in c.values() for m in r.values() if "tr_acc" in m]
     assert trained and all(0.0 <= m["tr_acc"] <= 1.0 for m in trained)
     trace = json.loads((tmp_path / "logs" / f"{stem}.trace.json").read_text())
-    assert any(e.get("ph") == "X" and e["name"].startswith("train ") for e in trace["traceEvents"])
+    assert any(e.get("ph") == "X" and e["name"].startswith("train ") for e in trace)  # JSON array form
 
 
 def test_dry_run_prints_a_summary_and_writes_the_trace_without_training(tmp_path: Path) -> None:
