@@ -23,10 +23,8 @@ def tracer(tmp_path: Path, bus):
 
 def chrome(tracer: TraceRecorder) -> list[dict]:
     doc = json.loads(tracer.chrome_path.read_text())
-    if isinstance(doc, list):  # the JSON array form, streamed as spans end
-        return doc
-    assert doc["displayTimeUnit"] == "ms"
-    return doc["traceEvents"]
+    assert isinstance(doc, list)  # the JSON array form, streamed as spans end
+    return doc
 
 
 def spans(tracer: TraceRecorder) -> dict[str, dict]:
