@@ -115,3 +115,10 @@ async def test_parallel_trainings_never_exceed_slots(tmp_path: Path) -> None:
     exp.bus.subscribe((TrainStarted, TrainDone), track)
     await exp.run_async()
     assert max(peak) == 2
+
+
+async def test_runs_of_one_experiment_started_together_never_share_files(tmp_path: Path) -> None:
+    exps = [build_experiment(ROOT / "configs/demo.yaml", overrides=small(tmp_path), console=None) for _ in range(20)]
+    assert len({e.paths.run_id for e in exps}) == 20  # built within the same second
+    stems = {e.paths.record.name.removesuffix(".json") for e in exps}
+    assert len(stems) == 20 and all(s.startswith("demo-") for s in stems)
