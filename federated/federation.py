@@ -106,9 +106,11 @@ class Federation:
         dev = torch.device(device)
         model = self._model(dev)
         previous = self._store.get(client)
+        # A client with nothing stored (its earlier attempts failed) joins as new, whatever it was called.
+        joins = state if previous is not None else "integrated"
         rnd = LocalRound(
             client=client, task=task, round=round, device=dev, model=model,
-            payload=self._server.dispatch(client, state),
+            payload=self._server.dispatch(client, joins),
             memory=dict(previous.memory) if previous is not None else {},
             previous_model=previous.model if previous is not None else None,
             previous_task=previous.task if previous is not None else None,

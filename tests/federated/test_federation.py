@@ -202,3 +202,12 @@ def test_a_bad_option_is_reported_when_the_federation_is_built(fed_config: dict[
     fed_config["scheduler_opts"]["name"] = "plateau"
     with pytest.raises(ValueError, match="scheduler_opts.name: expected one of"):
         Federation(fed_config, seed=0)
+
+
+def test_a_client_with_nothing_stored_joins_as_new_even_when_called_incremental(fed_config: dict[str, Any]) -> None:
+    """Regression: under the tolerate policy a client whose first training failed comes back "incremental"
+    with no stored state; baseline then had no model to start from (KeyError on an empty payload)."""
+    fed_config["exp_method"] = "baseline"
+    fed = Federation(fed_config, seed=0)
+    result = fed.train(client="a", task="t0", round=2, device="cpu", state="incremental")
+    assert result.samples > 0 and fed.store.get("a").rounds_trained == 1
