@@ -35,6 +35,7 @@ __all__ = [
     "ExperimentFailed",
     "EVENT_TYPES",
     "to_dict",
+    "json_safe",
 ]
 
 #: Bumped whenever a field is renamed or removed; adding a field keeps the version.
@@ -283,18 +284,19 @@ def to_dict(event: Event) -> dict[str, Any]:
     out: dict[str, Any] = {"event": cls.__name__, "schema": SCHEMA_VERSION}
     for name in names:
         value = getattr(event, name)
-        out[name] = value if type(value) in _PLAIN else _json_safe(value)
+        out[name] = value if type(value) in _PLAIN else json_safe(value)
     return out
 
 
 _PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """A JSON-safe deep copy: mappings (string keys) and lists of plain values; anything else as text."""
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return str(value)

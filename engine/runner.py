@@ -38,13 +38,19 @@ from .events import (
     ValScheduled,
 )
 
-__all__ = ["Engine", "sample_seed", "task_index"]
+__all__ = ["Engine", "due", "sample_seed", "task_index"]
 
 
 def sample_seed(seed: int, round: int) -> int:
     """The seed of round ``round``'s client sampling: stable across processes and platforms."""
     digest = hashlib.blake2b(f"{seed}/sample/{round}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
+
+
+def due(round: int, interval: int, last: int) -> bool:
+    """Whether a thing done every ``interval`` rounds (validation, checkpoints) is done in ``round``: round 0
+    counts as a multiple, and the last round always does it."""
+    return round % interval == 0 or round == last
 
 
 def task_index(participations: int, sustain_rounds: int, n_tasks: int) -> int:
@@ -193,7 +199,7 @@ class Engine:
             raise RunFailed(f"round {rnd}: {len(uploaded)} of {len(online)} clients trained, fewer than "
                             f"exp_opts.min_clients = {least}")
         validated = 0
-        if rnd % cfg.val_interval == 0 or rnd == cfg.rounds:
+        if due(rnd, cfg.val_interval, cfg.rounds):
             scope = cfg.clients.names if cfg.data["exp_opts"]["val_clients"] == "all" else uploaded
             validated = await self._validate(rnd, scope)
         try:

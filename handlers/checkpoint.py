@@ -23,12 +23,17 @@ from typing import Any, Mapping
 
 import anyio
 import torch
-
 from fedevents.engine.bus import EventBus, Subscription
 from fedevents.engine.config import ExperimentConfig
 from fedevents.engine.context import RunContext
 from fedevents.engine.errors import CheckpointError, RunFailed
-from fedevents.engine.events import CheckpointSaved, ClientDispatched, RoundFinished
+from fedevents.engine.events import (
+    CheckpointSaved,
+    ClientDispatched,
+    RoundFinished,
+    json_safe,
+)
+from fedevents.engine.runner import due
 
 from .atomic import write_atomic
 from .logsink import SINK_PRIORITY
@@ -93,7 +98,7 @@ class Checkpointer:
         self.participations[ev.client] = self.participations.get(ev.client, 0) + 1
 
     async def save(self, ev: RoundFinished) -> None:
-        if ev.round % self.interval and ev.round != self.config.rounds:
+        if not due(ev.round, self.interval, self.config.rounds):
             return
         payload = {
             "format": FORMAT,
@@ -101,7 +106,7 @@ class Checkpointer:
             "run_id": self.context.run_id,
             "exp_name": self.config.exp_name,
             "round": ev.round,
-            "config": _plain(self.config.data),
+            "config": json_safe(self.config.data),
             "participations": dict(self.participations),
         }
         began = time.monotonic()
@@ -182,7 +187,7 @@ def check_resumable(checkpoint: Checkpoint, config: ExperimentConfig) -> None:
     if checkpoint.config.get("exp_name") != config.exp_name:
         raise CheckpointError(f"checkpoint {checkpoint.path}: expected experiment {config.exp_name!r}, "
                               f"found {checkpoint.config.get('exp_name')!r}")
-    saved, now = _flatten(checkpoint.config), _flatten(_plain(config.data))
+    saved, now = _flatten(checkpoint.config), _flatten(json_safe(config.data))
     differ = [key for key in sorted(saved.keys() | now.keys())
               if saved.get(key, _MISSING) != now.get(key, _MISSING) and not key.startswith(SAFE_TO_CHANGE)]
     if differ:
@@ -223,11 +228,3 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

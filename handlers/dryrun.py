@@ -13,7 +13,6 @@ from collections import Counter
 from typing import Any, Mapping
 
 import anyio
-
 from fedevents.engine.bus import EventBus, Subscription
 from fedevents.engine.context import RunContext
 from fedevents.engine.devices import DevicePool
@@ -31,6 +30,7 @@ from fedevents.engine.events import (
     ValScheduled,
     ValStarted,
 )
+from fedevents.engine.runner import due
 
 __all__ = ["SimulatedWork"]
 
@@ -105,7 +105,7 @@ class SimulatedWork:
 
     async def checkpoint(self, ev: RoundFinished) -> None:
         """Say when a real run would checkpoint; nothing is written."""
-        if ev.round % self.checkpoint_interval == 0 or ev.round == self.rounds:
+        if due(ev.round, self.checkpoint_interval, self.rounds):
             await self._emit(CheckpointSaved, round=ev.round, path="(dry run: not written)", nbytes=0, seconds=0.0)
 
     def summary(self) -> dict[str, Any]:

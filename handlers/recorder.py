@@ -23,6 +23,7 @@ from fedevents.engine.events import (
     RoundFinished,
     TrainDone,
     ValDone,
+    json_safe,
 )
 
 from .atomic import write_text_atomic
@@ -130,7 +131,7 @@ class JsonRecorder:
             self.write()
 
     def _start(self, ev: ExperimentStarted) -> None:
-        self.record = {"config": _plain(self.config), "run_id": ev.run_id, "status": "running"}
+        self.record = {"config": json_safe(self.config), "run_id": ev.run_id, "status": "running"}
         if ev.resumed:
             self._data, self._comm = _earlier_rounds(self.path, ev.first_round)
         self.write()
@@ -198,14 +199,3 @@ def _earlier_rounds(path: Path, first_round: int) -> tuple[dict[str, dict[str, A
             kept[client] = earlier
     comm = {r: list(v) for r, v in by_round.items() if r.isdigit() and int(r) < first_round}
     return kept, comm
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-safe deep copy of the config, so later changes to the caller's mapping do not leak in."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)

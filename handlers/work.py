@@ -12,7 +12,6 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import torch
-
 from fedevents.engine.bus import EventBus, Subscription
 from fedevents.engine.context import RunContext
 from fedevents.engine.devices import DevicePool, Slot
@@ -100,7 +99,7 @@ class WorkHandlers:
 
         slot = await self.pool.acquire()
         where = dict(device=slot.device, slot=slot.index, waited_s=slot.waited_s)
-        async with self._holding(slot) as keep:
+        async with _SlotKeeper(self.pool, slot) as keep:
             await self._emit(TrainStarted, **ids, **where)
             ran, result, upload = await self._run(_Job(compute, finish), keep, f"training {ev.client}")
             await self._emit(TrainDone, **ids, **where, ran_s=ran, samples=result.samples, metrics=result.metrics)
@@ -110,7 +109,7 @@ class WorkHandlers:
         call = partial(self.federation.validate, client=ev.client, tasks=ev.tasks, round=ev.round)
         slot = await self.pool.acquire()
         where = dict(device=slot.device, slot=slot.index)
-        async with self._holding(slot) as keep:
+        async with _SlotKeeper(self.pool, slot) as keep:
             await self._emit(ValStarted, round=ev.round, client=ev.client, **where, waited_s=slot.waited_s)
             began = time.monotonic()
             job = _Job(partial(call, device=slot.device), lambda results: results)
@@ -127,9 +126,6 @@ class WorkHandlers:
         result = await anyio.to_thread.run_sync(_with_threads, self.threads, call)
         await self._emit(Aggregated, round=ev.round, clients=tuple(result.clients), samples=result.samples,
                          ran_s=time.monotonic() - began)
-
-    def _holding(self, slot: Slot) -> "_SlotKeeper":
-        return _SlotKeeper(self.pool, slot)
 
     async def _run(self, job: _Job, keep: "_SlotKeeper", what: str) -> Any:
         """Run ``job`` in a worker thread, within the time limit if there is one."""
