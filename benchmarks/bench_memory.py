@@ -43,8 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe  # noqa: E402
 
-from fedevents.engine import Experiment, RoundFinished, TrainDone, build_experiment  # noqa: E402
-from fedevents.handlers import JsonRecorder, LogSink, TraceRecorder  # noqa: E402
+from fedevents.cli import build_experiment  # noqa: E402
+from fedevents.engine import Experiment, RoundFinished, TrainDone  # noqa: E402
+from fedevents.handlers import ClientWork, JsonRecorder, LogSink, TraceRecorder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SINKS = ("log", "record", "trace")
@@ -82,7 +83,7 @@ class Sampler:
 
     def __init__(self, exp: Experiment, device: str) -> None:
         self.series = Series()
-        self.store = exp.components[0].federation.store
+        self.store = exp.component(ClientWork).federation.store
         # Where the builder spills states: the files there are the states that are not in memory.
         self.spill = exp.config.checkpoints_dir / exp.paths.run_id / "spill"
         self.cuda = torch.device(device) if device.startswith("cuda") else None

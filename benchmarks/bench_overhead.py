@@ -25,9 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe  # noqa: E402
 
-from fedevents.engine import build_experiment, load_experiment  # noqa: E402
+from fedevents.cli import build_experiment  # noqa: E402
+from fedevents.engine import load_experiment  # noqa: E402
 from fedevents.engine.runner import sample_seed, task_index  # noqa: E402
 from fedevents.federated import Federation  # noqa: E402
+from fedevents.handlers import ClientWork  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +62,7 @@ def fedevents_run(overrides: list[str], logs: Path) -> tuple[float, dict]:
     began = time.perf_counter()
     exp = build_experiment(ROOT / "configs/demo.yaml", overrides=[*overrides, f"logs_dir={logs}"], console=None)
     exp.run()
-    return time.perf_counter() - began, exp.components[0].federation.server_state()
+    return time.perf_counter() - began, exp.component(ClientWork).federation.server_state()
 
 
 def main() -> None:

@@ -31,13 +31,16 @@ from .schema import (
     describe,
 )
 
-__all__ = ["ExperimentConfig", "ClientSet", "load_experiments", "load_experiment", "parse_override", "COMMON_KEYS"]
+__all__ = ["ExperimentConfig", "ClientSet", "load_experiments", "load_experiment", "parse_override", "COMMON_KEYS",
+           "EXECUTORS"]
 
 #: Keys a common file holds at its top level (besides ``defaults``).
-COMMON_KEYS = ("datasets_dir", "checkpoints_dir", "logs_dir", "parallel", "device")
+COMMON_KEYS = ("datasets_dir", "checkpoints_dir", "logs_dir", "parallel", "device", "executor", "ray")
 METHODS = ("fedavg",)
 #: Model names by task kind; tests check they match fedevents.federated's builders.
 MODELS = ("cnn", "mlp", "resnet18", "resnet34", "resnet50")
+#: Where client work runs (docs/executors.md); fedevents.handlers.executors holds one class per name.
+EXECUTORS = ("process", "ray", "thread")
 DEVICE_NAME = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 
 
@@ -77,6 +80,19 @@ def _schema(methods: Sequence[str]) -> Section:
             "logs_dir": Field(Str(), "logs"),
             "parallel": Field(Int(min=1), 1),
             "device": Field(ListOf(Str(), min_len=1, scalar_ok=True), ["cpu"]),
+            "executor": Field(Str(choices=EXECUTORS), "thread"),
+            "ray": Field(
+                Section(
+                    {
+                        "address": Field(Str(), "local"),
+                        "num_cpus": Field(Int(min=1), None),
+                        "object_store_mb": Field(Int(min=64), None),
+                        "tmpdir": Field(Str(nullable=True), None),
+                        "timeout_s": Field(Float(positive=True), 120.0),
+                    }
+                ),
+                {},
+            ),
             "exp_opts": Field(
                 Section(
                     {
@@ -287,6 +303,10 @@ class ExperimentConfig:
     @property
     def parallel(self) -> int:
         return self.data["parallel"]
+
+    @property
+    def executor(self) -> str:
+        return self.data["executor"]
 
     @property
     def logs_dir(self) -> Path:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import anyio
 
@@ -19,7 +19,15 @@ from .devices import DevicePool
 from .errors import ConfigError
 from .runner import Engine
 
-__all__ = ["Experiment", "RunPaths"]
+__all__ = ["Experiment", "ResumePoint", "RunPaths"]
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run continues: after ``round``, with each client's earlier participations."""
+
+    round: int
+    participations: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -50,24 +58,30 @@ class RunPaths:
 
 
 class Experiment:
-    """Subscribe handlers on ``bus`` (or ``add`` components), then ``run()``."""
+    """Subscribe handlers on ``bus`` (or ``add`` components), then ``run()``.
+
+    ``resume`` continues a checkpointed run after its round; components that restore their own state from
+    the checkpoint (the federation, the checkpointer) are given it by whoever builds the experiment.
+    """
 
     def __init__(self, config: ExperimentConfig, *, dry_run: bool = False, run_id: str | None = None,
-                 max_in_flight: int = 64) -> None:
+                 resume: ResumePoint | None = None, max_in_flight: int = 64) -> None:
         self.config = config
         self.dry_run = dry_run
+        self.resume = resume
         self.bus = EventBus()
         self.pool = DevicePool(config.devices, config.parallel)
         self.paths = RunPaths(config.logs_dir, run_id or _unused_run_id(config))
         self.context = RunContext(self.paths.run_id, config.exp_name)
         self.max_in_flight = max_in_flight
         self.components: list[Any] = []
-        self.resume_round: int | None = None
-        self.participations: dict[str, int] = {}
         self.engine: Engine | None = None
-        #: Set when a resumed run had already finished every round: running it does nothing.
-        self.finished = False
         self._closers: list[Callable[[], None]] = []
+
+    @property
+    def finished(self) -> bool:
+        """Whether a resumed run had already finished every round: running it then does nothing."""
+        return self.resume is not None and self.resume.round >= self.config.rounds
 
     def add(self, component: Any) -> Any:
         """Attach a component with ``subscribe(bus)`` (and, optionally, ``close()``, called after the run)."""
@@ -75,8 +89,16 @@ class Experiment:
         self.components.append(component)
         close = getattr(component, "close", None)
         if callable(close):
-            self._closers.append(close)
+            self.on_close(close)
         return component
+
+    def component(self, kind: type) -> Any:
+        """The first attached component that is a ``kind``, or None."""
+        return next((c for c in self.components if isinstance(c, kind)), None)
+
+    def on_close(self, close: Callable[[], None]) -> None:
+        """Call ``close()`` after the run, on every exit path, in the reverse order of registration."""
+        self._closers.append(close)
 
     def run(self, *, backend: str = "asyncio", handle_signals: bool = True) -> None:
         """Run the experiment to the end in a new event loop (``"asyncio"`` or ``"trio"``).
@@ -93,9 +115,11 @@ class Experiment:
             return
         try:
             _check_writable(self.config.logs_dir, self.config.source)
+            resume = self.resume
             self.engine = Engine(self.config, self.bus, self.context, dry_run=self.dry_run,
-                                 max_in_flight=self.max_in_flight, resume_round=self.resume_round,
-                                 participations=self.participations)
+                                 max_in_flight=self.max_in_flight,
+                                 resume_round=None if resume is None else resume.round,
+                                 participations=None if resume is None else resume.participations)
             if handle_signals and threading.current_thread() is threading.main_thread():
                 await _run_with_signals(self.engine)
             else:

@@ -1,9 +1,8 @@
-"""fedevents handlers: work handlers (real and simulated) and the default sinks."""
+"""fedevents handlers: the client-work handler over its executors, checkpoints, and the default sinks."""
 
-from .dryrun import SimulatedWork
+from .clientwork import ClientTimeout, ClientWork
 from .logsink import LogSink, configure_logging
 from .recorder import JsonRecorder
 from .trace import TraceRecorder
-from .work import WorkHandlers
 
-__all__ = ["JsonRecorder", "LogSink", "SimulatedWork", "TraceRecorder", "WorkHandlers", "configure_logging"]
+__all__ = ["ClientTimeout", "ClientWork", "JsonRecorder", "LogSink", "TraceRecorder", "configure_logging"]

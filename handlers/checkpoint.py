@@ -53,6 +53,8 @@ SAFE_TO_CHANGE = (
     "exp_opts.checkpoint_keep",
     "device",
     "parallel",
+    "executor",
+    "ray",
     "logs_dir",
     "checkpoints_dir",
     "datasets_dir",

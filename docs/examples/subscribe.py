@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from fedevents.engine import TrainDone, build_experiment
+from fedevents.cli import build_experiment
+from fedevents.engine import TrainDone
 
 
 def main() -> None:

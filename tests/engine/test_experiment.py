@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fedevents.engine import (
-    TrainDone, TrainStarted, build_experiment,
-)
+from fedevents.engine import TrainDone, TrainStarted
+from fedevents.cli import build_experiment
 from fedevents.engine.testing import EventRecorder
+from fedevents.handlers import ClientWork
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ async def test_thousand_clients_cost_model_memory_only_once_sampled(tmp_path: Pa
         tmp_path, clients="{count: 1000, tasks: [synth]}", **{"exp_opts.online_clients": 4,
                                                                "exp_opts.val_clients": "online"}))
     await exp.run_async()
-    store = exp.components[0].federation.store
+    store = exp.component(ClientWork).federation.store
     assert 1 <= len(store) <= 12  # only the sampled clients hold state
     assert len(exp.config.clients) == 1000
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from fedevents.engine import TrainDone, ValDone, build_experiments
+from fedevents.cli import build_experiments
+from fedevents.engine import TrainDone, ValDone
 from fedevents.federated import METHODS
 from fedevents.federated.synth_reid import generate_synth_reid
 

@@ -66,7 +66,7 @@ def experiment(folder: Path, **exp_opts: Any) -> Path:
 
 def fedevents(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "fedevents.engine.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "fedevents.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

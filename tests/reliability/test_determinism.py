@@ -7,7 +7,7 @@ from pathlib import Path
 
 import anyio
 
-from fedevents.engine import build_experiment
+from fedevents.cli import build_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fedevents.engine import (
-    Aggregated, ClientDispatched, ClientFailed, ExperimentFailed, RunFailed, TrainDone, TrainStarted, UploadsClosed,
-    build_experiment,
-)
+from fedevents.engine import Aggregated, ClientDispatched, ClientFailed, ExperimentFailed, RunFailed, TrainDone, TrainStarted, UploadsClosed
+from fedevents.cli import build_experiment
 from fedevents.engine.testing import EventRecorder
+from fedevents.handlers import ClientWork
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,17 +86,18 @@ async def test_a_client_past_its_time_limit_fails_and_keeps_its_slot_until_its_t
     exp = experiment(tmp_path, parallel=1, **{"exp_opts.failure_policy": "tolerate",
                                               "exp_opts.client_timeout_s": 0.5})
     slow = sampled(exp, 2)[0]
-    federation = exp.components[0].federation
-    real_train, ended = federation.train, {}
+    work = exp.component(ClientWork)
+    federation, executor = work.federation, work.executor
+    real_train, ended = executor.train, {}
 
-    def train(**kwargs):
-        result = real_train(**kwargs)
-        if kwargs["client"] == slow and kwargs["round"] == 2:
+    def train(job, slot):
+        result = real_train(job, slot)
+        if job.client == slow and job.round == 2:
             time.sleep(1.5)
             ended["at"] = time.monotonic()
         return result
 
-    federation.train = train
+    executor.train = train
     rec = EventRecorder(exp.bus)
     await exp.run_async()
     (failed,) = rec.of(ClientFailed)

@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import pytest
 import torch
 
-from fedevents.engine.cli import main
+from fedevents.cli import main
 from fedevents.handlers.checkpoint import load_checkpoint
 
 HOSTILE = Path(__file__).with_name("hostile")
@@ -102,16 +102,16 @@ def run_here(project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     return status, capsys.readouterr().err
 
 
-#: `python -m fedevents.engine.cli` with a cap on the memory it may allocate (the first argument, in bytes).
+#: `python -m fedevents.cli` with a cap on the memory it may allocate (the first argument, in bytes).
 CAPPED = ("import resource, runpy, sys; cap = int(sys.argv.pop(1)); "
           "resource.setrlimit(resource.RLIMIT_DATA, (cap, cap)); "
-          "runpy.run_module('fedevents.engine.cli', run_name='__main__', alter_sys=True)")
+          "runpy.run_module('fedevents.cli', run_name='__main__', alter_sys=True)")
 
 
 def run_process(project: Path, *args: str, max_data_bytes: int | None = None) -> tuple[int, str]:
     """`fedevents run ARGS` as a real process started in the project folder."""
     python = [sys.executable, "-c", CAPPED, str(max_data_bytes)] if max_data_bytes else [sys.executable, "-m",
-                                                                                        "fedevents.engine.cli"]
+                                                                                        "fedevents.cli"]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     done = subprocess.run([*python, "run", *args], cwd=project, env=env, capture_output=True, text=True,
                           timeout=180)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedevents.engine.cli import main
+from fedevents.cli import main
 from fedevents.federated.synth_reid import generate_synth_reid
 
 

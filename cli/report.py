@@ -8,12 +8,10 @@ record cannot give is None here and "n/a" in every output, never a made-up numbe
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
-import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ from fedevents.engine.errors import ConfigError
 from fedevents.engine.runner import task_index
 from fedevents.federated import continual
 
-from .atomic import write_text_atomic
+from fedevents.handlers.atomic import write_text_atomic
 
 __all__ = [
     "ClientSeries",
@@ -36,7 +34,7 @@ __all__ = [
     "format_markdown",
     "format_table",
     "load_record",
-    "report_main",
+    "make_out_dir",
     "write_report",
 ]
 
@@ -318,7 +316,7 @@ def format_csv(report: Report) -> str:
 
 def write_report(report: Report, out_dir: str | Path, plots: Sequence[str | Path] = ()) -> list[Path]:
     """Write ``report.md`` and ``report.csv`` into ``out_dir`` atomically; give their paths."""
-    out = _out_dir(out_dir)
+    out = make_out_dir(out_dir)
     written = []
     for name, text in (("report.md", format_markdown(report, plots)), ("report.csv", format_csv(report))):
         written.append(out / name)
@@ -326,32 +324,9 @@ def write_report(report: Report, out_dir: str | Path, plots: Sequence[str | Path
     return written
 
 
-def report_main(args: argparse.Namespace) -> int:
-    """Run ``fedevents report RECORD.json ... [--out DIR] [--metric NAME]``; give the exit status.
-
-    Prints the table, writes report.md, report.csv and the plots into ``--out`` (default ``./report``).
-    Bad input raises ConfigError, which the CLI turns into one line and exit status 2.
-    """
-    records = [load_record(path) for path in args.records]
-    report = build_report(records, metric=args.metric)
-    out = _out_dir(args.out or "report")
-    print(format_table(report))
-    try:
-        from .report_plots import plot_report
-    except ImportError as exc:
-        if (exc.name or "").partition(".")[0] != "matplotlib":
-            raise
-        plots: list[Path] = []
-        print("report: plots skipped: matplotlib is not installed (pip install 'matplotlib>=3.8' to get them)",
-              file=sys.stderr)
-    else:
-        plots = plot_report(report, out)
-    written = write_report(report, out, plots)
-    print(f"\nreport: wrote {', '.join(p.name for p in written)} and {len(plots)} plot(s) to {out}")
-    return 0
-
-def _out_dir(out_dir: str | Path) -> Path:
-    out = Path(out_dir)
+def make_out_dir(path: str | Path) -> Path:
+    """The report folder ``path``, created if missing; a one-line ConfigError if it cannot be."""
+    out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except FileExistsError:

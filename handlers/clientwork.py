@@ -1,4 +1,12 @@
-"""Work handlers: train, validate and aggregate with torch, in worker threads, on device-pool slots."""
+"""The client-work handler: slots, time limits and the event protocol of every client's work.
+
+It answers ClientDispatched, ValScheduled and UploadsClosed. For each client it takes a slot of the device
+pool, emits TrainStarted, asks the driver (a ``Federation``) for the client's job, hands the job to an
+executor (threads, worker processes, a Ray cluster or the dry run's clock), commits and uploads the result
+in the driver, emits TrainDone and ClientUploaded; validation the same way with ValStarted and one
+ValDone per task. Whatever the executor, the server, the client states and the events stay here, so every
+executor writes the same record.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,6 @@ from typing import Any, Callable
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
-import torch
 from fedevents.engine.bus import EventBus, Subscription
 from fedevents.engine.context import RunContext
 from fedevents.engine.devices import DevicePool, Slot
@@ -27,26 +34,19 @@ from fedevents.engine.events import (
     ValStarted,
 )
 
-__all__ = ["WorkHandlers", "ClientTimeout"]
+from .executors import Executor
+
+__all__ = ["ClientWork", "ClientTimeout"]
 
 
 class ClientTimeout(Exception):
     """A client's work ran longer than ``exp_opts.client_timeout_s``."""
 
 
-def _with_threads(threads: int, call: Callable[[], Any]) -> Any:
-    # torch's thread count is a per-thread OpenMP setting: set in the event loop's thread it does not reach
-    # anyio's workers, and each worker would start a team as large as the machine. Several such teams on
-    # the same cores made CPU training 4x slower than on one thread (docs/benchmarks.md). The count is a
-    # config key, never derived from `parallel`: it changes the last bits of float reductions.
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return call()
-
-
 @dataclass
 class _Job:
-    """One client's work in a worker thread, and who returns its slot if the client times out."""
+    """One client's work: ``compute`` runs in a worker thread (or inline), ``finish`` commits its result
+    unless the client has timed out meanwhile; the lock makes that decision once."""
 
     compute: Callable[[], Any]
     finish: Callable[[Any], Any]
@@ -54,24 +54,24 @@ class _Job:
     abandoned: bool = False
     done: bool = False
     result: Any = None
+    error: BaseException | None = None
 
 
-class WorkHandlers:
-    """Answers ClientDispatched, ValScheduled and UploadsClosed by calling a ``Federation``.
+class ClientWork:
+    """Runs each client's work through ``executor`` on slots of ``pool``, with ``federation`` as the driver.
 
-    Each client's torch work (training and upload, or validation) runs in ``anyio.to_thread.run_sync``
-    while it holds one slot of the device pool, so no more torch calls run at once than there are slots;
-    the event loop only moves events. With ``timeout_s``, a client whose work runs longer fails with
-    ``ClientTimeout``: its result is thrown away when it arrives, and its slot stays taken until then.
+    With ``timeout_s``, a client whose work runs longer fails with ``ClientTimeout``: the executor is asked
+    to stop the job, its result is thrown away if it still arrives, and its slot stays taken until the job
+    has really stopped.
     """
 
-    def __init__(self, federation: Any, pool: DevicePool, bus: EventBus, context: RunContext, *,
-                 torch_threads: int = 1, timeout_s: float | None = None) -> None:
+    def __init__(self, federation: Any, executor: Executor, pool: DevicePool, bus: EventBus,
+                 context: RunContext, *, timeout_s: float | None = None) -> None:
         self.federation = federation
+        self.executor = executor
         self.pool = pool
         self.bus = bus
         self.context = context
-        self.threads = torch_threads
         self.timeout_s = timeout_s
 
     def subscribe(self, bus: EventBus) -> list[Subscription]:
@@ -81,39 +81,49 @@ class WorkHandlers:
             bus.subscribe(UploadsClosed, self.aggregate, work=True),
         ]
 
+    def close(self) -> None:
+        self.executor.close()
+
     async def _emit(self, event_type: type, **fields: Any) -> None:
         await self.bus.emit(self.context.make(event_type, **fields))
 
     async def train(self, ev: ClientDispatched) -> None:
         ids = dict(round=ev.round, client=ev.client, task=ev.task)
+        fed, executor = self.federation, self.executor
 
         def compute() -> tuple[float, Any]:
+            job = fed.train_job(**ids, device=slot.device, state=ev.state)
             began = time.monotonic()
-            result = self.federation.train(**ids, device=slot.device, state=ev.state, commit=False)
-            return time.monotonic() - began, result
+            outcome = executor.train(job, slot)
+            return time.monotonic() - began, outcome
 
         def finish(out: tuple[float, Any]) -> tuple[float, Any, Any]:
-            ran, result = out
-            committed = self.federation.commit(ev.client, result)
-            return ran, committed, self.federation.upload(client=ev.client, round=ev.round)
+            ran, outcome = out
+            committed = fed.commit(ev.client, outcome)
+            return ran, committed, fed.upload(client=ev.client, round=ev.round)
 
         slot = await self.pool.acquire()
         where = dict(device=slot.device, slot=slot.index, waited_s=slot.waited_s)
         async with _SlotKeeper(self.pool, slot) as keep:
             await self._emit(TrainStarted, **ids, **where)
-            ran, result, upload = await self._run(_Job(compute, finish), keep, f"training {ev.client}")
+            ran, result, upload = await self._run(_Job(compute, finish), slot, keep, f"training {ev.client}")
             await self._emit(TrainDone, **ids, **where, ran_s=ran, samples=result.samples, metrics=result.metrics)
         await self._emit(ClientUploaded, **ids, samples=upload.samples, nbytes=upload.nbytes)
 
     async def validate(self, ev: ValScheduled) -> None:
-        call = partial(self.federation.validate, client=ev.client, tasks=ev.tasks, round=ev.round)
+        fed, executor = self.federation, self.executor
+
+        def compute() -> Any:
+            job = fed.val_job(client=ev.client, tasks=ev.tasks, round=ev.round, device=slot.device)
+            return executor.validate(job, slot)
+
         slot = await self.pool.acquire()
         where = dict(device=slot.device, slot=slot.index)
         async with _SlotKeeper(self.pool, slot) as keep:
             await self._emit(ValStarted, round=ev.round, client=ev.client, **where, waited_s=slot.waited_s)
             began = time.monotonic()
-            job = _Job(partial(call, device=slot.device), lambda results: results)
-            results = await self._run(job, keep, f"validating {ev.client}")
+            results = await self._run(_Job(compute, lambda results: results), slot, keep,
+                                      f"validating {ev.client}")
             ran = time.monotonic() - began
             for task in ev.tasks:
                 res = results[task]
@@ -123,25 +133,32 @@ class WorkHandlers:
     async def aggregate(self, ev: UploadsClosed) -> None:
         began = time.monotonic()
         call = partial(self.federation.aggregate, round=ev.round, clients=ev.clients)
-        result = await anyio.to_thread.run_sync(_with_threads, self.threads, call)
+        result = call() if self.executor.inline else await anyio.to_thread.run_sync(call)
         await self._emit(Aggregated, round=ev.round, clients=tuple(result.clients), samples=result.samples,
                          ran_s=time.monotonic() - began)
 
-    async def _run(self, job: _Job, keep: "_SlotKeeper", what: str) -> Any:
-        """Run ``job`` in a worker thread, within the time limit if there is one."""
+    async def _run(self, job: _Job, slot: Slot, keep: "_SlotKeeper", what: str) -> Any:
+        """Run ``job`` in a worker thread (inline for an inline executor), within the time limit if any."""
+        if self.executor.inline:
+            await anyio.lowlevel.checkpoint()  # let concurrent clients take their slots, as real work would
+            return job.finish(job.compute())
 
         def in_thread() -> Any:
-            out = _with_threads(self.threads, job.compute)
-            with job.lock:
-                if job.abandoned:  # too late: the engine has failed this client already
-                    late = True
-                else:
-                    late = False
-                    job.result = job.finish(out)
-                    job.done = True
-            if late:
-                keep.release_from_thread()
-            return job.result
+            try:
+                out = job.compute()
+                with job.lock:
+                    if not job.abandoned:
+                        job.result = job.finish(out)
+                        job.done = True
+                        return job.result
+            except BaseException as exc:
+                with job.lock:
+                    if not job.abandoned:
+                        job.error, job.done = exc, True
+                        raise
+            # Too late: the engine has failed this client already; only the slot is ours to give back.
+            keep.release_from_thread()
+            return None
 
         if self.timeout_s is None:
             return await anyio.to_thread.run_sync(in_thread)
@@ -149,15 +166,18 @@ class WorkHandlers:
             return await anyio.to_thread.run_sync(in_thread, abandon_on_cancel=True)
         with job.lock:
             if job.done:  # finished just as the time ran out
+                if job.error is not None:
+                    raise job.error
                 return job.result
             job.abandoned = True
         keep.hand_over()
+        self.executor.stop(slot)
         raise ClientTimeout(f"{what} took longer than exp_opts.client_timeout_s = {self.timeout_s:g}s; "
                             f"its result is discarded")
 
 
 class _SlotKeeper:
-    """Returns a slot when the client is done, unless a timed-out thread took over that duty."""
+    """Returns a slot when the client is done, unless a timed-out job's thread took over that duty."""
 
     def __init__(self, pool: DevicePool, slot: Slot) -> None:
         self.pool = pool

@@ -1,4 +1,4 @@
-"""The one place that wires default handlers onto an experiment (the engine's only import of handlers)."""
+"""The composition root: builds experiments from configs, with their work handler, executor and sinks."""
 
 from __future__ import annotations
 
@@ -8,9 +8,21 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from .config import ExperimentConfig, load_experiments
-from .errors import ConfigError, DeviceError
-from .experiment import Experiment
+from fedevents.engine.config import ExperimentConfig, load_experiments
+from fedevents.engine.errors import ConfigError, DeviceError
+from fedevents.engine.experiment import Experiment, ResumePoint
+from fedevents.federated import METHODS, Federation, check_device
+from fedevents.handlers import ClientWork, JsonRecorder, LogSink, TraceRecorder
+from fedevents.handlers.checkpoint import Checkpoint, Checkpointer, check_resumable, find_latest, load_checkpoint
+from fedevents.handlers.executors import (
+    DryRunCheckpoints,
+    Executor,
+    ProcessExecutor,
+    SimulatedExecutor,
+    SimulatedFederation,
+    ThreadExecutor,
+)
+from fedevents.handlers.loading import attach_handler, load_handler
 
 __all__ = ["build_experiment", "build_experiments", "flag_overrides"]
 
@@ -27,7 +39,7 @@ def _console(console: TextIO | None | _Default) -> TextIO | None:
 
 
 def flag_overrides(*, devices: Sequence[str] | None = None, parallel: int | None = None,
-                   logs_dir: str | None = None) -> list[tuple[str, str]]:
+                   logs_dir: str | None = None, executor: str | None = None) -> list[tuple[str, str]]:
     """Command-line flags as labelled overrides: validated like every key, and named as flags in messages."""
     out: list[tuple[str, str]] = []
     if devices:
@@ -36,6 +48,8 @@ def flag_overrides(*, devices: Sequence[str] | None = None, parallel: int | None
         out.append(("--parallel", f"parallel={parallel}"))
     if logs_dir is not None:
         out.append(("--logs-dir", f"logs_dir={logs_dir!r}"))
+    if executor is not None:
+        out.append(("--executor", f"executor={executor!r}"))
     return out
 
 
@@ -51,8 +65,6 @@ def build_experiments(
 ) -> list[Experiment]:
     """Load, validate and wire every experiment before any of them runs."""
     console = _console(console)
-    from fedevents.federated import METHODS
-
     configs = load_experiments(paths, common=common, overrides=overrides, methods=METHODS)
     if not dry_run:
         for cfg in configs:
@@ -62,8 +74,6 @@ def build_experiments(
 
 def check_devices(config: ExperimentConfig) -> None:
     """Every configured device exists here; a dry run skips this, so it can plan for other machines."""
-    from fedevents.federated import check_device
-
     for device in config.devices:
         try:
             check_device(device)
@@ -87,40 +97,20 @@ def build_experiment(
     beginning (and says so on ``console``) when there is none. Subscribe your own handlers on
     ``experiment.bus`` before calling ``experiment.run()``.
     """
-    from fedevents.handlers import JsonRecorder, LogSink, TraceRecorder
-    from fedevents.handlers.checkpoint import check_resumable, find_latest, load_checkpoint
-
     console = _console(console)
-    from fedevents.handlers.loading import attach_handler, load_handler
-
     if not isinstance(config, ExperimentConfig):
-        from fedevents.federated import METHODS
-
         config = load_experiments([config], overrides=overrides, methods=METHODS)[0]
         if not dry_run:
             check_devices(config)
     folder = Path(config.source).parent
     handlers = [load_handler(e, f"{config.source}: handlers[{i}]", config_dir=folder)
                 for i, e in enumerate(config.data["handlers"])]
-    checkpoint = None
-    if resume and not dry_run:
-        latest = find_latest(config.checkpoints_dir, config.exp_name)
-        if latest is None:
-            _say(console, f"fedevents: {config.exp_name}: no checkpoint under {config.checkpoints_dir}; "
-                          f"starting from the beginning")
-        else:
-            checkpoint = load_checkpoint(latest)
-            check_resumable(checkpoint, config)
-            run_id = checkpoint.run_id
-            if checkpoint.round >= config.rounds:
-                _say(console, f"fedevents: {config.exp_name}: run {run_id} already finished its {config.rounds} "
-                              f"rounds; nothing to resume (raise exp_opts.comm_rounds to extend it)")
-            else:
-                _say(console, f"fedevents: {config.exp_name}: resuming run {run_id} after round "
-                              f"{checkpoint.round} from {latest}")
-    exp = Experiment(config, dry_run=dry_run, run_id=run_id)
-    if checkpoint is not None and checkpoint.round >= config.rounds:
-        exp.finished = True
+    checkpoint = _checkpoint_to_resume(config, console) if resume and not dry_run else None
+    point = None if checkpoint is None else ResumePoint(checkpoint.round, dict(checkpoint.participations))
+    if checkpoint is not None:
+        run_id = checkpoint.run_id
+    exp = Experiment(config, dry_run=dry_run, run_id=run_id, resume=point)
+    if exp.finished:
         return exp
     _add_work(exp, checkpoint)
     if sinks:
@@ -130,36 +120,63 @@ def build_experiment(
     for handler in handlers:
         attach_handler(handler, exp.bus)
         if callable(getattr(handler, "close", None)):
-            exp._closers.append(handler.close)
+            exp.on_close(handler.close)
     return exp
 
 
-def _add_work(exp: Experiment, checkpoint: Any) -> None:
-    """The work handlers: simulated in a dry run, else torch ones with a checkpointer."""
-    from fedevents.handlers import SimulatedWork, WorkHandlers
+def _checkpoint_to_resume(config: ExperimentConfig, console: TextIO | None) -> Checkpoint | None:
+    """The newest checkpoint of ``config``'s experiment, checked against the config; None if there is none."""
+    latest = find_latest(config.checkpoints_dir, config.exp_name)
+    if latest is None:
+        _say(console, f"fedevents: {config.exp_name}: no checkpoint under {config.checkpoints_dir}; "
+                      f"starting from the beginning")
+        return None
+    checkpoint = load_checkpoint(latest)
+    check_resumable(checkpoint, config)
+    if checkpoint.round >= config.rounds:
+        _say(console, f"fedevents: {config.exp_name}: run {checkpoint.run_id} already finished its {config.rounds} "
+                      f"rounds; nothing to resume (raise exp_opts.comm_rounds to extend it)")
+    else:
+        _say(console, f"fedevents: {config.exp_name}: resuming run {checkpoint.run_id} after round "
+                      f"{checkpoint.round} from {latest}")
+    return checkpoint
 
+
+def _add_work(exp: Experiment, checkpoint: Checkpoint | None) -> None:
+    """The client-work handler over the configured executor (the simulated clock in a dry run), and the
+    checkpointer (its dry-run twin in a dry run)."""
     config = exp.config
-    if exp.dry_run:
-        exp.add(SimulatedWork(config.data, exp.pool, exp.bus, exp.context))
-        return
-    from fedevents.federated import Federation
-    from fedevents.handlers.checkpoint import Checkpointer
-
     opts = config.data["exp_opts"]
+    if exp.dry_run:
+        exp.add(ClientWork(SimulatedFederation(config.data), SimulatedExecutor(config.data), exp.pool, exp.bus,
+                           exp.context))
+        exp.add(DryRunCheckpoints(config.data, exp.bus, exp.context))
+        return
     spill = config.checkpoints_dir / exp.paths.run_id / "spill"
     try:
         federation = Federation(config.data, seed=config.seed, max_in_memory=opts["clients_in_memory"],
                                 spill_dir=str(spill))
     except ValueError as exc:  # a method option, a model option or the data set's layout
         raise ConfigError(f"{config.source}: {exc}") from None
-    exp._closers.append(lambda: shutil.rmtree(spill, ignore_errors=True))
+    exp.on_close(lambda: shutil.rmtree(spill, ignore_errors=True))
     if checkpoint is not None:
         federation.load_state_dict(checkpoint.federation)
-        exp.resume_round = checkpoint.round
-        exp.participations = dict(checkpoint.participations)
-    exp.add(WorkHandlers(federation, exp.pool, exp.bus, exp.context, torch_threads=opts["torch_threads"],
-                         timeout_s=opts["client_timeout_s"]))
-    exp.add(Checkpointer(config, federation, exp.bus, exp.context, participations=exp.participations))
+    participations = None if exp.resume is None else exp.resume.participations
+    exp.add(ClientWork(federation, build_executor(config, federation), exp.pool, exp.bus, exp.context,
+                       timeout_s=opts["client_timeout_s"]))
+    exp.add(Checkpointer(config, federation, exp.bus, exp.context, participations=participations))
+
+
+def build_executor(config: ExperimentConfig, federation: Federation) -> Executor:
+    """The executor ``config.executor`` names, for ``federation``'s jobs."""
+    threads = config.data["exp_opts"]["torch_threads"]
+    if config.executor == "process":
+        return ProcessExecutor(federation.config, federation.seed, torch_threads=threads)
+    if config.executor == "ray":
+        from fedevents.handlers.executors.ray import RayExecutor
+
+        return RayExecutor(config, federation.config, federation.seed, torch_threads=threads)
+    return ThreadExecutor(federation.worker, torch_threads=threads)
 
 
 def _say(console: TextIO | None, line: str) -> None:

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 
 from fedevents.engine.errors import ConfigError
-from fedevents.handlers.report import (
+from fedevents.cli.main import report_main
+from fedevents.cli.report import (
     build_report,
     format_csv,
     format_markdown,
     format_table,
     load_record,
-    report_main,
     write_report,
 )
 
@@ -253,7 +253,7 @@ def test_report_main_prints_the_table_and_writes_tables_and_plots(tmp_path: Path
 
 def test_one_record_gets_no_comparison_plot(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from fedevents.handlers.report_plots import plot_report
+    from fedevents.cli.report_plots import plot_report
 
     written = plot_report(build_report([reid_record()]), tmp_path)
     assert [p.name for p in written] == ["reid-curves.png", "reid-matrix.png"]
@@ -321,7 +321,7 @@ def test_without_matplotlib_the_tables_are_still_written_and_the_plots_named_as_
 
     for name in [m for m in sys.modules if m.partition(".")[0] == "matplotlib"] + ["matplotlib"]:
         monkeypatch.setitem(sys.modules, name, None)  # a None entry makes importing that name fail
-    monkeypatch.delitem(sys.modules, "fedevents.handlers.report_plots", raising=False)
+    monkeypatch.delitem(sys.modules, "fedevents.cli.report_plots", raising=False)
     record = write_json(tmp_path / "cl.json", classification_record())
     assert report_main(argparse.Namespace(records=[record], out=str(tmp_path / "out"), metric=None)) == 0
     assert capsys.readouterr().err == (

@@ -18,7 +18,7 @@ SMALL = ["--set", "exp_opts.comm_rounds=3", "--set", "task_opts.synthetic.sample
 
 def fedevents(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "fedevents.engine.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "fedevents.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 
 from fedevents.federated.continual import accuracy_matrix
 
-from .atomic import write_atomic
+from fedevents.handlers.atomic import write_atomic
 from .report import MAP_METRIC, ExperimentReport, Report, Scores
 
 __all__ = ["plot_report"]

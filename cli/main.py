@@ -7,9 +7,10 @@ import sys
 import traceback
 from typing import NoReturn, Sequence
 
-from .errors import ConfigError, FedEventsError, Interrupted
+from fedevents.engine.config import EXECUTORS
+from fedevents.engine.errors import ConfigError, FedEventsError, Interrupted
 
-__all__ = ["main"]
+__all__ = ["main", "report_main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="device to run on, e.g. cpu or cuda:0 (repeatable; replaces the config's list)")
     run.add_argument("--parallel", type=int, metavar="N", help="concurrent trainings per device")
     run.add_argument("--logs-dir", metavar="DIR", help="where logs, records and traces go")
+    run.add_argument("--executor", choices=EXECUTORS,
+                     help="where client work runs: thread (default), process or ray (docs/executors.md)")
     run.add_argument("--dry-run", action="store_true", help="emit the whole event sequence without training")
     run.add_argument("--resume", action="store_true",
                      help="continue the newest checkpointed run of each experiment (start fresh if there is none)")
@@ -78,12 +81,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "data":
         return _synth_reid(args)
     if args.command == "report":
-        from fedevents.handlers.report import report_main
-
         return report_main(args)
     from .builder import build_experiments, flag_overrides
 
-    overrides = flag_overrides(devices=args.devices, parallel=args.parallel, logs_dir=args.logs_dir)
+    overrides = flag_overrides(devices=args.devices, parallel=args.parallel, logs_dir=args.logs_dir,
+                               executor=args.executor)
     experiments = build_experiments(args.experiments, common=args.common,
                                     overrides=[*args.overrides, *overrides], dry_run=args.dry_run,
                                     resume=args.resume)
@@ -92,6 +94,34 @@ def _run(args: argparse.Namespace) -> int:
         if args.dry_run:
             _print_dry_run(exp)
     return 0
+
+
+def report_main(args: argparse.Namespace) -> int:
+    """Run ``fedevents report RECORD.json ... [--out DIR] [--metric NAME]``; give the exit status.
+
+    Prints the table, writes report.md, report.csv and the plots into ``--out`` (default ``./report``).
+    Bad input raises ConfigError, which the CLI turns into one line and exit status 2.
+    """
+    from .report import build_report, format_table, load_record, make_out_dir, write_report
+
+    records = [load_record(path) for path in args.records]
+    report = build_report(records, metric=args.metric)
+    out = make_out_dir(args.out or "report")
+    print(format_table(report))
+    try:
+        from .report_plots import plot_report
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] != "matplotlib":
+            raise
+        plots: list = []
+        print("report: plots skipped: matplotlib is not installed (pip install 'matplotlib>=3.8' to get them)",
+              file=sys.stderr)
+    else:
+        plots = plot_report(report, out)
+    written = write_report(report, out, plots)
+    print(f"\nreport: wrote {', '.join(p.name for p in written)} and {len(plots)} plot(s) to {out}")
+    return 0
+
 
 
 def _synth_reid(args: argparse.Namespace) -> int:
@@ -112,7 +142,9 @@ def _synth_reid(args: argparse.Namespace) -> int:
 
 
 def _print_dry_run(exp) -> None:
-    summary = exp.components[0].summary()
+    from fedevents.handlers import ClientWork
+
+    summary = exp.component(ClientWork).executor.summary()
     cfg = exp.config
     print(f"dry run of {cfg.exp_name}: {cfg.rounds} rounds, {len(cfg.clients)} clients "
           f"({cfg.online_clients} online per round), {len(cfg.devices)} device(s) x {cfg.parallel} slot(s)")

@@ -1,0 +1,212 @@
+"""The client half of a federation: what an executor runs, in a thread, a worker process or a Ray actor.
+
+A ``Worker`` is built from the experiment's config and seed alone, so any process can build an identical
+one. It answers jobs: a ``TrainJob`` carries everything one client's local round needs (the server's payload
+for it, its stored state, the seed), a ``ValJob`` the model to score. Results carry the new client state and
+the metrics; nothing is kept between jobs but caches (decoded data, one built model per device and thread).
+Jobs and results hold CPU tensors, numbers and strings only, so they pickle to any process.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from .criteria import build_reid_criterion
+from .methods import LocalRound, ModelOutput, build_method
+from .seeds import generator
+from .store import ClientState
+from .tasks import TaskSource, build_task_source
+from .training import build_criterion, build_optimizer, build_scheduler, train_local
+
+__all__ = ["TrainJob", "TrainOutcome", "ValJob", "ValResult", "Worker", "build_loss", "to_cpu"]
+
+
+@dataclass(frozen=True, slots=True)
+class TrainJob:
+    """One client's local round: who, on what, where, from which payload and stored state."""
+
+    client: str
+    task: str
+    round: int
+    device: str
+    seed: int
+    #: What the server sends this client this round (the method's payload).
+    payload: Mapping[str, Any]
+    #: The client's stored state, or None for a client that never trained.
+    previous: ClientState | None
+
+
+@dataclass(frozen=True, slots=True)
+class TrainOutcome:
+    """What a local round produced: the samples trained on, ``tr_acc`` / ``tr_loss`` and the new state."""
+
+    samples: int
+    metrics: dict[str, float]
+    state: ClientState
+
+
+@dataclass(frozen=True, slots=True)
+class ValJob:
+    """Score one model (a client's, or the global one) on each of ``tasks``' held-out splits."""
+
+    client: str
+    tasks: tuple[str, ...]
+    round: int
+    device: str
+    model: Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class ValResult:
+    """One client's score on one task's held-out split: ``val_acc`` / ``val_loss`` (ReID: rank-k, mAP)."""
+
+    samples: int
+    metrics: dict[str, float]
+
+
+class Worker:
+    """Runs train and validation jobs for one experiment; safe to call from several threads at once."""
+
+    def __init__(self, config: Mapping[str, Any], seed: int, *, tasks: TaskSource | None = None) -> None:
+        task_opts = config["task_opts"]
+        self._method = build_method(config["exp_method"], config.get("method_opts") or {})
+        self._tasks = tasks if tasks is not None else build_task_source(config, seed)
+        self._epochs = int(task_opts["train_epochs"])
+        self._batch_size = int(task_opts["batch_size"])
+        self._model_opts = dict(config["model_opts"])
+        self._optimizer_opts = dict(config["optimizer_opts"])
+        self._scheduler_opts = dict(config["scheduler_opts"])
+        self._criterion = build_loss(config["criterion_opts"], self._model_opts.get("num_classes"))
+        # Building a model costs more than training a small one for a round, so each thread keeps one per
+        # device and loads whatever weights a job needs into it.
+        self._models = threading.local()
+
+    @property
+    def tasks(self) -> Any:
+        return self._tasks
+
+    def train(self, job: TrainJob) -> TrainOutcome:
+        """Run ``job``'s local round on its device; the new state comes back on the CPU."""
+        dev = torch.device(job.device)
+        model = self.model(dev)
+        previous = job.previous
+        rnd = LocalRound(
+            client=job.client, task=job.task, round=job.round, device=dev, model=model,
+            payload=job.payload,
+            memory=dict(previous.memory) if previous is not None else {},
+            previous_model=previous.model if previous is not None else None,
+            previous_task=previous.task if previous is not None else None,
+            task_data=lambda name: tuple(t.to(dev) for t in self._tasks.train_data(job.client, name)),
+            forward=lambda xb: model_output(model(xb)),
+        )
+        self._method.start(rnd)
+        x, y = rnd.task_data(job.task)
+        x, y = self._method.training_data(rnd, x, y)
+        optimizer, scheduler = self._optimizer_for(model, previous)
+
+        def batch_loss(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = model_output(model(xb))
+            base = self._criterion(out.logits, out.features, yb)
+            return self._method.batch_loss(rnd, xb, yb, out, base), out.logits
+
+        ids = (job.seed, job.round, job.client, job.task)
+        scores = train_local(
+            model, optimizer, scheduler, None, x, y, epochs=self._epochs, batch_size=self._batch_size,
+            shuffle=generator(*ids, "shuffle"), batch_loss=batch_loss,
+            augment=self._tasks.augment, augment_generator=generator(*ids, "augment"),
+        )
+        self._method.finish(rnd)
+        samples = int(y.shape[0])
+        state = _snapshot(model, optimizer, scheduler, previous, samples, to_cpu(rnd.memory, clone=False), job.task)
+        return TrainOutcome(samples=samples, metrics={"tr_acc": scores.acc, "tr_loss": scores.loss}, state=state)
+
+    def validate(self, job: ValJob) -> dict[str, ValResult]:
+        """Score ``job.model`` on each task of ``job``, by task."""
+        dev = torch.device(job.device)
+        model = self.model(dev)
+        model.load_state_dict(job.model)
+        results = {}
+        for task in job.tasks:
+            samples, metrics = self._tasks.score(model, job.client, task, dev)
+            results[task] = ValResult(samples=samples, metrics=metrics)
+        return results
+
+    def model(self, device: torch.device) -> nn.Module:
+        """This thread's model on ``device`` (built on first use; weights are whatever was loaded last)."""
+        models = self._models.__dict__.setdefault("by_device", {})
+        if device not in models:
+            models[device] = self._tasks.empty_model(self._model_opts, device)
+        return models[device]
+
+    def _optimizer_for(
+        self, model: nn.Module, previous: ClientState | None
+    ) -> tuple[torch.optim.Optimizer, LRScheduler | None]:
+        optimizer = build_optimizer(self._optimizer_opts, [p for p in model.parameters() if p.requires_grad])
+        scheduler = build_scheduler(self._scheduler_opts, optimizer)
+        if previous is not None:
+            # Cloned on the CPU: the optimizer updates its state in place (Adam's step counter stays on the CPU
+            # and is not copied by load_state_dict), and the stored state must not change.
+            optimizer.load_state_dict(to_cpu(previous.optimizer, clone=True))
+            if scheduler is not None and previous.scheduler is not None:
+                scheduler.load_state_dict(copy.deepcopy(previous.scheduler))
+        return optimizer, scheduler
+
+
+def build_loss(opts: Any, num_classes: int | None) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss ``criterion_opts`` names, called as ``(logits, features, targets)``.
+
+    A single ``cross_entropy`` uses torch's fused loss; a list (e.g. cross-entropy plus triplet) is a
+    weighted sum of ReID losses.
+    """
+    if isinstance(opts, Mapping) and opts.get("name") == "cross_entropy" and opts.get("weight", 1.0) == 1.0:
+        ce = build_criterion(opts)
+        return lambda logits, features, targets: ce(logits, targets)
+    return build_reid_criterion(opts, num_classes=num_classes)
+
+
+def model_output(out: Any) -> ModelOutput:
+    """A model's training output as logits and features (a one-output model's logits are its features)."""
+    if isinstance(out, tuple):
+        return ModelOutput(out[0], out[1])
+    return ModelOutput(out, out)
+
+
+def _snapshot(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+    previous: ClientState | None,
+    samples: int,
+    memory: dict[str, Any],
+    task: str,
+) -> ClientState:
+    return ClientState(
+        memory=memory,
+        task=task,
+        # A copy even on the CPU: the thread's model trains on, the stored state must not change.
+        model=to_cpu(model.state_dict(), clone=True),
+        # The optimizer is thrown away after this call, so its tensors need no copy.
+        optimizer=to_cpu(optimizer.state_dict(), clone=False),
+        scheduler=None if scheduler is None else scheduler.state_dict(),
+        rounds_trained=(0 if previous is None else previous.rounds_trained) + 1,
+        samples=samples,
+    )
+
+
+def to_cpu(value: Any, *, clone: bool) -> Any:
+    """``value`` with every tensor in it (nested dicts and lists) on the CPU, copied if ``clone``."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=clone)
+    if isinstance(value, dict):
+        return {k: to_cpu(v, clone=clone) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_cpu(v, clone=clone) for v in value]
+    return value
+
