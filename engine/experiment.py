@@ -8,7 +8,7 @@ import threading
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import anyio
 
@@ -65,12 +65,14 @@ class Experiment:
     """
 
     def __init__(self, config: ExperimentConfig, *, dry_run: bool = False, run_id: str | None = None,
-                 resume: ResumePoint | None = None, max_in_flight: int = 64) -> None:
+                 resume: ResumePoint | None = None, devices: Sequence[str] | None = None,
+                 max_in_flight: int = 64) -> None:
         self.config = config
         self.dry_run = dry_run
         self.resume = resume
         self.bus = EventBus()
-        self.pool = DevicePool(config.devices, config.parallel)
+        # ``devices`` replaces the config's list when an executor discovers them (the nodes of a cluster).
+        self.pool = DevicePool(tuple(devices) if devices else config.devices, config.parallel)
         self.paths = RunPaths(config.logs_dir, run_id or _unused_run_id(config))
         self.context = RunContext(self.paths.run_id, config.exp_name)
         self.max_in_flight = max_in_flight
