@@ -142,6 +142,8 @@ class ClientWork:
         if self.executor.inline:
             await anyio.lowlevel.checkpoint()  # let concurrent clients take their slots, as real work would
             return job.finish(job.compute())
+        if not self.executor.ready(slot):  # starting a worker is not the client's time
+            await anyio.to_thread.run_sync(self.executor.prepare, slot)
 
         def in_thread() -> Any:
             try:

@@ -29,6 +29,13 @@ class Executor:
         """The devices slots are made for, when the executor discovers them (a cluster); else None."""
         return None
 
+    def ready(self, slot: Slot) -> bool:
+        """Whether ``slot`` can take a job now; if not, ``prepare(slot)`` is called first."""
+        return True
+
+    def prepare(self, slot: Slot) -> None:
+        """Make ``slot`` ready (start its worker); blocking, in a worker thread, outside the client's time."""
+
     def train(self, job: Any, slot: Slot) -> Any:
         raise NotImplementedError
 

@@ -31,6 +31,8 @@ _STOP = b""
 class _Process:
     process: multiprocessing.process.BaseProcess
     conn: Connection
+    #: Set once the process has said its worker is built.
+    started: bool = False
 
 
 class ProcessExecutor(Executor):
@@ -38,14 +40,24 @@ class ProcessExecutor(Executor):
 
     name = "process"
 
-    def __init__(self, config: Mapping[str, Any], seed: int, *, torch_threads: int = 1) -> None:
+    def __init__(self, config: Mapping[str, Any], seed: int, *, torch_threads: int = 1,
+                 worker: str = "fedevents.federated.worker:Worker") -> None:
         self.config = dict(config)
         self.seed = seed
         self.threads = torch_threads
+        #: ``module:Name`` of the class each process builds as ``Name(config, seed)`` to answer its jobs.
+        self.worker = worker
         self._context = multiprocessing.get_context("spawn")
         self._processes: dict[tuple[str, int], _Process] = {}
         self._lock = threading.Lock()
         self._closed = False
+
+    def ready(self, slot: Slot) -> bool:
+        proc = self._processes.get((slot.device, slot.index))
+        return proc is not None and proc.started and proc.process.is_alive()
+
+    def prepare(self, slot: Slot) -> None:
+        self._process(slot)
 
     def train(self, job: Any, slot: Slot) -> Any:
         return self._call(slot, "train", job)
@@ -91,6 +103,7 @@ class ProcessExecutor(Executor):
         return value
 
     def _process(self, slot: Slot) -> _Process:
+        """The slot's process, started (and waited for) if it has none; one thread at a time uses a slot."""
         key = (slot.device, slot.index)
         with self._lock:
             if self._closed:
@@ -98,12 +111,29 @@ class ProcessExecutor(Executor):
             proc = self._processes.get(key)
             if proc is None or not proc.process.is_alive():
                 ours, theirs = self._context.Pipe(duplex=True)
-                process = self._context.Process(target=serve, args=(theirs, self.config, self.seed, self.threads),
+                process = self._context.Process(target=serve, args=(theirs, self.worker, self.config, self.seed,
+                                                                     self.threads),
                                                 name=f"fedevents-{slot.device}-{slot.index}", daemon=True)
                 process.start()
                 theirs.close()
                 proc = self._processes[key] = _Process(process, ours)
-            return proc
+        if not proc.started:  # outside the lock: the slots' processes start side by side
+            self._await_ready(slot, proc)
+        return proc
+
+    def _await_ready(self, slot: Slot, proc: _Process) -> None:
+        """Wait for a new process to say it has built its worker, or to say why it could not."""
+        try:
+            status, value = pickle.loads(proc.conn.recv_bytes())
+        except (EOFError, OSError):
+            self._forget(slot, proc)
+            proc.process.join(timeout=5)
+            raise WorkerLost(f"the worker process of {slot.device} slot {slot.index} ended with exit code "
+                             f"{proc.process.exitcode} while starting") from None
+        if status == "error":
+            self._forget(slot, proc)
+            raise value
+        proc.started = True
 
     def _forget(self, slot: Slot, proc: _Process) -> None:
         with self._lock:
@@ -112,15 +142,24 @@ class ProcessExecutor(Executor):
         proc.conn.close()
 
 
-def serve(conn: Connection, config: Mapping[str, Any], seed: int, threads: int) -> None:
+def serve(conn: Connection, worker_class: str, config: Mapping[str, Any], seed: int, threads: int) -> None:
     """A worker process's loop: answer jobs until told to stop or the driver goes away."""
     # Ctrl-C reaches every process of the terminal's group; the driver decides how the run ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import importlib
+
     import torch
-    from fedevents.federated.worker import Worker
 
     torch.set_num_threads(threads)
-    worker: Worker | None = None
+    try:
+        module, _, name = worker_class.partition(":")
+        worker = getattr(importlib.import_module(module), name)(config, seed)
+        reply: tuple[str, Any] = ("ok", None)
+    except Exception as exc:
+        reply = ("error", _portable(exc))
+    conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+    if reply[0] == "error":
+        return
     while True:
         try:
             message = conn.recv_bytes()
@@ -130,8 +169,6 @@ def serve(conn: Connection, config: Mapping[str, Any], seed: int, threads: int) 
             return
         kind, job = pickle.loads(message)
         try:
-            if worker is None:
-                worker = Worker(config, seed)
             reply = ("ok", getattr(worker, kind)(job))
         except Exception as exc:
             reply = ("error", _portable(exc))

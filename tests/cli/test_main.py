@@ -62,6 +62,8 @@ def test_dry_run_prints_a_summary_and_writes_the_trace_without_training(tmp_path
         (["--device", "cuda:3"], "device 'cuda:"),
         (["--set", "datasets_dir=/definitely/missing"], "datasets_dir: expected an existing directory"),
         (["--set", "handlers=['no_such_module:Thing']"], "handlers[0]: could not import 'no_such_module'"),
+        (["--executor", "gpu"], "argument --executor: invalid choice: 'gpu'"),
+        (["--set", "executor=processes"], "executor: expected one of process, ray, thread, found 'processes'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_creates_no_files(tmp_path: Path, args: list[str], message: str) -> None:
@@ -77,6 +79,18 @@ def test_bad_input_is_one_line_exit_2_and_creates_no_files(tmp_path: Path, args:
     assert message in lines[0]
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "logs").exists()
+
+
+def test_the_process_executor_runs_the_demo_from_the_command_line(tmp_path: Path) -> None:
+    runs = {}
+    for executor in ("thread", "process"):
+        run = fedevents("run", str(ROOT / "configs/demo.yaml"), "--executor", executor, "--parallel", "2",
+                        "--logs-dir", str(tmp_path / executor), *SMALL, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        record = next(p for p in (tmp_path / executor).glob("*.json") if ".trace" not in p.name)
+        runs[executor] = json.loads(record.read_text())
+    assert runs["process"]["config"]["executor"] == "process"
+    assert runs["process"]["data"] == runs["thread"]["data"]
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
