@@ -4,7 +4,9 @@ Each slot gets its own process, started on first use with the ``spawn`` method (
 has started torch's thread pools or CUDA is unsafe). A process builds a ``Worker`` from the experiment's
 config and seed, so it caches data and models exactly as a thread would and computes the same numbers.
 Jobs and results cross the pipe pickled; a job whose time runs out is stopped by killing its process
-(the slot is free once the process is gone, and the next job on the slot starts a fresh one).
+(the slot is free once the process is gone, and the next job on the slot starts a fresh one). Log lines a
+job writes in its process come back with its result and are logged again in the driver, in the thread
+that waited for the job, so they carry the run, round, client and task like lines from worker threads.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Mapping
 
+import structlog
 from fedevents.engine.devices import Slot
 
 from .base import Executor, WorkerLost
@@ -25,6 +28,7 @@ from .base import Executor, WorkerLost
 __all__ = ["ProcessExecutor"]
 
 _STOP = b""
+_log = structlog.get_logger("fedevents.federated")
 
 
 @dataclass
@@ -97,7 +101,8 @@ class ProcessExecutor(Executor):
             proc.process.join(timeout=5)
             raise WorkerLost(f"the worker process of {slot.device} slot {slot.index} (pid {proc.process.pid}) "
                              f"ended with exit code {proc.process.exitcode} before answering") from None
-        status, value = pickle.loads(reply)
+        status, value, lines = pickle.loads(reply)
+        _replay(lines)
         if status == "error":
             raise value
         return value
@@ -151,6 +156,7 @@ def serve(conn: Connection, worker_class: str, config: Mapping[str, Any], seed: 
     import torch
 
     torch.set_num_threads(threads)
+    lines = _capture_logs()
     try:
         module, _, name = worker_class.partition(":")
         worker = getattr(importlib.import_module(module), name)(config, seed)
@@ -169,10 +175,31 @@ def serve(conn: Connection, worker_class: str, config: Mapping[str, Any], seed: 
             return
         kind, job = pickle.loads(message)
         try:
-            reply = ("ok", getattr(worker, kind)(job))
+            reply = ("ok", getattr(worker, kind)(job), lines[:])
         except Exception as exc:
-            reply = ("error", _portable(exc))
+            reply = ("error", _portable(exc), lines[:])
+        lines.clear()
         conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _capture_logs() -> list[dict[str, Any]]:
+    """Route this process's structlog lines into a list (sent back with each result) instead of stdout."""
+    lines: list[dict[str, Any]] = []
+
+    def collect(logger: Any, method: str, event_dict: dict[str, Any]) -> Any:
+        lines.append({k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
+                      for k, v in {**event_dict, "level": method}.items()})
+        raise structlog.DropEvent
+
+    structlog.configure(processors=[collect], cache_logger_on_first_use=False)
+    return lines
+
+
+def _replay(lines: list[dict[str, Any]]) -> None:
+    for line in lines:
+        fields = dict(line)
+        level, event = fields.pop("level", "info"), fields.pop("event", "")
+        getattr(_log, level, _log.info)(event, **fields)
 
 
 def _portable(exc: Exception) -> Exception:

@@ -34,11 +34,18 @@ async def test_the_process_executor_writes_the_thread_executors_record(tmp_path:
         exp = experiment(tmp_path, executor, executor=executor, parallel=parallel)
         assert isinstance(exp.component(ClientWork).executor,
                           ThreadExecutor if executor == "thread" else ProcessExecutor)
+        rec = EventRecorder(exp.bus)
         await exp.run_async()
         records[executor] = json.loads(exp.paths.record.read_text())
     assert records["process"]["status"] == "finished"
     assert records["process"]["data"] == records["thread"]["data"]
     assert records["process"]["comm"] == records["thread"]["comm"]
+    # lines logged inside the worker processes reach the run's log, bound to their client and round
+    lines = [json.loads(line) for line in exp.paths.log.read_text().splitlines()]
+    epochs = [line for line in lines if line["event"] == "epoch finished"]
+    trainings = [(e.round, e.client) for e in rec.of(TrainDone)]
+    epochs_each = exp.config.data["task_opts"]["train_epochs"]
+    assert sorted((line["round"], line["client"]) for line in epochs) == sorted(trainings * epochs_each)
 
 
 SLOW_WORKER = '''
