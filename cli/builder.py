@@ -24,7 +24,7 @@ from fedevents.handlers.executors import (
 )
 from fedevents.handlers.loading import attach_handler, load_handler
 
-__all__ = ["build_experiment", "build_experiments", "flag_overrides"]
+__all__ = ["build_executor", "build_experiment", "build_experiments", "flag_overrides", "load_configs"]
 
 
 class _Default:
@@ -53,6 +53,21 @@ def flag_overrides(*, devices: Sequence[str] | None = None, parallel: int | None
     return out
 
 
+def load_configs(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    common: str | os.PathLike[str] | None = None,
+    overrides: Sequence[str | tuple[str, str]] = (),
+    dry_run: bool = False,
+) -> list[ExperimentConfig]:
+    """Load and validate every experiment, and check its devices unless it is a dry run."""
+    configs = load_experiments(paths, common=common, overrides=overrides, methods=METHODS)
+    if not dry_run:
+        for cfg in configs:
+            check_devices(cfg)
+    return configs
+
+
 def build_experiments(
     paths: Sequence[str | os.PathLike[str]],
     *,
@@ -65,10 +80,7 @@ def build_experiments(
 ) -> list[Experiment]:
     """Load, validate and wire every experiment before any of them runs."""
     console = _console(console)
-    configs = load_experiments(paths, common=common, overrides=overrides, methods=METHODS)
-    if not dry_run:
-        for cfg in configs:
-            check_devices(cfg)
+    configs = load_configs(paths, common=common, overrides=overrides, dry_run=dry_run)
     return [build_experiment(cfg, dry_run=dry_run, console=console, sinks=sinks, resume=resume) for cfg in configs]
 
 

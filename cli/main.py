@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--logs-dir", metavar="DIR", help="where logs, records and traces go")
     run.add_argument("--executor", choices=EXECUTORS,
                      help="where client work runs: thread (default), process or ray (docs/executors.md)")
+    run.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                     help="run each experiment once per seed, as one group (docs/config.md)")
+    run.add_argument("--sweep", action="append", default=[], metavar="KEY.PATH=V1,V2",
+                     help="run each experiment once per value (repeatable: the product of all sweeps)")
     run.add_argument("--dry-run", action="store_true", help="emit the whole event sequence without training")
     run.add_argument("--resume", action="store_true",
                      help="continue the newest checkpointed run of each experiment (start fresh if there is none)")
@@ -82,18 +86,56 @@ def _run(args: argparse.Namespace) -> int:
         return _synth_reid(args)
     if args.command == "report":
         return report_main(args)
-    from .builder import build_experiments, flag_overrides
+    return _run_experiments(args)
 
-    overrides = flag_overrides(devices=args.devices, parallel=args.parallel, logs_dir=args.logs_dir,
-                               executor=args.executor)
-    experiments = build_experiments(args.experiments, common=args.common,
-                                    overrides=[*args.overrides, *overrides], dry_run=args.dry_run,
-                                    resume=args.resume)
+
+def _run_experiments(args: argparse.Namespace) -> int:
+    """Every experiment (times every seed and swept value), all validated before the first one starts.
+
+    Without ``--seeds``/``--sweep`` the first failing run ends the command with its exit status. A group
+    goes on past a failing run, and ends with a line saying how many runs failed (exit 1 if any did).
+    """
+    from fedevents.engine.context import new_run_id
+
+    from .builder import build_experiment, build_experiments, flag_overrides, load_configs
+    from .groups import expand
+
+    flags = flag_overrides(devices=args.devices, parallel=args.parallel, logs_dir=args.logs_dir,
+                           executor=args.executor)
+    overrides = [*args.overrides, *flags]
+    variants = expand(args.seeds, args.sweep)
+    if not variants:
+        for exp in build_experiments(args.experiments, common=args.common, overrides=overrides,
+                                     dry_run=args.dry_run, resume=args.resume):
+            _run_one(exp, args.dry_run)
+        return 0
+    bases = load_configs(args.experiments, common=args.common, overrides=overrides, dry_run=True)
+    runs = []
+    for path, base in zip(args.experiments, bases):
+        group = ("--seeds/--sweep", f"group={new_run_id(base.exp_name)!r}")
+        for variant in variants:
+            name = ("--seeds/--sweep", f"exp_name={base.exp_name}-{variant.suffix}")
+            runs.extend(load_configs([path], common=args.common, overrides=[*overrides, *variant.overrides,
+                                                                              group, name], dry_run=args.dry_run))
+    experiments = [build_experiment(cfg, dry_run=args.dry_run, resume=args.resume) for cfg in runs]
+    failed: list[str] = []
     for exp in experiments:
-        exp.run()
-        if args.dry_run:
-            _print_dry_run(exp)
-    return 0
+        try:
+            _run_one(exp, args.dry_run)
+        except Interrupted:
+            raise
+        except FedEventsError as exc:
+            failed.append(exp.config.exp_name)
+            print(f"fedevents: error: {exp.config.exp_name}: {exc}", file=sys.stderr)
+    summary = f"{len(runs)} runs, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "")
+    print(f"fedevents: group {runs[0].data['group']}: {summary}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _run_one(exp, dry_run: bool) -> None:
+    exp.run()
+    if dry_run:
+        _print_dry_run(exp)
 
 
 def report_main(args: argparse.Namespace) -> int:

@@ -74,6 +74,7 @@ def _schema(methods: Sequence[str]) -> Section:
         {
             "exp_name": Field(name),
             "exp_method": Field(Str(choices=tuple(methods))),
+            "group": Field(Str(nullable=True), None),
             "random_seed": Field(Int(min=0), 0),
             "datasets_dir": Field(Str(nullable=True), None),
             "checkpoints_dir": Field(Str(), "ckpts"),

@@ -55,6 +55,7 @@ SAFE_TO_CHANGE = (
     "parallel",
     "executor",
     "ray",
+    "group",
     "logs_dir",
     "checkpoints_dir",
     "datasets_dir",
