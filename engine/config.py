@@ -101,6 +101,7 @@ def _schema(methods: Sequence[str]) -> Section:
                         "val_interval": Field(Int(min=1), 1),
                         "online_clients": Field(Int(min=1), None),
                         "val_clients": Field(Str(choices=("all", "online")), "all"),
+                        "val_model": Field(Str(choices=("both", "global", "local")), "local"),
                         "failure_policy": Field(Str(choices=("fail", "tolerate")), "fail"),
                         "min_clients": Field(Int(min=1), 1),
                         "client_timeout_s": Field(Float(positive=True), None),
@@ -186,6 +187,7 @@ def _schema(methods: Sequence[str]) -> Section:
                                     "samples_per_client": Field(Int(min=1), 200),
                                     "label_skew": Field(Float(positive=True), 0.5),
                                     "test_size": Field(Int(min=1), 100),
+                                    "global_test_size": Field(Int(min=1), 1000),
                                     "noise": Field(Float(min=0.0), 1.0),
                                 }
                             ),
@@ -254,6 +256,11 @@ class ClientSet:
         if isinstance(self._tasks, tuple):
             return self._tasks
         return self._tasks[client]
+
+    def all_tasks(self) -> tuple[str, ...]:
+        """Every task some client learns, each once, in the order they first appear."""
+        streams = [self._tasks] if isinstance(self._tasks, tuple) else self._tasks.values()
+        return tuple(dict.fromkeys(task for stream in streams for task in stream))
 
     @classmethod
     def from_config(cls, clients: Any) -> "ClientSet":

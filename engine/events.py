@@ -25,6 +25,8 @@ __all__ = [
     "ValScheduled",
     "ValStarted",
     "ValDone",
+    "GlobalValScheduled",
+    "GlobalValDone",
     "UploadsClosed",
     "Aggregated",
     "RoundFinished",
@@ -172,6 +174,27 @@ class ValDone(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class GlobalValScheduled(Event):
+    """The engine asked for the global (aggregated) model to be scored on ``tasks``' server-side test sets."""
+
+    round: int
+    tasks: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GlobalValDone(Event):
+    """The global model was scored on one task's server-side test set."""
+
+    round: int
+    task: str
+    device: str
+    slot: int
+    ran_s: float
+    samples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UploadsClosed(Event):
     """The server stopped taking uploads for the round; the aggregate work handler answers."""
 
@@ -261,6 +284,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     ValScheduled,
     ValStarted,
     ValDone,
+    GlobalValScheduled,
+    GlobalValDone,
     UploadsClosed,
     Aggregated,
     RoundFinished,

@@ -32,6 +32,7 @@ from .events import (
     ExperimentFinished,
     ExperimentInterrupted,
     ExperimentStarted,
+    GlobalValScheduled,
     RoundFinished,
     RoundStarted,
     UploadsClosed,
@@ -95,6 +96,9 @@ class Engine:
         self._stop: str | None = None
         self._phase_scope: anyio.CancelScope | None = None
         self._tolerate = config.data["exp_opts"]["failure_policy"] == "tolerate"
+        val_model = config.data["exp_opts"]["val_model"]
+        self._val_local = val_model in ("local", "both")
+        self._val_global = val_model in ("global", "both")
 
     def stop(self, signal_name: str) -> None:
         """Stop soon (a signal arrived): dispatch nothing more, cancel the running phase, end the run."""
@@ -113,7 +117,8 @@ class Engine:
 
     async def run(self) -> None:
         """Run every round; on failure emit ExperimentFailed and raise RunFailed (Interrupted on a signal)."""
-        for needed in (ClientDispatched, ValScheduled, UploadsClosed):
+        needs = (ClientDispatched, ValScheduled, UploadsClosed) + ((GlobalValScheduled,) if self._val_global else ())
+        for needed in needs:
             if not self.bus.has_work_handler(needed):
                 raise ConfigError(f"no work handler is subscribed to {needed.__name__}; nothing would train")
         cfg = self.config
@@ -169,7 +174,8 @@ class Engine:
         self.round = 0
         started = time.monotonic()
         await self.emit(RoundStarted, round=0)
-        validated = await self._validate(0, self.config.clients.names)
+        validated = await self._validate(0, self.config.clients.names) if self._val_local else 0
+        await self._validate_global(0)
         await self._finish_round(0, 0, 0, validated, started)
 
     async def _finish_round(self, rnd: int, trained: int, failed: int, validated: int, started: float) -> None:
@@ -199,7 +205,8 @@ class Engine:
             raise RunFailed(f"round {rnd}: {len(uploaded)} of {len(online)} clients trained, fewer than "
                             f"exp_opts.min_clients = {least}")
         validated = 0
-        if due(rnd, cfg.val_interval, cfg.rounds):
+        validating = due(rnd, cfg.val_interval, cfg.rounds)
+        if validating and self._val_local:
             scope = cfg.clients.names if cfg.data["exp_opts"]["val_clients"] == "all" else uploaded
             validated = await self._validate(rnd, scope)
         try:
@@ -207,7 +214,19 @@ class Engine:
         except Exception as exc:
             raise RunFailed(f"round {rnd}: aggregation failed: {type(exc).__name__}: {exc}") from exc
         self._check_stop()
+        if validating:
+            await self._validate_global(rnd)
         await self._finish_round(rnd, len(train.done), len(train.failed), validated, started)
+
+    async def _validate_global(self, rnd: int) -> None:
+        """Score the aggregated model on every task's server-side test set (``exp_opts.val_model``)."""
+        if not self._val_global:
+            return
+        try:
+            await self.emit(GlobalValScheduled, round=rnd, tasks=self.config.clients.all_tasks())
+        except Exception as exc:
+            raise RunFailed(f"round {rnd}: validating the global model failed: {type(exc).__name__}: {exc}") from exc
+        self._check_stop()
 
     async def _validate(self, rnd: int, clients: Sequence[str]) -> int:
         phase = await self._phase(rnd, clients, self._validate_one)

@@ -134,6 +134,10 @@ class Federation:
         model = self._server.state if stored is None else stored.model
         return ValJob(client=client, tasks=tuple(tasks), round=round, device=device, model=model)
 
+    def global_val_job(self, *, tasks: Sequence[str], round: int, device: str) -> ValJob:
+        """The job of scoring the global model on each task's server-side test set."""
+        return ValJob(client=None, tasks=tuple(tasks), round=round, device=device, model=self._server.state)
+
     def validate(self, *, client: str, tasks: Sequence[str], round: int, device: str) -> dict[str, ValResult]:
         """Score ``client``'s model on each task's held-out split, here, in the calling thread."""
         return self.worker.validate(self.val_job(client=client, tasks=tasks, round=round, device=device))

@@ -19,7 +19,7 @@ import torch
 
 from .seeds import derive_seed, generator
 
-__all__ = ["SyntheticSpec", "ClientData", "client_data", "label_proportions"]
+__all__ = ["SyntheticSpec", "ClientData", "client_data", "global_test_data", "label_proportions"]
 
 _LATENT = 16
 _HIDDEN = 64
@@ -95,6 +95,19 @@ class _World:
 def client_data(spec: SyntheticSpec, *, seed: int, task: str, client: str) -> ClientData:
     """Give ``client``'s splits of ``task``: identical for the same ``(seed, task, client, spec)``."""
     return _client_data(spec, seed, task, client)
+
+
+def global_test_data(spec: SyntheticSpec, *, seed: int, task: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The server's held-out set of ``task``: ``size`` samples, every class equally likely, drawn apart from
+    every client's data, so it scores the global model on the task rather than on any client's skew."""
+    return _global_test_data(spec, seed, task, size)
+
+
+@functools.lru_cache(maxsize=_CACHED_WORLDS)
+def _global_test_data(spec: SyntheticSpec, seed: int, task: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = torch.arange(size) % spec.num_classes
+    gen = generator(seed, task, "global-test")
+    return _world(spec, seed, task).render(labels, gen, spec), labels
 
 
 def label_proportions(spec: SyntheticSpec, *, seed: int, task: str, client: str) -> tuple[float, ...]:

@@ -18,7 +18,7 @@ from .backbones import REID_MODELS, build_reid_model, empty_reid_model
 from .models import MODELS, build_model, empty_model
 from .reid_data import IMAGE_CACHE, AugmentOpts, augment, load_image_set, load_reid_task
 from .reid_metrics import reid_scores
-from .synthetic import SyntheticSpec, client_data
+from .synthetic import SyntheticSpec, client_data, global_test_data
 from .training import evaluate
 
 __all__ = ["TaskSource", "SyntheticTasks", "ReidTasks", "build_task_source", "DATASETS"]
@@ -45,12 +45,17 @@ class TaskSource:
         """How many samples were scored and the validation metrics of ``model`` on ``task``."""
         raise NotImplementedError
 
+    def score_global(self, model: nn.Module, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
+        """Like ``score``, on the server's test set of ``task`` (the global model's evaluation)."""
+        raise NotImplementedError
+
 
 class SyntheticTasks(TaskSource):
     """The built-in synthetic classification task; each client owns a non-IID slice of every task."""
 
     def __init__(self, opts: Mapping[str, Any], seed: int) -> None:
         self.spec = SyntheticSpec.from_dict(opts["synthetic"])
+        self.global_size = int(opts["synthetic"].get("global_test_size", 1000))
         self.seed = seed
 
     def _check(self, model_opts: Mapping[str, Any]) -> None:
@@ -72,6 +77,11 @@ class SyntheticTasks(TaskSource):
     def score(self, model: nn.Module, client: str, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
         data = client_data(self.spec, seed=self.seed, task=task, client=client)
         scores = evaluate(model, data.x_test.to(device), data.y_test.to(device))
+        return scores.samples, {"val_acc": scores.acc, "val_loss": scores.loss}
+
+    def score_global(self, model: nn.Module, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
+        x, y = global_test_data(self.spec, seed=self.seed, task=task, size=self.global_size)
+        scores = evaluate(model, x.to(device), y.to(device))
         return scores.samples, {"val_acc": scores.acc, "val_loss": scores.loss}
 
 
@@ -120,6 +130,10 @@ class ReidTasks(TaskSource):
         scores = reid_scores(q, query.pids, query.camids, g, gallery.pids, gallery.camids, map_mode=self.map_mode)
         metrics = {f"val_{key}": value for key, value in scores.items()}
         return len(query), metrics
+
+    def score_global(self, model: nn.Module, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
+        # A ReID task's query and gallery are the task's, not a client's: the server scores on the same ones.
+        return self.score(model, "", task, device)
 
 
 def build_task_source(config: Mapping[str, Any], seed: int) -> TaskSource:

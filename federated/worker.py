@@ -54,9 +54,10 @@ class TrainOutcome:
 
 @dataclass(frozen=True, slots=True)
 class ValJob:
-    """Score one model (a client's, or the global one) on each of ``tasks``' held-out splits."""
+    """Score one model on each of ``tasks``' held-out splits: a client's (its own test data) or, with
+    ``client`` None, the global model (the server's test data)."""
 
-    client: str
+    client: str | None
     tasks: tuple[str, ...]
     round: int
     device: str
@@ -91,6 +92,12 @@ class Worker:
     @property
     def tasks(self) -> Any:
         return self._tasks
+
+    def warm_up(self) -> None:
+        """Pay the one-off costs of a first job now: torch imports its compiler stack the first time an
+        optimizer is built (seconds on a busy machine), which a fresh worker process would otherwise charge
+        to its first client's time."""
+        build_optimizer(self._optimizer_opts, [torch.zeros(1, requires_grad=True)])
 
     def train(self, job: TrainJob) -> TrainOutcome:
         """Run ``job``'s local round on its device; the new state comes back on the CPU."""
@@ -134,7 +141,10 @@ class Worker:
         model.load_state_dict(job.model)
         results = {}
         for task in job.tasks:
-            samples, metrics = self._tasks.score(model, job.client, task, dev)
+            if job.client is None:
+                samples, metrics = self._tasks.score_global(model, task, dev)
+            else:
+                samples, metrics = self._tasks.score(model, job.client, task, dev)
             results[task] = ValResult(samples=samples, metrics=metrics)
         return results
 

@@ -26,6 +26,8 @@ from fedevents.engine.events import (
     Aggregated,
     ClientDispatched,
     ClientUploaded,
+    GlobalValDone,
+    GlobalValScheduled,
     TrainDone,
     TrainStarted,
     UploadsClosed,
@@ -79,6 +81,7 @@ class ClientWork:
             bus.subscribe(ClientDispatched, self.train, work=True),
             bus.subscribe(ValScheduled, self.validate, work=True),
             bus.subscribe(UploadsClosed, self.aggregate, work=True),
+            bus.subscribe(GlobalValScheduled, self.validate_global, work=True),
         ]
 
     def close(self) -> None:
@@ -129,6 +132,23 @@ class ClientWork:
                 res = results[task]
                 await self._emit(ValDone, round=ev.round, client=ev.client, task=task, **where, ran_s=ran,
                                  samples=res.samples, metrics=res.metrics)
+
+    async def validate_global(self, ev: GlobalValScheduled) -> None:
+        fed, executor = self.federation, self.executor
+
+        def compute() -> Any:
+            return executor.validate(fed.global_val_job(tasks=ev.tasks, round=ev.round, device=slot.device), slot)
+
+        slot = await self.pool.acquire()
+        where = dict(device=slot.device, slot=slot.index)
+        async with _SlotKeeper(self.pool, slot) as keep:
+            began = time.monotonic()
+            results = await self._run(_Job(compute, lambda results: results), slot, keep, "validating the global model")
+            ran = time.monotonic() - began
+            for task in ev.tasks:
+                res = results[task]
+                await self._emit(GlobalValDone, round=ev.round, task=task, **where, ran_s=ran, samples=res.samples,
+                                 metrics=res.metrics)
 
     async def aggregate(self, ev: UploadsClosed) -> None:
         began = time.monotonic()

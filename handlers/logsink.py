@@ -33,6 +33,7 @@ from fedevents.engine.events import (
     ExperimentFinished,
     ExperimentInterrupted,
     ExperimentStarted,
+    GlobalValDone,
     RoundFinished,
     TrainDone,
     ValDone,
@@ -268,11 +269,12 @@ def configure_logging(
 class _RoundStats:
     """Metric sums of one round, kept per metric name in order of first appearance."""
 
-    __slots__ = ("train", "val")
+    __slots__ = ("train", "val", "glob")
 
     def __init__(self) -> None:
         self.train: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
         self.val: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        self.glob: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
 
     @staticmethod
     def add(into: dict[str, list[float]], metrics: Mapping[str, float]) -> None:
@@ -333,6 +335,8 @@ class LogSink:
             _RoundStats.add(self._stats[event.round].train, event.metrics)
         elif kind is ValDone:
             _RoundStats.add(self._stats[event.round].val, event.metrics)
+        elif kind is GlobalValDone:
+            _RoundStats.add(self._stats[event.round].glob, event.metrics)
         elif kind is RoundFinished:
             self._round_finished(event)
         elif kind is ClientFailed:
@@ -399,7 +403,11 @@ class LogSink:
             parts.append(_format_metrics(train))
         shown = {k: v for k, v in val.items() if not k.endswith("_loss")} or val
         if shown:
-            parts.append(_format_metrics(shown))
+            parts.append(("local " if stats.glob else "") + _format_metrics(shown))
+        glob = _RoundStats.means(stats.glob)
+        shown = {k: v for k, v in glob.items() if not k.endswith("_loss")} or glob
+        if shown:
+            parts.append("global " + _format_metrics(shown))
         parts.append(f"{ev.seconds:.2f}s")
         self._person.info(
             "  ".join(parts),
@@ -411,6 +419,7 @@ class LogSink:
             seconds=ev.seconds,
             train=train,
             val=val,
+            **({"global": glob} if glob else {}),
         )
         self._logging.flush()  # type: ignore[union-attr]
 

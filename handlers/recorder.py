@@ -22,6 +22,7 @@ from fedevents.engine.events import (
     ExperimentStarted,
     RoundFinished,
     TrainDone,
+    GlobalValDone,
     ValDone,
     json_safe,
 )
@@ -31,7 +32,7 @@ from .logsink import SINK_PRIORITY
 
 __all__ = ["JsonRecorder", "format_record", "write_json_atomic", "write_text_atomic"]
 
-_EVENTS = (ExperimentStarted, TrainDone, ValDone, ClientUploaded, ClientFailed, RoundFinished, ExperimentFinished,
+_EVENTS = (ExperimentStarted, TrainDone, ValDone, GlobalValDone, ClientUploaded, ClientFailed, RoundFinished, ExperimentFinished,
            ExperimentFailed,
            ExperimentInterrupted)
 
@@ -72,6 +73,7 @@ class JsonRecorder:
         self._data: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
         self._failures: list[dict[str, Any]] = []
         self._comm: dict[str, list[int]] = {}  # round -> [uploads, bytes]
+        self._global: dict[str, dict[str, dict[str, float]]] = {}  # round -> task -> metrics of the global model
         self._dirty = False
         self._subs: list[Subscription] = []
 
@@ -84,6 +86,11 @@ class JsonRecorder:
         if kind is TrainDone or kind is ValDone:
             if self.record is not None:
                 self._merge(event.client, event.round, event.task, event.metrics)  # type: ignore[attr-defined]
+        elif kind is GlobalValDone:
+            if self.record is not None:
+                tasks = self._global.setdefault(str(event.round), {})  # type: ignore[attr-defined]
+                tasks.setdefault(event.task, {}).update(event.metrics)  # type: ignore[attr-defined]
+                self._dirty = True
         elif kind is ClientUploaded:
             if self.record is not None:
                 counts = self._comm.setdefault(str(event.round), [0, 0])  # type: ignore[attr-defined]
@@ -133,7 +140,7 @@ class JsonRecorder:
     def _start(self, ev: ExperimentStarted) -> None:
         self.record = {"config": json_safe(self.config), "run_id": ev.run_id, "status": "running"}
         if ev.resumed:
-            self._data, self._comm = _earlier_rounds(self.path, ev.first_round)
+            self._data, self._comm, self._global = _earlier_rounds(self.path, ev.first_round)
         self.write()
 
     def _merge(self, client: str, rnd: int, task: str, metrics: Mapping[str, float]) -> None:
@@ -179,23 +186,28 @@ class JsonRecorder:
             by_round = dict(sorted(self._comm.items(), key=lambda kv: int(kv[0])))
             out["comm"] = {"uploads": sum(v[0] for v in by_round.values()),
                            "upload_bytes": sum(v[1] for v in by_round.values()), "by_round": by_round}
+        if self._global:
+            out["global"] = dict(sorted(self._global.items(), key=lambda kv: int(kv[0])))
         if self._failures:
             out["failures"] = list(self._failures)
         return out
 
 
-def _earlier_rounds(path: Path, first_round: int) -> tuple[dict[str, dict[str, Any]], dict[str, list[int]]]:
-    """The metrics and upload counts of the rounds a resumed run does not repeat."""
+def _earlier_rounds(path: Path, first_round: int) -> tuple[dict[str, dict[str, Any]], dict[str, list[int]],
+                                                          dict[str, Any]]:
+    """The metrics, upload counts and global-model scores of the rounds a resumed run does not repeat."""
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
         data, by_round = record.get("data", {}), record.get("comm", {}).get("by_round", {})
+        scores = record.get("global", {})
     except (OSError, ValueError, AttributeError):
-        return {}, {}
+        return {}, {}, {}
     kept: dict[str, dict[str, Any]] = {}
     for client, rounds in data.items():
         earlier = {r: tasks for r, tasks in rounds.items() if r.isdigit() and int(r) < first_round}
         if earlier:
             kept[client] = earlier
     comm = {r: list(v) for r, v in by_round.items() if r.isdigit() and int(r) < first_round}
-    return kept, comm
+    earlier = {r: tasks for r, tasks in scores.items() if r.isdigit() and int(r) < first_round}
+    return kept, comm, earlier

@@ -160,6 +160,7 @@ def serve(conn: Connection, worker_class: str, config: Mapping[str, Any], seed: 
     try:
         module, _, name = worker_class.partition(":")
         worker = getattr(importlib.import_module(module), name)(config, seed)
+        worker.warm_up()
         reply: tuple[str, Any] = ("ok", None)
     except Exception as exc:
         reply = ("error", _portable(exc))

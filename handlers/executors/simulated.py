@@ -28,6 +28,7 @@ __all__ = ["DryRunCheckpoints", "SimulatedExecutor", "SimulatedFederation"]
 class _Job:
     round: int
     tasks: tuple[str, ...]
+    on_server: bool = False  # the global model on the server's test set
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,9 @@ class SimulatedFederation:
     def val_job(self, *, client: str, tasks: Sequence[str], round: int, device: str) -> _Job:
         return _Job(round, tuple(tasks))
 
+    def global_val_job(self, *, tasks: Sequence[str], round: int, device: str) -> _Job:
+        return _Job(round, tuple(tasks), on_server=True)
+
     def aggregate(self, *, round: int, clients: Sequence[str]) -> _Aggregate:
         return _Aggregate(tuple(clients), self.train_samples * len(clients))
 
@@ -80,6 +84,7 @@ class SimulatedExecutor(Executor):
         costs = config["dry_run_opts"]
         self.train_samples = synth["samples_per_client"]
         self.val_samples = synth["test_size"]
+        self.global_samples = synth["global_test_size"]
         batches = math.ceil(self.train_samples / task_opts["batch_size"]) * task_opts["train_epochs"]
         self.train_s = batches * costs["train_s_per_batch"]
         self.val_s_per_task = math.ceil(self.val_samples / task_opts["batch_size"]) * costs["val_s_per_batch"]
@@ -93,8 +98,11 @@ class SimulatedExecutor(Executor):
         return _Result(self.train_samples)
 
     def validate(self, job: _Job, slot: Slot) -> dict[str, _Result]:
-        self._place(slot, (job.round, "validate"), self.val_s_per_task * len(job.tasks))
-        return {task: _Result(self.val_samples) for task in job.tasks}
+        samples = self.global_samples if job.on_server else self.val_samples
+        batches = math.ceil(samples / self.val_samples) if job.on_server else 1
+        self._place(slot, (job.round, "global" if job.on_server else "validate"),
+                    self.val_s_per_task * batches * len(job.tasks))
+        return {task: _Result(samples) for task in job.tasks}
 
     def _place(self, slot: Slot, phase: tuple[int, str], seconds: float) -> None:
         if phase != self._phase_key:  # a new phase starts when every slot is done with the last one

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import signal
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -83,7 +83,7 @@ async def test_a_timed_out_process_job_is_killed_and_its_slot_comes_back_once_th
     tmp_path: Path, monkeypatch
 ) -> None:
     exp = experiment(tmp_path, "slow", parallel=1, **{"exp_opts.failure_policy": "tolerate",
-                                                      "exp_opts.client_timeout_s": 3,
+                                                      "exp_opts.client_timeout_s": 5,
                                                       "exp_opts.online_clients": 10})
     victim = exp.config.clients.names[0]
     rec = EventRecorder(exp.bus)
@@ -92,20 +92,17 @@ async def test_a_timed_out_process_job_is_killed_and_its_slot_comes_back_once_th
     real_stop = executor.stop
 
     def stop(slot):
-        ran["pid"] = executor._processes[(slot.device, slot.index)].process.pid
+        ran["process"] = executor._processes[(slot.device, slot.index)].process
         real_stop(slot)
 
     executor.stop = stop
-    began = time.monotonic()
     sampled = []
     exp.bus.subscribe(UploadsClosed, lambda ev: sampled.append(ev))
     await exp.run_async()
     failures = rec.of(ClientFailed)
     assert [(f.round, f.client, f.error_type) for f in failures] == [(2, victim, "ClientTimeout")]
-    # killed, not waited for: the run took far less than the 30 s the job would have slept
-    assert time.monotonic() - began < 20
-    # the one slot's process was killed, and every later training ran on a fresh one
-    assert "pid" in ran
+    # killed, not waited for (it would have slept 30 s), and every later training ran on a fresh process
+    assert ran["process"].exitcode == -signal.SIGKILL
     started_after = [e for e in rec.of(TrainStarted) if e.mono_time > failures[0].mono_time]
     assert len(started_after) == 10 * 3 - len([e for e in rec.of(TrainStarted) if e.mono_time < failures[0].mono_time])
     assert victim not in next(e for e in sampled if e.round == 2).clients
