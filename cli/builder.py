@@ -23,6 +23,7 @@ from fedevents.handlers.executors import (
     ThreadExecutor,
 )
 from fedevents.handlers.loading import attach_handler, load_handler
+from fedevents.handlers.steering import RunControl
 
 __all__ = ["build_executor", "build_experiment", "build_experiments", "flag_overrides", "load_configs"]
 
@@ -131,8 +132,11 @@ def build_experiment(
         exp.add(TraceRecorder(exp.paths.events, exp.paths.trace))
     for handler in handlers:
         attach_handler(handler, exp.bus)
+        exp.components.append(handler)
         if callable(getattr(handler, "close", None)):
             exp.on_close(handler.close)
+    work = exp.component(ClientWork)
+    exp.provide_control(RunControl(exp, None if exp.dry_run else work.federation))
     return exp
 
 

@@ -257,10 +257,12 @@ class ExperimentInterrupted(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExperimentFinished(Event):
-    """Every round ran; ``seconds`` is the wall time of the whole run."""
+    """The run ended well: every round ran, or a handler stopped it after ``rounds`` rounds (``stopped``
+    says why; empty when every round ran). ``seconds`` is the wall time of the whole run."""
 
     rounds: int
     seconds: float
+    stopped: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

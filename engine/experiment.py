@@ -77,6 +77,8 @@ class Experiment:
         self.context = RunContext(self.paths.run_id, config.exp_name)
         self.max_in_flight = max_in_flight
         self.components: list[Any] = []
+        #: What steering handlers may do to this run (set by ``provide_control``); None until then.
+        self.control: Any = None
         self.engine: Engine | None = None
         self._closers: list[Callable[[], None]] = []
 
@@ -86,17 +88,37 @@ class Experiment:
         return self.resume is not None and self.resume.round >= self.config.rounds
 
     def add(self, component: Any) -> Any:
-        """Attach a component with ``subscribe(bus)`` (and, optionally, ``close()``, called after the run)."""
+        """Attach a component with ``subscribe(bus)`` (and, optionally, ``close()``, called after the run,
+        and ``bind(control)``, called with the run's control so that it may steer the run)."""
         component.subscribe(self.bus)
         self.components.append(component)
         close = getattr(component, "close", None)
         if callable(close):
             self.on_close(close)
+        self._bind(component)
         return component
+
+    def provide_control(self, control: Any) -> None:
+        """Give steering handlers ``control``: each attached component with ``bind`` gets it, now or when added."""
+        self.control = control
+        for component in self.components:
+            self._bind(component)
+
+    def _bind(self, component: Any) -> None:
+        bind = getattr(component, "bind", None)
+        if self.control is not None and component is not self.control and callable(bind):
+            bind(self.control)
 
     def component(self, kind: type) -> Any:
         """The first attached component that is a ``kind``, or None."""
         return next((c for c in self.components if isinstance(c, kind)), None)
+
+    def finish_after_round(self, reason: str) -> None:
+        """End the run well after the round now running (status ``stopped``, exit status 0, the record
+        complete); for handlers that decide a run has done enough, such as early stopping."""
+        if self.engine is None:
+            raise RuntimeError("finish_after_round: expected a running experiment, found none running")
+        self.engine.finish_after_round(reason)
 
     def on_close(self, close: Callable[[], None]) -> None:
         """Call ``close()`` after the run, on every exit path, in the reverse order of registration."""

@@ -94,6 +94,7 @@ class Engine:
         self.round = 0
         self.last_checkpoint = -1 if resume_round is None else resume_round
         self._stop: str | None = None
+        self._finish: str = ""
         self._phase_scope: anyio.CancelScope | None = None
         self._tolerate = config.data["exp_opts"]["failure_policy"] == "tolerate"
         val_model = config.data["exp_opts"]["val_model"]
@@ -106,6 +107,14 @@ class Engine:
             self._stop = signal_name
             if self._phase_scope is not None:
                 self._phase_scope.cancel()
+
+    def finish_after_round(self, reason: str) -> None:
+        """End the run well after the current round (a handler's decision, e.g. early stopping): the round
+        finishes and is checkpointed, no later round starts, and ExperimentFinished says ``reason``."""
+        if not reason:
+            raise ValueError("finish_after_round: expected a reason, found an empty string")
+        if not self._finish:
+            self._finish = reason
 
     async def emit(self, event_type: type, **fields: object) -> None:
         await self.bus.emit(self.context.make(event_type, **fields))
@@ -144,6 +153,8 @@ class Engine:
             for rnd in range(max(first, 1), cfg.rounds + 1):
                 self._check_stop()
                 await self._round(rnd)
+                if self._finish:
+                    break
         except Interrupted as exc:
             with anyio.CancelScope(shield=True):
                 await self.emit(ExperimentInterrupted, round=self.round, signal=exc.signal_name,
@@ -161,7 +172,8 @@ class Engine:
             raise
         finally:
             watch.unsubscribe()
-        await self.emit(ExperimentFinished, rounds=cfg.rounds, seconds=time.monotonic() - started)
+        rounds = self.round if self._finish else cfg.rounds
+        await self.emit(ExperimentFinished, rounds=rounds, seconds=time.monotonic() - started, stopped=self._finish)
 
     def _checkpointed(self, ev: CheckpointSaved) -> None:
         self.last_checkpoint = ev.round

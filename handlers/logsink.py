@@ -436,8 +436,9 @@ class LogSink:
 
     def _finished(self, ev: ExperimentFinished) -> None:
         where = self.record_path if self.record_path is not None else self.jsonl_path.parent
+        ended = f"stopped after {ev.rounds} rounds ({ev.stopped})" if ev.stopped else f"finished  {ev.rounds} rounds"
         self._person.info(
-            f"experiment {ev.exp_name} finished  {ev.rounds} rounds in {ev.seconds:.2f}s  record {where}",
+            f"experiment {ev.exp_name} {ended} in {ev.seconds:.2f}s  record {where}",
             _console=True,
             seconds=ev.seconds,
         )

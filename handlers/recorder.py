@@ -106,7 +106,10 @@ class JsonRecorder:
         elif kind is ClientFailed:
             self._failed_client(event)  # type: ignore[arg-type]
         elif kind is ExperimentFinished:
-            self._end("finished", None)
+            if event.stopped:  # type: ignore[attr-defined]
+                self._end("stopped", None, stopped=event.stopped, rounds=event.rounds)  # type: ignore[attr-defined]
+            else:
+                self._end("finished", None)
         elif kind is ExperimentFailed:
             self._end("failed", event.reason)  # type: ignore[attr-defined]
         elif kind is ExperimentInterrupted:
@@ -167,12 +170,13 @@ class JsonRecorder:
         )
         self._dirty = True
 
-    def _end(self, status: str, error: str | None) -> None:
+    def _end(self, status: str, error: str | None, **extra: Any) -> None:
         if self.record is None:
             return
         self.record["status"] = status
         if error is not None:
             self.record["error"] = error
+        self.record.update(extra)
         self.write()
 
     def _snapshot(self) -> dict[str, Any]:
