@@ -8,6 +8,7 @@ from .errors import CheckpointError, ConfigError, DeviceError, FedEventsError, H
 from .events import *  # noqa: F403 - the event classes are the public vocabulary
 from .events import __all__ as _event_names
 from .experiment import Experiment, ResumePoint, RunPaths
+from .results import RoundMetrics, RunResult
 from .runner import Engine
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "CheckpointError",
     "Experiment",
     "ResumePoint",
+    "RoundMetrics",
+    "RunResult",
     "RunPaths",
     "Engine",
     *_event_names,

@@ -17,6 +17,7 @@ from .config import ExperimentConfig
 from .context import RunContext, new_run_id
 from .devices import DevicePool
 from .errors import ConfigError
+from .results import ResultTracker, RunResult
 from .runner import Engine
 
 __all__ = ["Experiment", "ResumePoint", "RunPaths"]
@@ -81,6 +82,8 @@ class Experiment:
         self.control: Any = None
         self.engine: Engine | None = None
         self._closers: list[Callable[[], None]] = []
+        self._results = ResultTracker()
+        self._results.subscribe(self.bus)
 
     @property
     def finished(self) -> bool:
@@ -124,19 +127,23 @@ class Experiment:
         """Call ``close()`` after the run, on every exit path, in the reverse order of registration."""
         self._closers.append(close)
 
-    def run(self, *, backend: str = "asyncio", handle_signals: bool = True) -> None:
+    def run(self, *, backend: str = "asyncio", handle_signals: bool = True) -> RunResult:
         """Run the experiment to the end in a new event loop (``"asyncio"`` or ``"trio"``).
 
         With ``handle_signals`` (in the main thread), SIGINT or SIGTERM stops the run cleanly: nothing more
         is dispatched, the record is marked interrupted and ``Interrupted`` is raised; a second signal ends
         the process at once.
         """
-        anyio.run(partial(self.run_async, handle_signals=handle_signals), backend=backend)
+        return anyio.run(partial(self.run_async, handle_signals=handle_signals), backend=backend)
 
-    async def run_async(self, *, handle_signals: bool = False) -> None:
-        """Run inside an existing event loop; components are closed on every exit path."""
+    async def run_async(self, *, handle_signals: bool = False) -> RunResult:
+        """Run inside an existing event loop; components are closed on every exit path.
+
+        Gives the run's result (status, record path, metrics per round); a failed run raises RunFailed, an
+        interrupted one Interrupted.
+        """
         if self.finished:
-            return
+            return self._results.result(self.paths.run_id, self.paths.record)
         try:
             _check_writable(self.config.logs_dir, self.config.source)
             resume = self.resume
@@ -152,6 +159,7 @@ class Experiment:
             for close in reversed(self._closers):
                 close()
             self._closers.clear()
+        return self._results.result(self.paths.run_id, self.paths.record)
 
 
 async def _run_with_signals(engine: Engine) -> None:
