@@ -1,0 +1,228 @@
+"""Client work on a Ray cluster: one actor per device of each node, each holding a ``Worker`` built once.
+
+The devices are the cluster's: every alive node's ``cpu`` and GPUs that the config's ``device`` list names
+become places in the device pool (``ray_cluster.places`` names them). Each place gets one actor, asked for
+one GPU (for ``cuda:N``) or the node's CPUs up to ``parallel`` (for ``cpu``), pinned to its node, with
+``max_concurrency = parallel``: the pool's slots on a device are the actor's threads, so four slots on a GPU
+are four clients sharing one CUDA context. Jobs and results travel pickled, as to a worker process.
+
+Every wait on Ray has a time limit: an actor the cluster cannot place within ``ray.timeout_s`` is an error
+before the run, and a job is awaited in steps so that closing the executor ends the wait. An actor or node
+that dies mid-job is a ``WorkerLost`` (a client failure) and the actor is made anew for later jobs. Ray
+cannot interrupt a running task of a threaded actor: a timed-out job is cancelled (dropped if it has not
+started), its slot is kept until it has really ended, and if it runs on past ``ray.timeout_s`` its actor
+is killed (the other jobs on that actor fail as lost workers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any, Sequence
+
+from fedevents.engine.config import ExperimentConfig
+from fedevents.engine.devices import Slot
+from fedevents.engine.errors import ConfigError, DeviceError
+
+from . import ray_cluster
+from .base import Executor, WorkerLost
+from .ray_cluster import Place
+
+__all__ = ["RayExecutor"]
+
+#: How often a waiting job looks whether it was stopped or the executor closed (a Ray wait, not a sleep).
+_STEP_S = 0.5
+
+
+class _Host:
+    """The actor of one place: a ``Worker`` for the experiment, answering up to ``parallel`` jobs at once."""
+
+    def __init__(self, config: Any, seed: int, threads: int) -> None:
+        from fedevents.federated.worker import Worker
+
+        self._worker = Worker(config, seed)
+        self._threads = threads
+
+    def ready(self) -> bool:
+        return True
+
+    def train(self, job: Any) -> Any:
+        from .thread import with_threads
+
+        return with_threads(self._threads, lambda: self._worker.train(job))
+
+    def validate(self, job: Any) -> Any:
+        from .thread import with_threads
+
+        return with_threads(self._threads, lambda: self._worker.validate(job))
+
+
+class _Actor:
+    """A place's live actor handle; ``lost`` once it died, so the next job makes a new one."""
+
+    def __init__(self, place: Place, handle: Any) -> None:
+        self.place = place
+        self.handle = handle
+        self.lost = False
+
+
+class RayExecutor(Executor):
+    """Runs jobs on Ray actors, one per device of each node; results equal the thread executor's."""
+
+    name = "ray"
+
+    def __init__(self, config: ExperimentConfig, worker_config: Any, seed: int, *, torch_threads: int = 1) -> None:
+        opts = config.data["ray"]
+        self._where = f"{config.source}: ray"
+        self._timeout = float(opts["timeout_s"])
+        self._parallel = config.parallel
+        self._args = (dict(worker_config), seed, torch_threads)
+        self._lock = threading.Lock()
+        self._running: dict[tuple[str, int], tuple[Any, _Actor]] = {}
+        self._stopped: dict[tuple[str, int], float] = {}
+        self._actors: dict[str, _Actor] = {}
+        self._closed = False
+        self._ray = ray_cluster.import_ray(self._where)
+        self._remote = self._ray.remote(_Host)
+        ray_cluster.connect(opts, self._where)
+        try:
+            self._places = ray_cluster.places(self._ray.nodes(), config.devices, f"{config.source}: device")
+            self._start(self._places)
+        except BaseException:
+            self.close()
+            raise
+
+    def devices(self) -> Sequence[str]:
+        return [p.name for p in self._places]
+
+    def train(self, job: Any, slot: Slot) -> Any:
+        return self._call(slot, "train", job)
+
+    def validate(self, job: Any, slot: Slot) -> Any:
+        return self._call(slot, "validate", job)
+
+    def stop(self, slot: Slot) -> None:
+        key = (slot.device, slot.index)
+        with self._lock:
+            running = self._running.get(key)
+            self._stopped[key] = time.monotonic()
+        if running is not None:
+            # Drops the job if it has not started; a running one gets its cancel flag and ends on its own.
+            self._ray.cancel(running[0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            actors, self._actors = list(self._actors.values()), {}
+        for actor in actors:
+            self._kill(actor)
+        ray_cluster.disconnect()
+
+    # -- actors -----------------------------------------------------------------------------------------
+
+    def _start(self, places: Sequence[Place]) -> None:
+        """One actor per place, all ready within ``ray.timeout_s``, or a DeviceError naming the ones that
+        the cluster could not place."""
+        actors = {p.name: self._spawn(p) for p in places}
+        self._actors = actors
+        pending = {a.handle.ready.remote(): a for a in actors.values()}
+        ready, _ = self._ray.wait(list(pending), num_returns=len(pending), timeout=self._timeout)
+        missing = [pending[ref].place.name for ref in pending if ref not in ready]
+        if missing:
+            raise DeviceError(f"{self._where}.timeout_s: expected the Ray cluster to start a worker for each "
+                              f"device within {self._timeout:g}s, found none started for {', '.join(missing)} "
+                              f"(too few free CPUs/GPUs on the node, or parallel asks for more than it has)")
+        for ref in ready:
+            try:
+                self._ray.get(ref, timeout=self._timeout)
+            except self._ray.exceptions.RayActorError as exc:  # its Worker could not be built
+                raise ConfigError(f"{self._where}: expected a worker on {pending[ref].place.name}, found it "
+                                  f"failed to start: {_first_line(exc)}") from None
+
+    def _spawn(self, place: Place) -> _Actor:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if place.device == "cpu":
+            resources = dict(num_cpus=max(1, min(self._parallel, place.cpus)))
+        else:
+            resources = dict(num_gpus=1, num_cpus=0)
+        remote = self._remote.options(
+            max_concurrency=self._parallel, max_restarts=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(place.node_id, soft=False), **resources)
+        return _Actor(place, remote.remote(*self._args))
+
+    def _actor(self, device: str) -> _Actor:
+        """The live actor of ``device``; made anew (and awaited) after the last one died."""
+        with self._lock:
+            if self._closed:
+                raise WorkerLost("the ray executor is closed")
+            actor = self._actors[device]
+            if not actor.lost:
+                return actor
+            actor = self._actors[device] = self._spawn(actor.place)
+        try:
+            self._ray.get(actor.handle.ready.remote(), timeout=self._timeout)
+        except Exception as exc:
+            self._lose(actor)
+            raise WorkerLost(f"no Ray worker for {device}: {_first_line(exc)}") from None
+        return actor
+
+    def _lose(self, actor: _Actor) -> None:
+        actor.lost = True
+        self._kill(actor)
+
+    def _kill(self, actor: _Actor) -> None:
+        try:
+            self._ray.kill(actor.handle, no_restart=True)
+        except Exception:  # already gone with its node, or Ray is shut down
+            pass
+
+    # -- jobs -------------------------------------------------------------------------------------------
+
+    def _call(self, slot: Slot, kind: str, job: Any) -> Any:
+        key = (slot.device, slot.index)
+        actor = self._actor(slot.device)
+        ref = getattr(actor.handle, kind).remote(dataclasses.replace(job, device=actor.place.local))
+        with self._lock:
+            self._running[key] = (ref, actor)
+            self._stopped.pop(key, None)
+        try:
+            self._await(ref, key, actor)
+            return self._result(ref, actor, slot)
+        finally:
+            with self._lock:
+                self._running.pop(key, None)
+                self._stopped.pop(key, None)
+
+    def _await(self, ref: Any, key: tuple[str, int], actor: _Actor) -> None:
+        """Wait until ``ref`` has a result, the executor closes, or a stopped job outlives its grace."""
+        while not self._ray.wait([ref], timeout=_STEP_S)[0]:
+            with self._lock:
+                closed, stopped = self._closed, self._stopped.get(key)
+            if closed:
+                raise WorkerLost("the ray executor closed while the job ran")
+            if stopped is not None and time.monotonic() - stopped > self._timeout:
+                self._lose(actor)  # the only way to end a running task of a threaded actor
+                return
+
+    def _result(self, ref: Any, actor: _Actor, slot: Slot) -> Any:
+        exc_types = self._ray.exceptions
+        try:
+            return self._ray.get(ref, timeout=self._timeout)
+        except exc_types.RayTaskError as exc:
+            raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
+        except exc_types.TaskCancelledError:
+            raise WorkerLost(f"the job on {slot.device} slot {slot.index} was cancelled") from None
+        except (exc_types.RayActorError, exc_types.WorkerCrashedError, exc_types.ObjectLostError,
+                exc_types.GetTimeoutError) as exc:
+            self._lose(actor)
+            raise WorkerLost(f"the Ray worker of {slot.device} (node {actor.place.node_ip}) was lost before "
+                             f"answering: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
