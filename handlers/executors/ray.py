@@ -216,8 +216,7 @@ class RayExecutor(Executor):
             raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
         except exc_types.TaskCancelledError:
             raise WorkerLost(f"the job on {slot.device} slot {slot.index} was cancelled") from None
-        except (exc_types.RayActorError, exc_types.WorkerCrashedError, exc_types.ObjectLostError,
-                exc_types.GetTimeoutError) as exc:
+        except exc_types.RayError as exc:  # its actor or node died, or cannot be placed any more
             self._lose(actor)
             raise WorkerLost(f"the Ray worker of {slot.device} (node {actor.place.node_ip}) was lost before "
                              f"answering: {_first_line(exc)}") from None
