@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,14 @@ FAST_HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300
                "health_check_failure_threshold": 2}
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[str]:
+    """A temp dir with a short path: Ray's socket paths under it must stay within 107 bytes."""
+    tmp = tempfile.mkdtemp(prefix="fe-ray-", dir="/tmp")
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     """Two Ray nodes of one CPU each on 127.0.0.2, with a short temp dir (socket paths are capped)."""
@@ -44,6 +53,7 @@ def cluster() -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
         if saved is None:
             os.environ.pop("RAY_TMPDIR", None)
         else:
@@ -111,8 +121,9 @@ def test_a_device_no_node_has_is_refused_before_the_run(cluster: Cluster, tmp_pa
     assert not (tmp_path / "logs").exists()
 
 
-def test_cli_runs_the_demo_on_a_private_ray_and_leaves_no_ray_process(cluster: Cluster, tmp_path: Path) -> None:
-    tmp = tempfile.mkdtemp(prefix="fe-rl-", dir="/tmp")
+def test_cli_runs_the_demo_on_a_private_ray_and_leaves_no_ray_process(cluster: Cluster, tmp_path: Path,
+                                                                      short_tmp: str) -> None:
+    tmp = short_tmp
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     done = subprocess.run(
         [sys.executable, "-m", "fedevents.cli", "run", str(DEMO), "--executor", "ray", "--logs-dir", "logs",
@@ -127,8 +138,8 @@ def test_cli_runs_the_demo_on_a_private_ray_and_leaves_no_ray_process(cluster: C
     assert cluster.remaining_processes_alive()
 
 
-def test_ctrl_c_stops_a_private_ray_run_and_leaves_no_ray_process(tmp_path: Path) -> None:
-    tmp = tempfile.mkdtemp(prefix="fe-rc-", dir="/tmp")
+def test_ctrl_c_stops_a_private_ray_run_and_leaves_no_ray_process(tmp_path: Path, short_tmp: str) -> None:
+    tmp = short_tmp
     exp = build_experiment(DEMO, overrides=small(tmp_path, executor="ray", **{"ray.tmpdir": tmp}), console=None)
     alive_during: list[int] = []
     titles: list[str] = []
