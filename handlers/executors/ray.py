@@ -1,10 +1,11 @@
-"""Client work on a Ray cluster: one actor per device of each node, each holding a ``Worker`` built once.
+"""Client work on a Ray cluster: actors pinned to the nodes' devices, each holding a ``Worker`` built once.
 
 The devices are the cluster's: every alive node's ``cpu`` and GPUs that the config's ``device`` list names
-become places in the device pool (``ray_cluster.places`` names them). Each place gets one actor, asked for
-one GPU (for ``cuda:N``) or the node's CPUs up to ``parallel`` (for ``cpu``), pinned to its node, with
-``max_concurrency = parallel``: the pool's slots on a device are the actor's threads, so four slots on a GPU
-are four clients sharing one CUDA context. Jobs and results travel pickled, as to a worker process.
+become places in the device pool (``ray_cluster.places`` names them). A GPU place gets one actor asking for
+one GPU with ``max_concurrency = parallel``: its slots are the actor's threads, so four slots on a GPU are
+four clients sharing one CUDA context. A ``cpu`` place gets one single-threaded actor per slot, each asking
+for an equal share of the node's CPUs (at most one): threads of one process take turns on the GIL, so only
+separate processes put several CPU cores to work. Jobs and results travel pickled, as to a worker process.
 
 Every wait on Ray has a time limit: an actor the cluster cannot place within ``ray.timeout_s`` is an error
 before the run, and a job is awaited in steps so that closing the executor ends the wait. An actor or node
@@ -59,16 +60,22 @@ class _Host:
 
 
 class _Actor:
-    """A place's live actor handle; ``lost`` once it died, so the next job makes a new one."""
+    """A live actor handle of a place (of one of its slots, for ``cpu``); ``lost`` once it died, so the
+    next job makes a new one."""
 
-    def __init__(self, place: Place, handle: Any) -> None:
+    def __init__(self, place: Place, index: int, handle: Any) -> None:
         self.place = place
+        self.index = index
         self.handle = handle
         self.lost = False
 
+    @property
+    def label(self) -> str:
+        return f"{self.place.name} slot {self.index}" if self.place.device == "cpu" else self.place.name
+
 
 class RayExecutor(Executor):
-    """Runs jobs on Ray actors, one per device of each node; results equal the thread executor's."""
+    """Runs jobs on Ray actors on every node's devices; results equal the thread executor's."""
 
     name = "ray"
 
@@ -81,7 +88,7 @@ class RayExecutor(Executor):
         self._lock = threading.Lock()
         self._running: dict[tuple[str, int], tuple[Any, _Actor]] = {}
         self._stopped: dict[tuple[str, int], float] = {}
-        self._actors: dict[str, _Actor] = {}
+        self._actors: dict[tuple[str, int], _Actor] = {}
         self._closed = False
         self._ray = ray_cluster.import_ray(self._where)
         self._remote = self._ray.remote(_Host)
@@ -126,11 +133,11 @@ class RayExecutor(Executor):
     def _start(self, places: Sequence[Place]) -> None:
         """One actor per place, all ready within ``ray.timeout_s``, or a DeviceError naming the ones that
         the cluster could not place."""
-        actors = {p.name: self._spawn(p) for p in places}
-        self._actors = actors
-        pending = {a.handle.ready.remote(): a for a in actors.values()}
+        slots = [(p, i) for p in places for i in (range(self._parallel) if p.device == "cpu" else (0,))]
+        self._actors = {(p.name, i): self._spawn(p, i) for p, i in slots}
+        pending = {a.handle.ready.remote(): a for a in self._actors.values()}
         ready, _ = self._ray.wait(list(pending), num_returns=len(pending), timeout=self._timeout)
-        missing = [pending[ref].place.name for ref in pending if ref not in ready]
+        missing = [pending[ref].label for ref in pending if ref not in ready]
         if missing:
             raise DeviceError(f"{self._where}.timeout_s: expected the Ray cluster to start a worker for each "
                               f"device within {self._timeout:g}s, found none started for {', '.join(missing)} "
@@ -139,35 +146,37 @@ class RayExecutor(Executor):
             try:
                 self._ray.get(ref, timeout=self._timeout)
             except self._ray.exceptions.RayActorError as exc:  # its Worker could not be built
-                raise ConfigError(f"{self._where}: expected a worker on {pending[ref].place.name}, found it "
+                raise ConfigError(f"{self._where}: expected a worker on {pending[ref].label}, found it "
                                   f"failed to start: {_first_line(exc)}") from None
 
-    def _spawn(self, place: Place) -> _Actor:
+    def _spawn(self, place: Place, index: int) -> _Actor:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if place.device == "cpu":
-            resources = dict(num_cpus=max(1, min(self._parallel, place.cpus)))
+            # Ray counts resources in steps of 1/10,000: round the share down so that all slots fit.
+            share = min(1.0, int(place.cpus / self._parallel * 10_000) / 10_000)
+            resources: dict[str, Any] = dict(num_cpus=share, max_concurrency=1)
         else:
-            resources = dict(num_gpus=1, num_cpus=0)
+            resources = dict(num_gpus=1, num_cpus=0, max_concurrency=self._parallel)
         remote = self._remote.options(
-            max_concurrency=self._parallel, max_restarts=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(place.node_id, soft=False), **resources)
-        return _Actor(place, remote.remote(*self._args))
+            max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(place.node_id, soft=False),
+            **resources)
+        return _Actor(place, index, remote.remote(*self._args))
 
-    def _actor(self, device: str) -> _Actor:
-        """The live actor of ``device``; made anew (and awaited) after the last one died."""
+    def _actor(self, slot: Slot) -> _Actor:
+        """The live actor of ``slot``; made anew (and awaited) after the last one died."""
         with self._lock:
             if self._closed:
                 raise WorkerLost("the ray executor is closed")
-            actor = self._actors[device]
+            actor = self._actors.get((slot.device, slot.index)) or self._actors[(slot.device, 0)]
             if not actor.lost:
                 return actor
-            actor = self._actors[device] = self._spawn(actor.place)
+            actor = self._actors[(slot.device, actor.index)] = self._spawn(actor.place, actor.index)
         try:
             self._ray.get(actor.handle.ready.remote(), timeout=self._timeout)
         except Exception as exc:
             self._lose(actor)
-            raise WorkerLost(f"no Ray worker for {device}: {_first_line(exc)}") from None
+            raise WorkerLost(f"no Ray worker for {actor.label}: {_first_line(exc)}") from None
         return actor
 
     def _lose(self, actor: _Actor) -> None:
@@ -184,7 +193,7 @@ class RayExecutor(Executor):
 
     def _call(self, slot: Slot, kind: str, job: Any) -> Any:
         key = (slot.device, slot.index)
-        actor = self._actor(slot.device)
+        actor = self._actor(slot)
         ref = getattr(actor.handle, kind).remote(dataclasses.replace(job, device=actor.place.local))
         with self._lock:
             self._running[key] = (ref, actor)

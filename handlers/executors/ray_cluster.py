@@ -125,7 +125,7 @@ class Place:
     node_ip: str
     #: The configured device (``cpu`` or ``cuda:N``) this place is.
     device: str
-    #: CPUs the node has (an actor for ``cpu`` asks for at most this many).
+    #: CPUs the node has (the actors of its ``cpu`` slots share them).
     cpus: int
 
     @property

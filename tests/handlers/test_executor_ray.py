@@ -76,7 +76,7 @@ def run(tmp_path: Path, **extra: Any) -> tuple[dict, list]:
 
 
 def test_two_node_record_equals_the_thread_executors_to_the_last_digit(cluster: Cluster, tmp_path: Path) -> None:
-    on_ray, events = run(tmp_path / "ray", executor="ray", **{"ray.address": cluster.address})
+    on_ray, events = run(tmp_path / "ray", executor="ray", parallel=1, **{"ray.address": cluster.address})
     on_thread, _ = run(tmp_path / "thread")
     assert on_ray["data"] == on_thread["data"]
     assert on_ray["comm"] == on_thread["comm"]
@@ -91,7 +91,7 @@ def test_a_node_killed_mid_round_fails_its_clients_and_the_run_finishes(cluster:
     doomed = cluster.add_node(**NODE)
     cluster.wait_for_nodes(timeout=60)
     name = f"127.0.0.2-{doomed.node_id[:8]}/cpu"
-    exp = build_experiment(DEMO, overrides=small(tmp_path, executor="ray", **{
+    exp = build_experiment(DEMO, overrides=small(tmp_path, executor="ray", parallel=1, **{
         "ray.address": cluster.address, "exp_opts.failure_policy": "tolerate"}), console=None)
     assert name in exp.pool.devices and len(exp.pool.devices) == 3
     events = EventRecorder(exp.bus)
@@ -127,7 +127,7 @@ def test_cli_runs_the_demo_on_a_private_ray_and_leaves_no_ray_process(cluster: C
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     done = subprocess.run(
         [sys.executable, "-m", "fedevents.cli", "run", str(DEMO), "--executor", "ray", "--logs-dir", "logs",
-         *[a for kv in small(tmp_path, **{"ray.tmpdir": tmp, "ray.num_cpus": 2}) for a in ("--set", kv)]],
+         *[a for kv in small(tmp_path, parallel=1, **{"ray.tmpdir": tmp, "ray.num_cpus": 1}) for a in ("--set", kv)]],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "experiment demo finished" in done.stderr
@@ -140,7 +140,7 @@ def test_cli_runs_the_demo_on_a_private_ray_and_leaves_no_ray_process(cluster: C
 
 def test_ctrl_c_stops_a_private_ray_run_and_leaves_no_ray_process(tmp_path: Path, short_tmp: str) -> None:
     tmp = short_tmp
-    exp = build_experiment(DEMO, overrides=small(tmp_path, executor="ray", **{"ray.tmpdir": tmp}), console=None)
+    exp = build_experiment(DEMO, overrides=small(tmp_path, executor="ray", parallel=1, **{"ray.tmpdir": tmp}), console=None)
     alive_during: list[int] = []
     titles: list[str] = []
 
