@@ -11,8 +11,8 @@ Every wait on Ray has a time limit: an actor the cluster cannot place within ``r
 before the run, and a job is awaited in steps so that closing the executor ends the wait. An actor or node
 that dies mid-job is a ``WorkerLost`` (a client failure) and the actor is made anew for later jobs. Ray
 cannot interrupt a running task of a threaded actor: a timed-out job is cancelled (dropped if it has not
-started), its slot is kept until it has really ended, and if it runs on past ``ray.timeout_s`` its actor
-is killed (the other jobs on that actor fail as lost workers).
+started), its slot is kept until it has really ended, and if it runs on past ``ray.stop_grace_s`` its actor
+is killed (on a GPU, the other jobs on that actor fail as lost workers).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from fedevents.engine.config import ExperimentConfig
@@ -74,6 +75,14 @@ class _Actor:
         return f"{self.place.name} slot {self.index}" if self.place.device == "cpu" else self.place.name
 
 
+@dataclass
+class _Call:
+    """A job on its way: its Ray reference once submitted, and when it was asked to stop."""
+
+    ref: Any = None
+    stopped_at: float | None = None
+
+
 class RayExecutor(Executor):
     """Runs jobs on Ray actors on every node's devices; results equal the thread executor's."""
 
@@ -83,11 +92,13 @@ class RayExecutor(Executor):
         opts = config.data["ray"]
         self._where = f"{config.source}: ray"
         self._timeout = float(opts["timeout_s"])
+        self._grace = float(opts["stop_grace_s"])
         self._parallel = config.parallel
         self._args = (dict(worker_config), seed, torch_threads)
         self._lock = threading.Lock()
-        self._running: dict[tuple[str, int], tuple[Any, _Actor]] = {}
-        self._stopped: dict[tuple[str, int], float] = {}
+        #: Signalled when a job leaves ``_call``: Ray must stay connected until every one has.
+        self._left = threading.Condition(self._lock)
+        self._running: dict[tuple[str, int], _Call] = {}
         self._actors: dict[tuple[str, int], _Actor] = {}
         self._closed = False
         self._ray = ray_cluster.import_ray(self._where)
@@ -110,13 +121,15 @@ class RayExecutor(Executor):
         return self._call(slot, "validate", job)
 
     def stop(self, slot: Slot) -> None:
-        key = (slot.device, slot.index)
         with self._lock:
-            running = self._running.get(key)
-            self._stopped[key] = time.monotonic()
-        if running is not None:
+            call = self._running.get((slot.device, slot.index))
+            if call is None:  # it has just ended
+                return
+            call.stopped_at = time.monotonic()
+            ref = call.ref
+        if ref is not None:
             # Drops the job if it has not started; a running one gets its cancel flag and ends on its own.
-            self._ray.cancel(running[0])
+            self._ray.cancel(ref)
 
     def close(self) -> None:
         with self._lock:
@@ -125,7 +138,10 @@ class RayExecutor(Executor):
             self._closed = True
             actors, self._actors = list(self._actors.values()), {}
         for actor in actors:
-            self._kill(actor)
+            self._kill(actor)  # a job still running on one ends at once as a lost worker
+        with self._left:
+            # A Ray call after the disconnect would quietly start a new local Ray (Ray connects on first use).
+            self._left.wait_for(lambda: not self._running, timeout=self._timeout)
         ray_cluster.disconnect()
 
     # -- actors -----------------------------------------------------------------------------------------
@@ -141,7 +157,7 @@ class RayExecutor(Executor):
         if missing:
             raise DeviceError(f"{self._where}.timeout_s: expected the Ray cluster to start a worker for each "
                               f"device within {self._timeout:g}s, found none started for {', '.join(missing)} "
-                              f"(too few free CPUs/GPUs on the node, or parallel asks for more than it has)")
+                              f"(the node's CPUs/GPUs are taken, or its workers start slowly: raise ray.timeout_s)")
         for ref in ready:
             try:
                 self._ray.get(ref, timeout=self._timeout)
@@ -192,28 +208,34 @@ class RayExecutor(Executor):
     # -- jobs -------------------------------------------------------------------------------------------
 
     def _call(self, slot: Slot, kind: str, job: Any) -> Any:
-        key = (slot.device, slot.index)
-        actor = self._actor(slot)
-        ref = getattr(actor.handle, kind).remote(dataclasses.replace(job, device=actor.place.local))
+        key, call = (slot.device, slot.index), _Call()
         with self._lock:
-            self._running[key] = (ref, actor)
-            self._stopped.pop(key, None)
+            if self._closed:
+                raise WorkerLost("the ray executor is closed")
+            self._running[key] = call  # before anything else, so that a stop meanwhile is seen
         try:
-            self._await(ref, key, actor)
+            actor = self._actor(slot)
+            ref = getattr(actor.handle, kind).remote(dataclasses.replace(job, device=actor.place.local))
+            with self._lock:
+                call.ref, stopped = ref, call.stopped_at is not None
+            if stopped:
+                self._ray.cancel(ref)
+            self._await(call, actor)
             return self._result(ref, actor, slot)
         finally:
-            with self._lock:
-                self._running.pop(key, None)
-                self._stopped.pop(key, None)
+            with self._left:
+                if self._running.get(key) is call:
+                    del self._running[key]
+                self._left.notify_all()
 
-    def _await(self, ref: Any, key: tuple[str, int], actor: _Actor) -> None:
-        """Wait until ``ref`` has a result, the executor closes, or a stopped job outlives its grace."""
-        while not self._ray.wait([ref], timeout=_STEP_S)[0]:
+    def _await(self, call: _Call, actor: _Actor) -> None:
+        """Wait until the job has a result, the executor closes, or a stopped job outlives its grace."""
+        while not self._ray.wait([call.ref], timeout=_STEP_S)[0]:
             with self._lock:
-                closed, stopped = self._closed, self._stopped.get(key)
+                closed, stopped = self._closed, call.stopped_at
             if closed:
                 raise WorkerLost("the ray executor closed while the job ran")
-            if stopped is not None and time.monotonic() - stopped > self._timeout:
+            if stopped is not None and time.monotonic() - stopped > self._grace:
                 self._lose(actor)  # the only way to end a running task of a threaded actor
                 return
 

@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from fedevents.cli import build_experiment  # noqa: E402
-from fedevents.engine.errors import DeviceError, Interrupted  # noqa: E402
+from fedevents.engine.errors import DeviceError, Interrupted, RunFailed  # noqa: E402
 from fedevents.engine.events import ClientFailed, ExperimentFinished, TrainDone, TrainStarted  # noqa: E402
 from fedevents.engine.testing import EventRecorder  # noqa: E402
 
@@ -109,6 +109,20 @@ def test_a_node_killed_mid_round_fails_its_clients_and_the_run_finishes(cluster:
     assert isinstance(events.events[-1], ExperimentFinished)
     record = json.loads(exp.paths.record.read_text())
     assert record["status"] == "finished" and record["last_round"] == 3
+
+
+def test_a_timed_out_job_is_ended_by_killing_its_actor_after_the_grace(cluster: Cluster, tmp_path: Path) -> None:
+    # Each client's training would take many minutes; the run must end within seconds all the same.
+    exp = build_experiment(DEMO, overrides=small(tmp_path, executor="ray", parallel=1, **{
+        "ray.address": cluster.address, "ray.stop_grace_s": 1.0, "exp_opts.client_timeout_s": 1.0,
+        "exp_opts.comm_rounds": 1, "exp_opts.failure_policy": "tolerate", "clients.count": 2,
+        "exp_opts.online_clients": 2, "task_opts.train_epochs": 100000}), console=None)
+    events = EventRecorder(exp.bus)
+    with pytest.raises(RunFailed):
+        exp.run(handle_signals=False)
+    failed = [e for e in events.events if isinstance(e, ClientFailed) and e.phase == "train"]
+    assert sorted((e.client, e.error_type) for e in failed) == [(c, "ClientTimeout") for c in exp.config.clients.names]
+    assert not ray.is_initialized()
 
 
 def test_a_device_no_node_has_is_refused_before_the_run(cluster: Cluster, tmp_path: Path) -> None:
