@@ -19,9 +19,10 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from fedevents.cli import build_experiment  # noqa: E402
-from fedevents.engine.errors import DeviceError, Interrupted, RunFailed  # noqa: E402
+from fedevents.engine.errors import ConfigError, DeviceError, Interrupted, RunFailed  # noqa: E402
 from fedevents.engine.events import ClientFailed, ExperimentFinished, TrainDone, TrainStarted  # noqa: E402
 from fedevents.engine.testing import EventRecorder  # noqa: E402
+from fedevents.handlers.executors.ray_cluster import check_options, places  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs/demo.yaml"
@@ -220,3 +221,31 @@ def _title(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return ""
+
+
+def node(ip: str, node_id: str, cpus: int = 2, gpus: int = 0, alive: bool = True) -> dict:
+    """A node as ``ray.nodes()`` describes it."""
+    resources = {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
+    return {"NodeID": node_id, "NodeManagerAddress": ip, "Alive": alive, "Resources": resources}
+
+
+def test_device_names_are_plain_on_one_node_and_carry_the_node_on_several() -> None:
+    one = places([node("10.0.0.5", "aa" * 28, gpus=2)], ["cuda:1", "cpu"], "x.yaml: device")
+    assert [(p.name, p.device, p.local) for p in one] == [("cuda:1", "cuda:1", "cuda:0"), ("cpu", "cpu", "cpu")]
+    nodes = [node("10.0.0.6", "bb" * 28, gpus=1), node("10.0.0.5", "cc" * 28, gpus=1),
+             node("10.0.0.7", "dd" * 28, gpus=4, alive=False)]
+    assert [p.name for p in places(nodes, ["cuda"], "x.yaml: device")] == ["10.0.0.5/cuda:0", "10.0.0.6/cuda:0"]
+    shared = [node("127.0.0.2", "ee" * 28), node("127.0.0.2", "ff" * 28)]
+    assert [p.name for p in places(shared, ["cpu"], "x.yaml: device")] == ["127.0.0.2-eeeeeeee/cpu",
+                                                                           "127.0.0.2-ffffffff/cpu"]
+
+
+@pytest.mark.parametrize(("opts", "message"), [
+    ({"address": "my cluster"}, "x.yaml: ray.address: expected 'local', 'auto' or 'HOST:PORT', found 'my cluster'"),
+    ({"address": "auto", "num_cpus": 4}, "x.yaml: ray.num_cpus: expected only with ray.address: local (a running "
+                                         "cluster keeps the sizes it was started with), found 4 with address 'auto'"),
+])
+def test_bad_ray_options_are_one_line(opts: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_options(opts, "x.yaml: ray")
+    assert str(caught.value) == message
