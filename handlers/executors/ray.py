@@ -38,7 +38,8 @@ _STEP_S = 0.5
 
 
 class _Host:
-    """The actor of one place: a ``Worker`` for the experiment, answering up to ``parallel`` jobs at once."""
+    """An actor holding the experiment's ``Worker``: of one GPU (``parallel`` jobs at once, one per thread)
+    or of one CPU slot (one job at a time)."""
 
     def __init__(self, config: Any, seed: int, threads: int) -> None:
         from fedevents.federated.worker import Worker
@@ -147,8 +148,8 @@ class RayExecutor(Executor):
     # -- actors -----------------------------------------------------------------------------------------
 
     def _start(self, places: Sequence[Place]) -> None:
-        """One actor per place, all ready within ``ray.timeout_s``, or a DeviceError naming the ones that
-        the cluster could not place."""
+        """An actor per GPU and per CPU slot, all ready within ``ray.timeout_s``, or a DeviceError naming
+        the ones that the cluster could not place."""
         slots = [(p, i) for p in places for i in (range(self._parallel) if p.device == "cpu" else (0,))]
         self._actors = {(p.name, i): self._spawn(p, i) for p, i in slots}
         pending = {a.handle.ready.remote(): a for a in self._actors.values()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -63,6 +64,7 @@ def connect(opts: Mapping[str, Any], where: str) -> None:
         if ray.is_initialized():
             _session = _Session(address, 1, ours=False)
             return
+        _probe(opts, where)
         try:
             ray.init(**init_kwargs(opts))
         except ConnectionError as exc:
@@ -85,6 +87,28 @@ def disconnect() -> None:
         ours, _session = _session.ours, None
     if ours:
         ray.shutdown()
+
+
+def _probe(opts: Mapping[str, Any], where: str) -> None:
+    """Refuse a cluster address nothing answers at, within ``ray.timeout_s``: ``ray.init`` would wait on it
+    without end."""
+    address = opts["address"]
+    if address == "local":
+        return
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            address = canonicalize_bootstrap_address("auto") or ""
+        except Exception:  # no cluster recorded on this machine: ray.init says so at once
+            return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=opts["timeout_s"]).close()
+    except (OSError, ValueError) as exc:
+        raise DeviceError(f"{where}.address: expected a running Ray cluster at {opts['address']!r}"
+                          f"{'' if address == opts['address'] else f' ({address})'}, found nothing answering "
+                          f"there ({exc})") from None
 
 
 def check_options(opts: Mapping[str, Any], where: str) -> None:

@@ -249,3 +249,12 @@ def test_bad_ray_options_are_one_line(opts: dict, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         check_options(opts, "x.yaml: ray")
     assert str(caught.value) == message
+
+
+def test_an_address_nothing_answers_at_is_refused_at_once(tmp_path: Path) -> None:
+    with pytest.raises(DeviceError) as caught:
+        build_experiment(DEMO, overrides=small(tmp_path, executor="ray", **{"ray.address": "127.0.0.3:1"}),
+                         console=None)
+    assert str(caught.value) == (f"{DEMO}: ray.address: expected a running Ray cluster at '127.0.0.3:1', found "
+                                 f"nothing answering there ([Errno 111] Connection refused)")
+    assert not ray.is_initialized()
