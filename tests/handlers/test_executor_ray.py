@@ -41,9 +41,10 @@ def short_tmp() -> Iterator[str]:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """Two Ray nodes of one CPU each on 127.0.0.2, with a short temp dir (socket paths are capped)."""
+    """Two Ray nodes of one CPU each on 127.0.0.2, with a short temp dir (socket paths are capped); started
+    once for this file, and stopped after it so that the rest of the suite has the cores back."""
     tmp = tempfile.mkdtemp(prefix="fe-ray-", dir="/tmp")
     saved = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = tmp
