@@ -1,16 +1,18 @@
-"""Executors side by side: start-up, per-client cost, and a CPU-bound experiment on one thread vs two workers.
+"""Executors side by side: start-up, per-client overhead on the demo, and a CPU-bound experiment.
 
-    python benchmarks/bench_executors.py [--executors thread,process] [--repeats 3]
+    python benchmarks/bench_executors.py [--executors thread,process,ray] [--repeats 3]
 
-Three measurements, each a whole experiment run in this process through ``build_experiment``, interleaved
-(thread, process, thread, process, …) so that a noisy neighbour hits every executor alike; medians:
+Each executor has one function here; ``main`` runs the ones asked for. A comparison runs its two sides
+interleaved (A, B, A, B, …) in one process, so a change in the machine's load touches both, and every pair
+must write the same record (``data`` and ``comm``) or the benchmark stops: the ratios compare equal work.
 
-* **start-up**: from ``run`` to the first TrainStarted, the demo config (process workers start here);
-* **per client**: the demo with tiny clients (16 samples, one epoch): seconds per work item (trainings
-  plus validations) after the first training started — the executor's own cost per job;
-* **CPU-bound**: 20 clients × 8,192 samples of 1×16×16 inputs, MLP 256-384-10, 3 local epochs, batch 32,
-  SGD lr 0.05, 10 clients per round, 3 rounds; one thread (``parallel 1``) against each executor with two
-  workers (``parallel 2``). Every run of it must give the same global record, or the benchmark stops.
+- start-up: building the experiment (for ``ray``: starting a private Ray and its actors; ``process`` workers
+  start with the first job, so their start-up shows in the run time) and closing it.
+- per client: the demo (12 rounds, 5 of 10 clients, validation every 2 rounds) at ``parallel: 1``, so jobs
+  run one at a time; the difference in run time divided by the number of jobs (trainings and validations).
+- CPU-bound: 20 clients x 8,192 samples of synthetic 1x16x16 input, MLP 256-384-10, 3 local epochs, batch
+  32, SGD lr 0.05 (the demo's momentum 0.9), 10 online per round, 3 rounds; two workers of the executor
+  (``--parallel 2``) against one thread (``--parallel 1``).
 """
 
 from __future__ import annotations
@@ -22,79 +24,119 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
-import anyio
+import structlog
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe  # noqa: E402
 
 from fedevents.cli import build_experiment  # noqa: E402
-from fedevents.engine import TrainStarted  # noqa: E402
+from fedevents.engine.events import TrainDone, ValStarted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-TINY = {"exp_opts.comm_rounds": 6, "exp_opts.val_interval": 3, "exp_opts.online_clients": 10,
-        "task_opts.synthetic.samples_per_client": 16, "task_opts.synthetic.test_size": 16}
-CPU_BOUND = {"exp_opts.comm_rounds": 3, "exp_opts.val_interval": 3, "exp_opts.online_clients": 10,
-             "exp_opts.val_clients": "online", "task_opts.train_epochs": 3, "task_opts.batch_size": 32,
-             "task_opts.synthetic.samples_per_client": 8192, "task_opts.synthetic.test_size": 256,
-             "task_opts.synthetic.input_shape": "[1, 16, 16]", "model_opts.name": "mlp",
-             "model_opts.hidden": "[256, 384]", "optimizer_opts.name": "sgd", "optimizer_opts.lr": 0.05,
-             "clients": "{count: 20, tasks: [synth]}"}
+DEMO = ROOT / "configs/demo.yaml"
+CPU_BOUND = ["clients.count=20", "task_opts.synthetic.samples_per_client=8192",
+             "task_opts.synthetic.input_shape=[1,16,16]", "model_opts.hidden=[256,384]",
+             "task_opts.train_epochs=3", "task_opts.batch_size=32", "optimizer_opts.lr=0.05",
+             "exp_opts.online_clients=10", "exp_opts.comm_rounds=3"]
 
 
-def run(sets: dict, workdir: Path) -> dict:
-    """One whole experiment; its wall time, time to the first training, work items and record data."""
-    overrides = {**sets, "logs_dir": str(workdir / "logs"), "checkpoints_dir": str(workdir / "ckpts")}
-    exp = build_experiment(ROOT / "configs/demo.yaml", overrides=[f"{k}={v}" for k, v in overrides.items()],
-                           console=None)
-    first: list[float] = []
-    items = [0]
-    exp.bus.subscribe(TrainStarted, lambda ev: first or first.append(time.perf_counter()))
-    exp.bus.subscribe(TrainStarted, lambda ev: items.__setitem__(0, items[0] + 1))
-    began = time.perf_counter()
-    anyio.run(exp.run_async)
-    ended = time.perf_counter()
-    record = json.loads(exp.paths.record.read_text())
-    validations = sum(1 for c in record["data"].values() for r in c.values() for m in r.values() if "val_acc" in m)
-    return {"wall": ended - began, "startup": first[0] - began, "after_first": ended - first[0],
-            "items": items[0] + validations, "data": record["data"]}
+class Run:
+    """One experiment run: seconds to build, to run, to close; its jobs and its record."""
+
+    def __init__(self, executor: str, parallel: int, extra: list[str], logs: Path) -> None:
+        overrides = [f"executor={executor}", f"parallel={parallel}", f"logs_dir={logs}",
+                     f"checkpoints_dir={logs / 'ckpts'}", *extra]
+        began = time.perf_counter()
+        exp = build_experiment(DEMO, overrides=overrides, console=None)
+        self.build_s = time.perf_counter() - began
+        jobs = [0]
+        exp.bus.subscribe((TrainDone, ValStarted), lambda ev: jobs.__setitem__(0, jobs[0] + 1))
+        began = time.perf_counter()
+        exp.run(handle_signals=False)  # closes the executor (a private Ray shuts down) after the last round
+        self.run_s = time.perf_counter() - began
+        self.jobs = jobs[0]
+        record = json.loads(exp.paths.record.read_text())
+        self.result = {"data": record["data"], "comm": record["comm"]}
+
+
+def interleaved(sides: dict[str, Callable[[Path], Run]], repeats: int) -> dict[str, list[Run]]:
+    """Run each side ``repeats`` times, alternating, and check that all of them wrote the same record."""
+    runs: dict[str, list[Run]] = {name: [] for name in sides}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            for name, side in sides.items():
+                runs[name].append(side(Path(tmp) / f"{name}-{i}"))
+    first = next(iter(runs.values()))[0].result
+    if any(r.result != first for rs in runs.values() for r in rs):
+        raise SystemExit("the executors wrote different records: the comparison would not be of equal work")
+    return runs
+
+
+def med(runs: list[Run], attr: str) -> float:
+    return statistics.median(getattr(r, attr) for r in runs)
+
+
+def against_thread(executor: str, repeats: int) -> None:
+    """``executor`` against the thread executor: start-up, per-client cost, CPU-bound speed-up."""
+    demo = interleaved({"thread": lambda logs: Run("thread", 1, [], logs),
+                        executor: lambda logs: Run(executor, 1, [], logs)}, repeats)
+    thread, other = demo["thread"], demo[executor]
+    jobs = thread[0].jobs
+    print(f"\n## {executor} vs thread, demo at parallel 1 ({jobs} jobs per run), median of {repeats}")
+    print("| executor | build (s) | run (s) | run per job (ms) |")
+    print("|---|---:|---:|---:|")
+    for name, runs in demo.items():
+        print(f"| {name} | {med(runs, 'build_s'):.2f} | {med(runs, 'run_s'):.2f} | "
+              f"{1000 * med(runs, 'run_s') / jobs:.1f} |")
+    print(f"build time over thread's: {med(other, 'build_s') - med(thread, 'build_s'):.2f} s; run time over "
+          f"thread's per job (worker start-up included): "
+          f"{1000 * (med(other, 'run_s') - med(thread, 'run_s')) / jobs:.1f} ms")
+
+    heavy = interleaved({"thread x1": lambda logs: Run("thread", 1, CPU_BOUND, logs),
+                         f"{executor} x2": lambda logs: Run(executor, 2, CPU_BOUND, logs)}, repeats)
+    one, two = heavy["thread x1"], heavy[f"{executor} x2"]
+    print(f"\n## CPU-bound: 2 {executor} workers vs 1 thread, median of {repeats} (interleaved)")
+    print("| executor | parallel | run (s) | build (s) |")
+    print("|---|---:|---:|---:|")
+    for name, runs in heavy.items():
+        print(f"| {name.split()[0]} | {name[-1]} | {med(runs, 'run_s'):.2f} | {med(runs, 'build_s'):.2f} |")
+    ratios = [b.run_s / a.run_s for a, b in zip(one, two)]
+    print(f"{executor} x2 / thread x1 run time: {statistics.median(ratios):.3f} (each pair: "
+          f"{', '.join(f'{r:.3f}' for r in ratios)})")
+
+
+def bench_thread(repeats: int) -> None:
+    """The thread executor alone on the demo: the baseline the others are compared with."""
+    runs = interleaved({"thread": lambda logs: Run("thread", 1, [], logs)}, repeats)["thread"]
+    print(f"\n## thread, demo at parallel 1, median of {repeats}")
+    print(f"build {med(runs, 'build_s'):.2f} s, run {med(runs, 'run_s'):.2f} s, "
+          f"{1000 * med(runs, 'run_s') / runs[0].jobs:.1f} ms per job")
+
+
+EXECUTORS: dict[str, Callable[[int], None]] = {
+    "thread": bench_thread,
+    "process": lambda repeats: against_thread("process", repeats),
+    "ray": lambda repeats: against_thread("ray", repeats),
+}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--executors", default="thread,process")
+    # Per-epoch lines would go to the console otherwise: no run here attaches a console sink.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--executors", default="thread,process,ray",
+                        help=f"comma-separated, from {', '.join(EXECUTORS)}")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    executors = args.executors.split(",")
+    names = [n.strip() for n in args.executors.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EXECUTORS]
+    if unknown:
+        parser.error(f"--executors: expected names from {', '.join(EXECUTORS)}, found {', '.join(unknown)}")
     print(f"machine: {describe()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        tiny = {e: [] for e in executors}
-        cpu = {e: [] for e in ["thread/1", *(f"{e}/2" for e in executors)]}
-        reference = None
-        for rep in range(args.repeats):
-            for e in executors:
-                tiny[e].append(run({**TINY, "executor": e, "parallel": 1}, tmp_path / f"tiny-{e}-{rep}"))
-            for label in cpu:
-                e, parallel = label.split("/")
-                out = run({**CPU_BOUND, "executor": e, "parallel": int(parallel)}, tmp_path / f"cpu-{e}{parallel}-{rep}")
-                if reference is None:
-                    reference = out["data"]
-                elif out["data"] != reference:
-                    sys.exit(f"{label}: the record differs from the first run's; the comparison is void")
-                cpu[label].append(out)
-    med = lambda runs, key: statistics.median(r[key] for r in runs)
-    print("\nstart-up and per-client cost (demo, tiny clients, parallel 1)")
-    print(f"{'executor':<10} {'start-up s':>11} {'per item ms':>12} {'items':>6}")
-    for e, runs in tiny.items():
-        per_item = statistics.median(r["after_first"] / r["items"] for r in runs) * 1e3
-        print(f"{e:<10} {med(runs, 'startup'):>11.3f} {per_item:>12.2f} {runs[0]['items']:>6}")
-    base = med(cpu["thread/1"], "wall")
-    print("\nCPU-bound experiment (20 clients x 8,192 samples, MLP 256-384-10, 3 epochs, 3 rounds)")
-    print(f"{'executor/slots':<15} {'wall s':>8} {'/ thread,1':>10}")
-    for label, runs in cpu.items():
-        print(f"{label:<15} {med(runs, 'wall'):>8.2f} {med(runs, 'wall') / base:>10.2f}")
+    for name in names:
+        EXECUTORS[name](args.repeats)
 
 
 if __name__ == "__main__":

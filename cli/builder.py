@@ -87,6 +87,8 @@ def build_experiments(
 
 def check_devices(config: ExperimentConfig) -> None:
     """Every configured device exists here; a dry run skips this, so it can plan for other machines."""
+    if config.executor == "ray":  # the devices are the cluster's: the executor finds them on its nodes
+        return
     for device in config.devices:
         try:
             check_device(device)
@@ -122,10 +124,19 @@ def build_experiment(
     point = None if checkpoint is None else ResumePoint(checkpoint.round, dict(checkpoint.participations))
     if checkpoint is not None:
         run_id = checkpoint.run_id
-    exp = Experiment(config, dry_run=dry_run, run_id=run_id, resume=point)
-    if exp.finished:
-        return exp
-    _add_work(exp, checkpoint)
+    finished = point is not None and point.round >= config.rounds
+    # A cluster's executor is made first: its nodes' devices are the pool's.
+    executor = build_executor(config, None) if config.executor == "ray" and not dry_run and not finished else None
+    try:
+        exp = Experiment(config, dry_run=dry_run, run_id=run_id, resume=point,
+                         devices=None if executor is None else executor.devices())
+        if exp.finished:
+            return exp
+        _add_work(exp, checkpoint, executor)
+    except BaseException:
+        if executor is not None:
+            executor.close()
+        raise
     if sinks:
         exp.add(LogSink(exp.paths.log, console=console, record_path=exp.paths.record))
         exp.add(JsonRecorder(exp.paths.record, config.data))
@@ -158,7 +169,7 @@ def _checkpoint_to_resume(config: ExperimentConfig, console: TextIO | None) -> C
     return checkpoint
 
 
-def _add_work(exp: Experiment, checkpoint: Checkpoint | None) -> None:
+def _add_work(exp: Experiment, checkpoint: Checkpoint | None, executor: Executor | None = None) -> None:
     """The client-work handler over the configured executor (the simulated clock in a dry run), and the
     checkpointer (its dry-run twin in a dry run)."""
     config = exp.config
@@ -178,20 +189,23 @@ def _add_work(exp: Experiment, checkpoint: Checkpoint | None) -> None:
     if checkpoint is not None:
         federation.load_state_dict(checkpoint.federation)
     participations = None if exp.resume is None else exp.resume.participations
-    exp.add(ClientWork(federation, build_executor(config, federation), exp.pool, exp.bus, exp.context,
+    executor = executor or build_executor(config, federation)
+    exp.add(ClientWork(federation, executor, exp.pool, exp.bus, exp.context,
                        timeout_s=opts["client_timeout_s"]))
     exp.add(Checkpointer(config, federation, exp.bus, exp.context, participations=participations))
 
 
-def build_executor(config: ExperimentConfig, federation: Federation) -> Executor:
-    """The executor ``config.executor`` names, for ``federation``'s jobs."""
+def build_executor(config: ExperimentConfig, federation: Federation | None) -> Executor:
+    """The executor ``config.executor`` names, for ``federation``'s jobs (a Ray executor needs only the
+    config: its workers build themselves from it)."""
     threads = config.data["exp_opts"]["torch_threads"]
-    if config.executor == "process":
-        return ProcessExecutor(federation.config, federation.seed, torch_threads=threads)
     if config.executor == "ray":
         from fedevents.handlers.executors.ray import RayExecutor
 
-        return RayExecutor(config, federation.config, federation.seed, torch_threads=threads)
+        return RayExecutor(config, config.data, config.seed, torch_threads=threads)
+    assert federation is not None
+    if config.executor == "process":
+        return ProcessExecutor(federation.config, federation.seed, torch_threads=threads)
     return ThreadExecutor(federation.worker, torch_threads=threads)
 
 

@@ -90,6 +90,7 @@ def _schema(methods: Sequence[str]) -> Section:
                         "object_store_mb": Field(Int(min=64), None),
                         "tmpdir": Field(Str(nullable=True), None),
                         "timeout_s": Field(Float(positive=True), 120.0),
+                        "stop_grace_s": Field(Float(positive=True), 10.0),
                     }
                 ),
                 {},
