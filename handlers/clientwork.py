@@ -45,6 +45,13 @@ class ClientTimeout(Exception):
     """A client's work ran longer than ``exp_opts.client_timeout_s``."""
 
 
+class _Unset:
+    """Marker: no value given."""
+
+
+_UNSET = _Unset()
+
+
 @dataclass
 class _Job:
     """One client's work: ``compute`` runs in a worker thread (or inline), ``finish`` commits its result
@@ -143,7 +150,9 @@ class ClientWork:
         where = dict(device=slot.device, slot=slot.index)
         async with _SlotKeeper(self.pool, slot) as keep:
             began = time.monotonic()
-            results = await self._run(_Job(compute, lambda results: results), slot, keep, "validating the global model")
+            # Not a client: exp_opts.client_timeout_s does not apply.
+            results = await self._run(_Job(compute, lambda results: results), slot, keep, "validating the global model",
+                                      timeout_s=None)
             ran = time.monotonic() - began
             for task in ev.tasks:
                 res = results[task]
@@ -157,8 +166,11 @@ class ClientWork:
         await self._emit(Aggregated, round=ev.round, clients=tuple(result.clients), samples=result.samples,
                          ran_s=time.monotonic() - began)
 
-    async def _run(self, job: _Job, slot: Slot, keep: "_SlotKeeper", what: str) -> Any:
-        """Run ``job`` in a worker thread (inline for an inline executor), within the time limit if any."""
+    async def _run(self, job: _Job, slot: Slot, keep: "_SlotKeeper", what: str, *,
+                   timeout_s: float | None | _Unset = _UNSET) -> Any:
+        """Run ``job`` in a worker thread (inline for an inline executor), within the time limit if any
+        (``timeout_s``, by default the client time limit)."""
+        limit = self.timeout_s if isinstance(timeout_s, _Unset) else timeout_s
         if self.executor.inline:
             await anyio.lowlevel.checkpoint()  # let concurrent clients take their slots, as real work would
             return job.finish(job.compute())
@@ -182,9 +194,9 @@ class ClientWork:
             keep.release_from_thread()
             return None
 
-        if self.timeout_s is None:
+        if limit is None:
             return await anyio.to_thread.run_sync(in_thread)
-        with anyio.move_on_after(self.timeout_s):
+        with anyio.move_on_after(limit):
             return await anyio.to_thread.run_sync(in_thread, abandon_on_cancel=True)
         with job.lock:
             if job.done:  # finished just as the time ran out
@@ -194,7 +206,7 @@ class ClientWork:
             job.abandoned = True
         keep.hand_over()
         self.executor.stop(slot)
-        raise ClientTimeout(f"{what} took longer than exp_opts.client_timeout_s = {self.timeout_s:g}s; "
+        raise ClientTimeout(f"{what} took longer than exp_opts.client_timeout_s = {limit:g}s; "
                             f"its result is discarded")
 
 
