@@ -1,0 +1,113 @@
+"""Layers whose weight is composed from parts, and the model surgery that puts them in place.
+
+FedSTIL, FedSTIL-atten and FedWeIT all replace every leaf ``nn.Linear`` / ``nn.Conv2d`` whose parameters are
+all trainable (with a ReID net fine-tuning ``base.layer4`` and ``classifier``: layer4's convs and the
+classifier) by a layer that computes its weight ``theta`` from a global part the server sends and local parts
+the client trains. Each layer keeps the original layer's bias and call (stride, padding, dilation, groups),
+so with ``theta`` equal to the original weight it computes exactly what the original layer did.
+
+Frozen parts (the global weight, anchors, banks) are buffers, so they are in the state dict, never in the
+optimizer, and never moved by weight decay.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["AdaptiveLayer", "ComposedLayer", "adapt", "adaptive_layers", "expand_last", "theta_of"]
+
+
+def expand_last(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``vector`` (one value per index of ``like``'s last axis) shaped to broadcast against ``like``."""
+    return vector.reshape((1,) * (like.dim() - 1) + (-1,))
+
+
+class ComposedLayer(nn.Module):
+    """A Linear or Conv2d whose weight is ``theta()``, composed by a subclass; bias and call as the original."""
+
+    def __init__(self, layer: nn.Linear | nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = None
+        if isinstance(layer, nn.Conv2d):
+            if layer.padding_mode != "zeros":
+                raise ValueError(f"adaptive layer: expected a conv with zero padding, found {layer.padding_mode!r}")
+            self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+
+    def theta(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.theta()
+        if self.conv is None:
+            return F.linear(x, weight, self.bias)
+        return F.conv2d(x, weight, self.bias, **self.conv)
+
+
+class AdaptiveLayer(ComposedLayer):
+    """FedSTIL's layer: ``theta = a * G + A`` with ``a`` broadcast along the weight's last axis.
+
+    ``G`` (the global weight), the attention ``a`` and the anchors ``a0``, ``A0`` are buffers; only ``A`` and
+    the bias train. ``reset`` starts a round: ``a = atten_default``, ``A = (1 - a) * G``, anchors = copies,
+    so ``theta`` starts equal to ``G`` whatever ``atten_default`` is.
+    """
+
+    def __init__(self, layer: nn.Linear | nn.Conv2d, atten_default: float) -> None:
+        super().__init__(layer)
+        weight = layer.weight.detach()
+        self.atten_default = atten_default
+        self.register_buffer("G", weight.clone())
+        self.register_buffer("a", torch.empty(weight.shape[-1], dtype=weight.dtype, device=weight.device))
+        self.A = nn.Parameter(torch.empty_like(weight))
+        self.register_buffer("a0", torch.empty_like(self.a))
+        self.register_buffer("A0", torch.empty_like(weight))
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self, global_weight: torch.Tensor | None = None) -> None:
+        """Take ``global_weight`` as ``G`` (when given) and restart ``a``, ``A`` and the anchors from it."""
+        if global_weight is not None:
+            self.G.copy_(global_weight)
+        self.a.fill_(self.atten_default)
+        self.A.copy_((1 - expand_last(self.a, self.G)) * self.G)
+        self.a0.copy_(self.a)
+        self.A0.copy_(self.A)
+
+    def theta(self) -> torch.Tensor:
+        return expand_last(self.a, self.G) * self.G + self.A
+
+    def drift(self) -> torch.Tensor:
+        """``||a0 - a||_1 + ||A0 - A||_1``, the L1 pull towards the round's starting point."""
+        return (self.a0 - self.a).abs().sum() + (self.A0 - self.A).abs().sum()
+
+
+def adapt(model: nn.Module, make: Callable[[nn.Linear | nn.Conv2d], nn.Module]) -> nn.Module:
+    """Replace, in place, every leaf Linear/Conv2d whose parameters all train by ``make(layer)``; give ``model``.
+
+    A model that has such layers replaced already is left as it is, so building a model twice is harmless.
+    """
+    targets = [
+        (name, module) for name, module in model.named_modules()
+        if name and type(module) in (nn.Linear, nn.Conv2d) and all(p.requires_grad for p in module.parameters())
+    ]
+    for name, module in targets:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, make(module))
+    return model
+
+
+def adaptive_layers(model: nn.Module) -> Iterator[tuple[str, ComposedLayer]]:
+    """The composed layers of ``model`` with their names, in registration order."""
+    for name, module in model.named_modules():
+        if isinstance(module, ComposedLayer):
+            yield name, module
+
+
+@torch.no_grad()
+def theta_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every composed layer's current weight, by layer name (copies, detached)."""
+    return {name: layer.theta().detach().clone() for name, layer in adaptive_layers(model)}
