@@ -11,12 +11,14 @@ from .fedavg import FedAvg
 from .fedcurv import FedCurv
 from .fedprox import FedProx
 from .fedstil import FedSTIL
+from .fedstil_atten import FedSTILAtten
+from .fedweit import FedWeIT
 from .icarl import ICaRL
 from .mas import MAS
 
 __all__ = ["LocalRound", "Method", "ModelOutput", "ServerState", "REGISTRY", "METHODS", "build_method"]
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Baseline, EWC, FedAvg, FedCurv, FedProx, FedSTIL, ICaRL, MAS)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Baseline, EWC, FedAvg, FedCurv, FedProx, FedSTIL, FedSTILAtten, FedWeIT, ICaRL, MAS)}
 METHODS = tuple(sorted(REGISTRY))
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["AdaptiveLayer", "ComposedLayer", "adapt", "adaptive_layers", "expand_last", "theta_of"]
+__all__ = ["AdaptiveLayer", "BankLayer", "ComposedLayer", "WeitLayer", "adapt", "adaptive_layers", "expand_last", "theta_of"]
 
 
 def expand_last(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -83,6 +83,93 @@ class AdaptiveLayer(ComposedLayer):
     def drift(self) -> torch.Tensor:
         """``||a0 - a||_1 + ||A0 - A||_1``, the L1 pull towards the round's starting point."""
         return (self.a0 - self.a).abs().sum() + (self.A0 - self.A).abs().sum()
+
+
+class BankLayer(ComposedLayer):
+    """FedSTIL-atten's layer: ``theta = sum_k alpha_k * G[..., k] + A`` over a bank of ``slots`` weights.
+
+    The bank ``G`` and the anchors ``alpha0``, ``A0`` are buffers; ``alpha`` (one value per slot), ``A`` and
+    the bias train, and ``A`` persists across rounds. The bank has a fixed number of slots, so the state dict
+    and the optimizer keep their shapes whatever the number of clients; slot 0 starts as the layer's weight,
+    the others as zeros, and ``A`` as ``(1 - alpha_0) * weight``, so ``theta`` starts equal to the weight.
+    """
+
+    def __init__(self, layer: nn.Linear | nn.Conv2d, atten_default: float, slots: int) -> None:
+        super().__init__(layer)
+        weight = layer.weight.detach()
+        self.atten_default = atten_default
+        bank = torch.zeros((*weight.shape, slots), dtype=weight.dtype, device=weight.device)
+        bank[..., 0] = weight
+        self.register_buffer("G", bank)
+        self.alpha = nn.Parameter(torch.full((slots,), atten_default, dtype=weight.dtype, device=weight.device))
+        self.A = nn.Parameter((1 - atten_default) * weight.clone())
+        self.register_buffer("alpha0", self.alpha.detach().clone())
+        self.register_buffer("A0", self.A.detach().clone())
+
+    @torch.no_grad()
+    def reset(self, bank: torch.Tensor | None = None) -> None:
+        """Take ``bank`` (when given), restart ``alpha`` at ``atten_default`` and the anchors; ``A`` is kept."""
+        if bank is not None:
+            self.G.copy_(bank)
+        self.alpha.fill_(self.atten_default)
+        self.alpha0.copy_(self.alpha)
+        self.A0.copy_(self.A)
+
+    def theta(self) -> torch.Tensor:
+        return (self.G * self.alpha).sum(-1) + self.A
+
+    def drift(self) -> torch.Tensor:
+        """``||alpha0 - alpha||_1 + ||A0 - A||_1``."""
+        return (self.alpha0 - self.alpha).abs().sum() + (self.A0 - self.A).abs().sum()
+
+
+class WeitLayer(ComposedLayer):
+    """FedWeIT's layer: ``theta = m * sw + aw + sum_k atten_k * aw_kb[..., k]``, with hard thresholds.
+
+    ``sw`` (the shared weight) and ``aw_kb`` (other clients' adaptive weights, ``kb_cnt`` slots) are buffers;
+    the mask ``m`` (one value per output unit, starting at 0.5), ``aw``, ``atten`` and the bias train. ``aw``
+    counts only where ``|aw| > l1_threshold`` and ``m`` only where ``|m| > mask_threshold``, in training and
+    in evaluation alike, so the model scored is the model trained.
+    """
+
+    def __init__(self, layer: nn.Linear | nn.Conv2d, kb_cnt: int, l1_threshold: float, mask_threshold: float) -> None:
+        super().__init__(layer)
+        weight = layer.weight.detach()
+        self.thresholds = (l1_threshold, mask_threshold)
+        self.register_buffer("sw", weight.clone())
+        self.register_buffer("aw_kb", torch.zeros((*weight.shape, kb_cnt), dtype=weight.dtype, device=weight.device))
+        self.mask = nn.Parameter(torch.full((weight.shape[0],), 0.5, dtype=weight.dtype, device=weight.device))
+        self.aw = nn.Parameter(torch.empty_like(weight))
+        self.atten = nn.Parameter(torch.zeros(kb_cnt, dtype=weight.dtype, device=weight.device))
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self, sw: torch.Tensor | None = None, kb: torch.Tensor | None = None) -> None:
+        """Take ``sw`` and ``kb`` (when given); restart ``aw = (1 - m) * sw`` and ``atten = 0``; ``m`` is kept."""
+        if sw is not None:
+            self.sw.copy_(sw)
+        if kb is not None:
+            self.aw_kb.copy_(kb)
+        self.aw.copy_((1 - self._per_unit(self.mask)) * self.sw)
+        self.atten.zero_()
+
+    def _per_unit(self, values: torch.Tensor) -> torch.Tensor:
+        return values.reshape((-1,) + (1,) * (self.sw.dim() - 1))
+
+    def kept_aw(self) -> torch.Tensor:
+        """``aw`` with entries at or below the L1 threshold set to zero."""
+        return self.aw * (self.aw.abs() > self.thresholds[0])
+
+    def kept_mask(self) -> torch.Tensor:
+        """The mask with entries at or below the mask threshold set to zero."""
+        return self.mask * (self.mask.abs() > self.thresholds[1])
+
+    def theta(self) -> torch.Tensor:
+        return self._per_unit(self.kept_mask()) * self.sw + self.kept_aw() + (self.aw_kb * self.atten).sum(-1)
+
+    def sparsity(self) -> torch.Tensor:
+        """``||aw||_1 + ||m||_1``, FedWeIT's sparsity term."""
+        return self.aw.abs().sum() + self.mask.abs().sum()
 
 
 def adapt(model: nn.Module, make: Callable[[nn.Linear | nn.Conv2d], nn.Module]) -> nn.Module:

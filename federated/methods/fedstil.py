@@ -134,7 +134,12 @@ class FedSTIL(Method):
             rnd.scratch["tail"], (protos, y), stored, seen, self.lambda_k)
 
     def upload(self, model: Mapping[str, torch.Tensor], samples: int, memory: Mapping[str, Any]) -> Upload:
-        return Upload(state={}, samples=samples, extras={"theta": thetas_of_state(model), "token": memory["token"]})
+        return Upload(state={}, samples=samples, extras={"theta": self.thetas(model), "token": memory["token"]})
+
+    @staticmethod
+    def thetas(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every adaptive layer's ``theta`` computed from a model state dict, by layer name."""
+        return thetas_of_state(state)
 
 
 def thetas_of_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
