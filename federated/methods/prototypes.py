@@ -102,7 +102,8 @@ def budgets(ids: list[int], total: int) -> dict[int, int]:
 
 
 @torch.no_grad()
-def _features(tail: fx.GraphModule, protos: torch.Tensor) -> torch.Tensor:
+def _features(tail: nn.Module, protos: torch.Tensor) -> torch.Tensor:
+    """The tail's eval-mode features of ``protos`` (its second output when it has two), L2-normalised."""
     was_training = tail.training
     tail.eval()
     try:
@@ -114,7 +115,7 @@ def _features(tail: fx.GraphModule, protos: torch.Tensor) -> torch.Tensor:
 
 
 def herd_exemplars(
-    tail: fx.GraphModule,
+    tail: nn.Module,
     current: tuple[torch.Tensor, torch.Tensor],
     stored: tuple[torch.Tensor, torch.Tensor],
     seen: list[int],
@@ -129,15 +130,21 @@ def herd_exemplars(
     protos, ids = current
     old_x, old_y = stored[0].to(protos.device), stored[1].to(protos.device)
     now = set(ids.tolist())
+    # Features in two passes of the tail, not one per identity: current prototypes, old exemplars of current ids.
+    redo = torch.isin(old_y, ids)
+    feats = _features(tail, protos)
+    old_feats = _features(tail, old_x[redo].float()) if bool(redo.any()) else feats[:0]
+    old_redo_y = old_y[redo]
     kept_x, kept_y = [], []
     for pid, count in budgets(seen, total).items():
-        candidates = old_x[old_y == pid].float()
         if pid in now:
-            candidates = torch.cat([protos[ids == pid], candidates])
-            candidates = candidates[herding(_features(tail, candidates), count)]
+            candidates = torch.cat([protos[ids == pid], old_x[redo][old_redo_y == pid].float()])
+            chosen = herding(torch.cat([feats[ids == pid], old_feats[old_redo_y == pid]]), count)
+            candidates = candidates[chosen]
+        else:
+            candidates = old_x[old_y == pid]
         kept_x.append(candidates[:count].to(STORE_DTYPE))
         kept_y.append(torch.full((kept_x[-1].shape[0],), pid, dtype=torch.int32, device=protos.device))
     if not kept_x:
         return protos[:0].to(STORE_DTYPE), ids[:0].to(torch.int32)
     return torch.cat(kept_x), torch.cat(kept_y)
-
