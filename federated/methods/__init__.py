@@ -18,7 +18,9 @@ from .mas import MAS
 
 __all__ = ["LocalRound", "Method", "ModelOutput", "ServerState", "REGISTRY", "METHODS", "build_method"]
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Baseline, EWC, FedAvg, FedCurv, FedProx, FedSTIL, FedSTILAtten, FedWeIT, ICaRL, MAS)}
+REGISTRY: dict[str, type[Method]] = {
+    m.name: m for m in (Baseline, EWC, FedAvg, FedCurv, FedProx, FedSTIL, FedSTILAtten, FedWeIT, ICaRL, MAS)
+}
 METHODS = tuple(sorted(REGISTRY))
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["AdaptiveLayer", "BankLayer", "ComposedLayer", "WeitLayer", "adapt", "adaptive_layers", "expand_last", "theta_of"]
+__all__ = ["AdaptiveLayer", "BankLayer", "ComposedLayer", "WeitLayer", "adapt", "adaptive_layers", "expand_last"]
 
 
 def expand_last(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -193,8 +193,3 @@ def adaptive_layers(model: nn.Module) -> Iterator[tuple[str, ComposedLayer]]:
         if isinstance(module, ComposedLayer):
             yield name, module
 
-
-@torch.no_grad()
-def theta_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every composed layer's current weight, by layer name (copies, detached)."""
-    return {name: layer.theta().detach().clone() for name, layer in adaptive_layers(model)}

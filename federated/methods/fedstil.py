@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..fedavg import Upload, weighted_mean
-from .adaptive import AdaptiveLayer, adapt, adaptive_layers
+from .adaptive import AdaptiveLayer, adapt, adaptive_layers, expand_last
 from .base import LocalRound, Method, ModelOutput, ServerState, option
 from .counts import count_option
 from .prototypes import herd_exemplars, prototypes, split_tail
@@ -148,7 +148,7 @@ def thetas_of_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     out = {}
     for layer in names:
         g, a = state[f"{layer}.G"], state[f"{layer}.a"]
-        out[layer] = a.reshape((1,) * (g.dim() - 1) + (-1,)) * g + state[f"{layer}.A"]
+        out[layer] = expand_last(a, g) * g + state[f"{layer}.A"]
     return out
 
 
