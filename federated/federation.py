@@ -56,12 +56,12 @@ class Federation:
     ) -> None:
         self._config = config
         self._seed = seed
-        self._method = build_method(config["exp_method"], config.get("method_opts") or {})
+        self._method = build_method(config["exp_method"], config.get("method_opts") or {}, seed=seed)
         self._worker: Worker | None = None
         self._worker_lock = threading.Lock()
         self._tasks = tasks = build_task_source(config, seed)
         model_opts = dict(config["model_opts"])
-        initial = tasks.build_model(model_opts, generator(seed, "init"))
+        initial = self._method.prepare(tasks.build_model(model_opts, generator(seed, "init")))
         # Building the optimizer, scheduler and loss once reports a bad option now, not in the first round.
         build_scheduler(config["scheduler_opts"], build_optimizer(config["optimizer_opts"], initial.parameters()))
         build_loss(config["criterion_opts"], model_opts.get("num_classes"))

@@ -77,7 +77,8 @@ class Server:
             chosen = {name: inbox[name] for name in clients if name in inbox}
             absent = sorted(set(clients) - chosen.keys())
             if chosen:
-                self._state = self.method.aggregate(self._state, chosen)
+                handed = ServerState(self._state.model, self._state.extras, round=round)
+                self._state = self.method.aggregate(handed, chosen)
             for past in [r for r in self._inbox if r <= round]:
                 del self._inbox[past]
         if absent:

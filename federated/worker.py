@@ -77,7 +77,7 @@ class Worker:
 
     def __init__(self, config: Mapping[str, Any], seed: int, *, tasks: TaskSource | None = None) -> None:
         task_opts = config["task_opts"]
-        self._method = build_method(config["exp_method"], config.get("method_opts") or {})
+        self._method = build_method(config["exp_method"], config.get("method_opts") or {}, seed=seed)
         self._tasks = tasks if tasks is not None else build_task_source(config, seed)
         self._epochs = int(task_opts["train_epochs"])
         self._batch_size = int(task_opts["batch_size"])
@@ -112,6 +112,7 @@ class Worker:
             previous_task=previous.task if previous is not None else None,
             task_data=lambda name: tuple(t.to(dev) for t in self._tasks.train_data(job.client, name)),
             forward=lambda xb: model_output(model(xb)),
+            augment=self._tasks.augment,
         )
         self._method.start(rnd)
         x, y = rnd.task_data(job.task)
@@ -119,7 +120,7 @@ class Worker:
         optimizer, scheduler = self._optimizer_for(model, previous)
 
         def batch_loss(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = model_output(model(xb))
+            out = rnd.forward(xb)
             base = self._criterion(out.logits, out.features, yb)
             return self._method.batch_loss(rnd, xb, yb, out, base), out.logits
 
@@ -127,7 +128,7 @@ class Worker:
         scores = train_local(
             model, optimizer, scheduler, None, x, y, epochs=self._epochs, batch_size=self._batch_size,
             shuffle=generator(*ids, "shuffle"), batch_loss=batch_loss,
-            augment=self._tasks.augment, augment_generator=generator(*ids, "augment"),
+            augment=rnd.augment, augment_generator=generator(*ids, "augment"),
         )
         self._method.finish(rnd)
         samples = int(y.shape[0])
@@ -152,7 +153,7 @@ class Worker:
         """This thread's model on ``device`` (built on first use; weights are whatever was loaded last)."""
         models = self._models.__dict__.setdefault("by_device", {})
         if device not in models:
-            models[device] = self._tasks.empty_model(self._model_opts, device)
+            models[device] = self._method.prepare(self._tasks.empty_model(self._model_opts, device))
         return models[device]
 
     def _optimizer_for(

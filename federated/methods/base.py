@@ -2,6 +2,7 @@
 
 The ``Federation`` drives every method the same way, in a worker thread per client:
 
+    both halves    prepare(model)                      the model the method trains (FedSTIL swaps layers)
     server half    payload(server, client, kind)       what the server sends a client this round
                    aggregate(server, uploads)          the new server state from this round's uploads
     client half    start(rnd)                          load the payload (or the client's own model)
@@ -42,6 +43,8 @@ class ServerState:
 
     model: dict[str, torch.Tensor]
     extras: dict[str, Any] = field(default_factory=dict)
+    #: The round being aggregated, as the ``Server`` hands the state to ``Method.aggregate`` (0 otherwise).
+    round: int = 0
 
 
 @dataclass
@@ -58,8 +61,12 @@ class LocalRound:
     previous_model: Mapping[str, torch.Tensor] | None
     previous_task: str | None
     task_data: Callable[[str], tuple[torch.Tensor, torch.Tensor]]
+    #: The training forward pass over what ``training_data`` gives; a method that trains on something other
+    #: than the task's inputs (FedSTIL's cached prototypes) replaces it in ``training_data``.
     forward: Callable[[torch.Tensor], ModelOutput]
     scratch: dict[str, Any] = field(default_factory=dict)
+    #: The augmentation applied to each training batch; a method that trains on features sets it to None.
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
 
 def option(options: Mapping[str, Any], key: str, default: float, *, method: str, minimum: float = 0.0) -> float:
@@ -77,6 +84,9 @@ class Method:
     #: ``method_opts`` keys this method reads, with their defaults (documented in docs/methods.md).
     defaults: ClassVar[Mapping[str, Any]] = {}
 
+    #: The experiment's seed (``build_method`` sets it), for a method's own draws (FedWeIT's knowledge base).
+    seed: int = 0
+
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         options = dict(options or {})
         unknown = sorted(set(options) - set(self.defaults))
@@ -84,6 +94,10 @@ class Method:
             known = ", ".join(sorted(self.defaults)) or "none"
             raise ValueError(f"method_opts.{unknown[0]}: not an option of {self.name} (its options: {known})")
         self.options = {**self.defaults, **options}
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """The model this method trains, made from a freshly built one (FedSTIL swaps layers); as is here."""
+        return model
 
     # server half -------------------------------------------------------------------------------------
     def payload(self, server: ServerState, client: str, kind: str) -> dict[str, Any]:

@@ -1,0 +1,162 @@
+"""FedSTIL: adaptive layers, prototype rehearsal, task tokens and a relevance-weighted personalised dispatch.
+
+Client: every fully trainable Linear/Conv2d becomes an ``AdaptiveLayer`` (``theta = a * G + A``). A round
+loads the client's own model, takes ``G`` from the server's personalised mix, restarts ``a``, ``A`` and the
+anchors, computes the prototypes of its task (the head's inputs, see ``prototypes``) and trains the network
+after the head on them plus its stored exemplars, with
+
+    loss + lambda_l1 * sum over layers (||a0 - a||_1 + ||A0 - A||_1).
+
+Afterwards it herds exemplars (at most ``lambda_k``, float16) and uploads every layer's ``theta`` and its
+task token (the mean prototype). Server: ``G`` of the global model, sent to new clients, is the sample-weighted
+mean of the round's ``theta``; a known client gets ``sum_i w_i theta_i`` over every client's latest ``theta``
+with ``relevance_weights`` from the token histories.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..fedavg import Upload, weighted_mean
+from .adaptive import AdaptiveLayer, adapt, adaptive_layers, expand_last
+from .base import LocalRound, Method, ModelOutput, ServerState, option
+from .counts import count_option
+from .prototypes import herd_exemplars, prototypes, split_tail
+from .relevance import relevance_weights
+
+__all__ = ["FedSTIL", "thetas_of_state"]
+
+
+class FedSTIL(Method):
+    """FedSTIL as in its paper's code, with the anchors frozen and one-client dispatch defined."""
+
+    name = "fedstil"
+    defaults = {"lambda_l1": 1e-4, "lambda_k": 8000, "atten_default": 0.8,
+                "distance_calculate_step": 10, "distance_calculate_decay": 0.8}
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self.lambda_l1 = option(self.options, "lambda_l1", 1e-4, method=self.name)
+        self.lambda_k = count_option(self.options, "lambda_k", method=self.name)
+        self.atten_default = option(self.options, "atten_default", 0.8, method=self.name)
+        self.step = count_option(self.options, "distance_calculate_step", method=self.name, minimum=1)
+        self.decay = option(self.options, "distance_calculate_decay", 0.8, method=self.name, minimum=1e-6)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return adapt(model, lambda layer: AdaptiveLayer(layer, self.atten_default))
+
+    # server half -------------------------------------------------------------------------------------
+    def payload(self, server: ServerState, client: str, kind: str) -> dict[str, Any]:
+        """A new client gets the global model; a known one ``G`` per layer, mixed by relevance to it."""
+        if kind == "integrated":
+            return {"model": server.model}
+        thetas = server.extras.get("theta", {})
+        tokens = server.extras.get("tokens", {})
+        if client not in thetas:
+            # Nothing of this client reached the server yet: it gets the global G, like a new client.
+            return {"global": _globals(server.model, self._layer_names(server.model))}
+        others = {name: tokens[name] for name in sorted(thetas) if name != client}
+        weights = relevance_weights(tokens[client][-1], others, step=self.step, decay=self.decay)
+        order = [*others, client]
+        mix = {layer: sum(float(w) * thetas[name][layer].double() for w, name in zip(weights, order))
+               for layer in thetas[client]}
+        return {"global": {layer: value.float() for layer, value in mix.items()}}
+
+    def aggregate(self, server: ServerState, uploads: Mapping[str, Upload]) -> ServerState:
+        """``G`` <- the weighted mean of the round's ``theta``; every upload's ``theta`` and token are kept."""
+        thetas = dict(server.extras.get("theta", {}))
+        tokens = {name: list(history) for name, history in server.extras.get("tokens", {}).items()}
+        for name in sorted(uploads):
+            thetas[name] = uploads[name].extras["theta"]
+            tokens.setdefault(name, []).append(uploads[name].extras["token"])
+        mean = weighted_mean({name: Upload(u.extras["theta"], u.samples) for name, u in uploads.items()})
+        model = dict(server.model)
+        for layer, value in mean.items():
+            # theta = G at the start of a round: a and a0 stay atten_default, A and A0 follow G.
+            atten = model[f"{layer}.a"]
+            model[f"{layer}.G"] = value
+            model[f"{layer}.A"] = model[f"{layer}.A0"] = (1 - atten) * value
+        return ServerState(model, {**server.extras, "theta": thetas, "tokens": tokens})
+
+    @staticmethod
+    def _layer_names(state: Mapping[str, torch.Tensor]) -> list[str]:
+        return [key[: -len(".A0")] for key in state if key.endswith(".A0")]
+
+    # client half -------------------------------------------------------------------------------------
+    def start(self, rnd: LocalRound) -> None:
+        if "model" in rnd.payload:
+            rnd.model.load_state_dict(rnd.payload["model"])
+        elif rnd.previous_model is None:
+            raise ValueError(f"{self.name}: client {rnd.client!r} expected its own model or the global one, "
+                             "found neither")
+        else:
+            rnd.model.load_state_dict(rnd.previous_model)
+        received = rnd.payload.get("global", {})
+        for name, layer in adaptive_layers(rnd.model):
+            self.receive(layer, received.get(name))
+
+    def receive(self, layer: nn.Module, weight: torch.Tensor | None) -> None:
+        """Restart ``layer`` for a round from the weight the server sent (its own ``G`` when none)."""
+        layer.reset(None if weight is None else weight.to(layer.G.device))
+
+    def training_data(self, rnd: LocalRound, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task's prototypes and the stored exemplars; training runs the network after the head on them."""
+        head, tail = split_tail(rnd.model)
+        protos = prototypes(rnd.model, head, x)
+        rnd.memory["token"] = protos.flatten(1).mean(0)
+        rnd.scratch["tail"], rnd.scratch["current"] = tail, (protos, y)
+        rnd.forward = lambda pb: _output(tail(pb))
+        rnd.augment = None  # flips and crops are for images, not for feature maps
+        ex_x = rnd.memory.get("exemplar_x")
+        if ex_x is None or not len(ex_x):
+            return protos, y
+        return torch.cat([protos, ex_x.to(protos.device, protos.dtype)]), torch.cat([y, rnd.memory["exemplar_y"].to(y)])
+
+    def batch_loss(self, rnd: LocalRound, xb: torch.Tensor, yb: torch.Tensor, out: ModelOutput,
+                   loss: torch.Tensor) -> torch.Tensor:
+        if not self.lambda_l1:
+            return loss
+        drift = torch.stack([layer.drift() for _, layer in adaptive_layers(rnd.model)]).sum()
+        return loss + self.lambda_l1 * drift
+
+    def finish(self, rnd: LocalRound) -> None:
+        """Herd this task's exemplars into the store (none when ``lambda_k`` is 0)."""
+        protos, y = rnd.scratch["current"]
+        seen = sorted(set(rnd.memory.get("seen", [])) | set(y.tolist()))
+        rnd.memory["seen"] = seen
+        if not self.lambda_k:
+            return
+        stored = (rnd.memory.get("exemplar_x", protos[:0]), rnd.memory.get("exemplar_y", y[:0]))
+        rnd.memory["exemplar_x"], rnd.memory["exemplar_y"] = herd_exemplars(
+            rnd.scratch["tail"], (protos, y), stored, seen, self.lambda_k)
+
+    def upload(self, model: Mapping[str, torch.Tensor], samples: int, memory: Mapping[str, Any]) -> Upload:
+        return Upload(state={}, samples=samples, extras={"theta": self.thetas(model), "token": memory["token"]})
+
+    @staticmethod
+    def thetas(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every adaptive layer's ``theta`` computed from a model state dict, by layer name."""
+        return thetas_of_state(state)
+
+
+def thetas_of_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every adaptive layer's ``theta = a * G + A`` from a model state dict, by layer name."""
+    names = [key[: -len(".A0")] for key in state if key.endswith(".A0") and f"{key[:-3]}.a" in state]
+    out = {}
+    for layer in names:
+        g, a = state[f"{layer}.G"], state[f"{layer}.a"]
+        out[layer] = expand_last(a, g) * g + state[f"{layer}.A"]
+    return out
+
+
+def _globals(model: Mapping[str, torch.Tensor], layers: list[str]) -> dict[str, torch.Tensor]:
+    return {layer: model[f"{layer}.G"] for layer in layers}
+
+
+def _output(out: Any) -> ModelOutput:
+    if isinstance(out, tuple):
+        return ModelOutput(out[0], out[1])
+    return ModelOutput(out, out)

@@ -1,0 +1,150 @@
+"""Prototype rehearsal for FedSTIL: cached head inputs, the network after the head, and herded exemplars.
+
+The *head* is the first composed layer in execution order (with a ReID net fine-tuning ``base.layer4``: its
+first conv). Everything before it is frozen, so its input for an image never changes: that input is the
+image's *prototype*. A round computes the prototypes of its task once, then trains only the *tail* (the
+network from the head on, found by an FX trace that feeds the head's input from a new graph input) on
+prototypes plus stored exemplars. Exemplars are kept in float16, at most ``lambda_k`` per client.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from .adaptive import ComposedLayer
+from .icarl import herding
+
+__all__ = ["BATCH", "budgets", "prototypes", "split_tail", "herd_exemplars"]
+
+#: Samples per forward pass when computing prototypes or herding features.
+BATCH = 256
+#: How exemplars are stored: half the bytes of float32; post-ReLU feature maps fit its range easily.
+STORE_DTYPE = torch.float16
+
+
+class _Tracer(fx.Tracer):
+    """An FX tracer that keeps composed layers as single calls, so the head can be found by name."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, ComposedLayer) or super().is_leaf_module(m, qualname)
+
+
+def split_tail(model: nn.Module) -> tuple[str, fx.GraphModule]:
+    """The head's name and the network from the head on, as a module taking the head's input.
+
+    The trace is taken in train mode (the mode the tail trains in); the tail shares ``model``'s parameters.
+    """
+    was_training = model.training
+    model.train()
+    try:
+        graph = _Tracer().trace(model)
+    finally:
+        model.train(was_training)
+    head = next((n for n in graph.nodes if n.op == "call_module"
+                 and isinstance(model.get_submodule(str(n.target)), ComposedLayer)), None)
+    if head is None:
+        raise ValueError("fedstil: expected a model with a trainable Linear or Conv2d layer, found none")
+    cut = head.args[0]
+    first = next(iter(graph.nodes))
+    with graph.inserting_before(first):
+        feed = graph.placeholder("prototypes")
+    # Every use of the head's input (a residual shortcut too) now reads the prototypes.
+    cut.replace_all_uses_with(feed)
+    tail = fx.GraphModule(model, graph)
+    tail.graph.eliminate_dead_code()
+    for node in [n for n in tail.graph.nodes if n.op == "placeholder" and n is not feed and not n.users]:
+        tail.graph.erase_node(node)
+    tail.delete_all_unused_submodules()
+    tail.recompile()
+    return str(head.target), tail
+
+
+class _Stop(Exception):
+    """Raised by the head's hook once its input is caught: nothing after the head needs to run."""
+
+
+@torch.no_grad()
+def prototypes(model: nn.Module, head: str, x: torch.Tensor) -> torch.Tensor:
+    """The head's input for each sample of ``x``, from ``model`` in eval mode (float32, on ``x``'s device)."""
+    caught: list[torch.Tensor] = []
+
+    def catch(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        caught.append(args[0].detach().clone())
+        raise _Stop
+
+    handle = model.get_submodule(head).register_forward_pre_hook(catch)
+    was_training = model.training
+    model.eval()
+    try:
+        for xb in x.split(BATCH):
+            try:
+                model(xb)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(caught).float() if caught else x[:0].float()
+
+
+def budgets(ids: list[int], total: int) -> dict[int, int]:
+    """Exemplars per identity: ``ceil(total / n)`` for the first ``total mod n`` ids, ``floor`` for the rest.
+
+    So no identity gets more than ``ceil(total / n)`` and the client never holds more than ``total``.
+    """
+    ids = sorted(ids)
+    if not ids:
+        return {}
+    low, extra = divmod(total, len(ids))
+    return {pid: low + (1 if index < extra else 0) for index, pid in enumerate(ids)}
+
+
+@torch.no_grad()
+def _features(tail: nn.Module, protos: torch.Tensor) -> torch.Tensor:
+    """The tail's eval-mode features of ``protos`` (its second output when it has two), L2-normalised."""
+    was_training = tail.training
+    tail.eval()
+    try:
+        outs = [tail(pb) for pb in protos.split(BATCH)]
+    finally:
+        tail.train(was_training)
+    feats = torch.cat([out[1] if isinstance(out, tuple) else out for out in outs])
+    return F.normalize(feats.flatten(1).float(), dim=1)
+
+
+def herd_exemplars(
+    tail: nn.Module,
+    current: tuple[torch.Tensor, torch.Tensor],
+    stored: tuple[torch.Tensor, torch.Tensor],
+    seen: list[int],
+    total: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new exemplar store: old identities keep a prefix of their herding order, current ones are herded.
+
+    ``current`` is this round's (prototypes, ids); ``stored`` the exemplars so far (float16, int32), each
+    identity's in herding order. Current identities are herded afresh over their prototypes and their old
+    exemplars, on the tail's eval-mode features (normalised), without replacement.
+    """
+    protos, ids = current
+    old_x, old_y = stored[0].to(protos.device), stored[1].to(protos.device)
+    now = set(ids.tolist())
+    # Features in two passes of the tail, not one per identity: current prototypes, old exemplars of current ids.
+    redo = torch.isin(old_y, ids)
+    feats = _features(tail, protos)
+    old_feats = _features(tail, old_x[redo].float()) if bool(redo.any()) else feats[:0]
+    old_redo_y = old_y[redo]
+    kept_x, kept_y = [], []
+    for pid, count in budgets(seen, total).items():
+        if pid in now:
+            candidates = torch.cat([protos[ids == pid], old_x[redo][old_redo_y == pid].float()])
+            chosen = herding(torch.cat([feats[ids == pid], old_feats[old_redo_y == pid]]), count)
+            candidates = candidates[chosen]
+        else:
+            candidates = old_x[old_y == pid]
+        kept_x.append(candidates[:count].to(STORE_DTYPE))
+        kept_y.append(torch.full((kept_x[-1].shape[0],), pid, dtype=torch.int32, device=protos.device))
+    if not kept_x:
+        return protos[:0].to(STORE_DTYPE), ids[:0].to(torch.int32)
+    return torch.cat(kept_x), torch.cat(kept_y)
