@@ -76,6 +76,9 @@ class Method:
     name: ClassVar[str] = "fedavg"
     #: ``method_opts`` keys this method reads, with their defaults (documented in docs/methods.md).
     defaults: ClassVar[Mapping[str, Any]] = {}
+    #: Other names of those options (FedSTIL's ``model_opts`` keys) -> (option, factor the value is multiplied
+    #: by), or None for a key FedSTIL files carry that has no effect; the config loader translates them.
+    aliases: ClassVar[Mapping[str, tuple[str, float] | None]] = {}
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         options = dict(options or {})
