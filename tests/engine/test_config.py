@@ -175,3 +175,54 @@ def test_a_criterion_list_keeps_its_order_and_fills_defaults(tmp_path: Path) -> 
     assert cfg.data["criterion_opts"][1] == {"name": "triplet", "margin": 0.3, "hard_mining": True, "norm_feat": False,
                                             "weight": 1.0}
     assert cfg.data["criterion_opts"][0]["epsilon"] == 0.1
+
+
+@pytest.mark.parametrize(("method", "fedstil_keys", "method_opts"), [
+    ("ewc", {"lambda_penalty": 50}, {"lambda": 100.0}),  # FedSTIL's penalty has no 1/2
+    ("mas", {"lambda_penalty": 0.01}, {"lambda": 0.01}),
+    ("fedcurv", {"lambda_penalty": 50}, {"lambda": 50.0}),
+    ("fedprox", {"lambda_l2": 1e-5}, {"mu": 2e-5}),
+    ("icarl", {"k": 12000, "n_classes": 10, "examplar_batch_size": 64}, {"memory_size": 12000}),
+])
+def test_fedstil_method_keys_in_model_opts_become_the_methods_options(
+        tmp_path: Path, method: str, fedstil_keys: dict, method_opts: dict) -> None:
+    cfg = load_experiment(write(tmp_path, {**MINIMAL, "exp_method": method, "model_opts": {"hidden": [8], **fedstil_keys}}))
+    assert cfg.data["method_opts"] == method_opts
+    assert cfg.data["model_opts"] == {"name": "mlp", "hidden": [8]}  # one source of truth: method_opts
+
+
+def test_the_same_option_in_method_opts_and_model_opts_must_agree(tmp_path: Path) -> None:
+    same = {**MINIMAL, "exp_method": "fedprox", "method_opts": {"mu": 0.2}, "model_opts": {"lambda_l2": 0.1}}
+    assert load_experiment(write(tmp_path, same)).data["method_opts"] == {"mu": 0.2}
+    differ = {**same, "method_opts": {"mu": 0.3}}
+    assert error_of(tmp_path, differ).endswith("exp.yaml: model_opts.lambda_l2 gives fedprox's option "
+                                               "mu = 0.2, but method_opts.mu gave 0.3; expected one value")
+
+
+def test_loader_opts_are_always_in_the_validated_config(tmp_path: Path) -> None:
+    cfg = load_experiment(write(tmp_path, {**MINIMAL, "task_opts": {"batch_size": 16}}))
+    assert cfg.data["task_opts"]["loader_opts"] == {"batch_size": 16, "num_workers": 0, "pin_memory": False,
+                                                    "persistent_workers": False, "multiprocessing_context": None}
+    shipped = {"batch_size": 64, "num_workers": 0, "pin_memory": False, "persistent_workers": False,
+               "multiprocessing_context": "spawn"}
+    cfg = load_experiment(write(tmp_path, {**MINIMAL, "task_opts": {"loader_opts": shipped}}))
+    assert cfg.data["task_opts"]["batch_size"] == 64 and cfg.data["task_opts"]["loader_opts"] == shipped
+
+
+def test_a_reid_backbone_over_fedstil_task_folders_means_reid(tmp_path: Path) -> None:
+    for task in ("x", "y"):
+        (tmp_path / "data" / task / "train").mkdir(parents=True)
+    data = {**MINIMAL, "datasets_dir": str(tmp_path / "data"), "model_opts": {"name": "resnet18", "num_classes": 4},
+            "clients": [{"client_name": "a", "tasks": ["x", "y"]}]}
+    assert load_experiment(write(tmp_path, data)).data["task_opts"]["dataset"] == "reid"
+    data["clients"] = [{"client_name": "a", "tasks": ["x", "z"]}]
+    assert error_of(tmp_path, data).endswith(
+        f"task_opts.dataset: expected task folders <datasets_dir>/<task>/train for ReID model resnet18, found no "
+        f"{tmp_path / 'data' / 'z' / 'train'} (or name the data set in task_opts.dataset)")
+    small = {**MINIMAL, "datasets_dir": str(tmp_path / "data")}
+    assert load_experiment(write(tmp_path, small)).data["task_opts"]["dataset"] == "synthetic"
+
+
+def test_a_server_key_nothing_reads_is_refused(tmp_path: Path) -> None:
+    assert error_of(tmp_path, {**MINIMAL, "server": {"server_nam": "s"}}).endswith(
+        "server.server_nam: unknown key; did you mean 'server_name'?")
