@@ -61,6 +61,8 @@ class ValJob:
     round: int
     device: str
     model: Mapping[str, torch.Tensor]
+    #: A model per task, scoring each task with its own (FedSTIL's per-task checkpoints); None: ``model``.
+    models: Mapping[str, Mapping[str, torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +136,8 @@ class Worker:
         model.load_state_dict(job.model)
         results = {}
         for task in job.tasks:
+            if job.models is not None:
+                model.load_state_dict(job.models[task])
             samples, metrics = self._tasks.score(model, job.client, task, dev)
             results[task] = ValResult(samples=samples, metrics=metrics)
         return results

@@ -79,6 +79,9 @@ class Method:
     #: Other names of those options (FedSTIL's ``model_opts`` keys) -> (option, factor the value is multiplied
     #: by), or None for a key FedSTIL files carry that has no effect; the config loader translates them.
     aliases: ClassVar[Mapping[str, tuple[str, float] | None]] = {}
+    #: FedSTIL's checkpoint naming: True for a method that, for a client without ``model_ckpt_name``, keeps
+    #: one model per task and validates each task with that task's model (baseline's ``mm`` form).
+    models_per_task: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         options = dict(options or {})
