@@ -482,14 +482,14 @@ def _cross_check(data: dict[str, Any], clients: ClientSet) -> None:
 
 
 def _one_batch_size(opts: dict[str, Any]) -> None:
-    """``task_opts.batch_size`` and FedSTIL's ``task_opts.loader_opts.batch_size`` are one setting."""
-    plain, loader = opts["batch_size"], opts["loader_opts"]["batch_size"]
+    """``task_opts.batch_size`` and FedSTIL's ``task_opts.loader_opts.batch_size`` are one setting; the
+    validated config carries it once, as ``task_opts.batch_size``."""
+    plain, loader = opts["batch_size"], opts["loader_opts"].pop("batch_size")
     if plain is not None and loader is not None and plain != loader:
         raise SpecError("task_opts.loader_opts.batch_size",
                         f"task_opts.loader_opts.batch_size = {loader}, but task_opts.batch_size = {plain}; "
                         f"expected one batch size (give it once)")
-    size = loader if loader is not None else plain if plain is not None else 32
-    opts["batch_size"] = opts["loader_opts"]["batch_size"] = size
+    opts["batch_size"] = loader if loader is not None else plain if plain is not None else 32
 
 
 def _not_creatable(folder: Path) -> str | None:

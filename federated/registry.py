@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-__all__ = ["Component", "Catalogue", "load_target", "is_target"]
+__all__ = ["Component", "Catalogue", "load_target", "is_target", "importable"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def load_target(target: str, config_dir: Path | None = None) -> Any:
     """The object ``"package.module:Name"`` names; ValueError in one line when it cannot be imported."""
     module_name, _, attr = target.partition(":")
     try:
-        with _importable(config_dir):
+        with importable(config_dir):
             module = importlib.import_module(module_name)
     except Exception as exc:
         raise ValueError(f"expected an importable module, found {module_name!r} "
@@ -90,7 +90,7 @@ def load_target(target: str, config_dir: Path | None = None) -> Any:
 
 
 @contextmanager
-def _importable(folder: Path | None) -> Iterator[None]:
+def importable(folder: Path | None) -> Iterator[None]:
     """Let a module that sits next to its config be imported, for the import only; it stays in sys.modules."""
     if folder is None:
         yield

@@ -50,7 +50,8 @@ def test_a_fedstil_file_runs_unchanged(data: Path, tmp_path: Path, capsys: pytes
     record = json.loads(record_path.read_text())
     assert record["config"]["exp_method"] == FILES[name]
     assert record["config"]["task_opts"]["dataset"] == "reid"  # inferred: a ReID backbone over task folders
-    assert record["config"]["task_opts"]["loader_opts"]["batch_size"] == 8
+    assert record["config"]["task_opts"]["batch_size"] == 8  # given as loader_opts.batch_size
+    assert record["config"]["task_opts"]["loader_opts"]["multiprocessing_context"] == "spawn"
     assert record["config"]["optimizer_opts"]["lr"] == 0.001  # '1e-3', a string to PyYAML
     # Round 2 validates every client's model on both tasks of its stream, with ReID metrics.
     for client in ("client-0", "client-1"):
