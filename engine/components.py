@@ -20,8 +20,6 @@ __all__ = ["check_components", "infer_dataset"]
 #: ``server`` keys the engine reads itself; any other must be an option of the method.
 SERVER_KEYS = {"server_name": "server"}
 _SERVER_NAME = Str(safe_name=True)
-#: What an option given under a FedSTIL name came from, for messages.
-_Given = tuple[str, Any]
 
 
 def check_components(data: dict[str, Any], vocabulary: Vocabulary, config_dir: Path | None) -> None:

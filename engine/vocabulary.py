@@ -10,18 +10,16 @@ false, a string a string, a list a list; ``None`` takes anything (the component 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 from .schema import Anything, Bool, Float, Int, ListOf, Spec, Str
 
-__all__ = ["Plugin", "Catalogue", "Vocabulary", "KINDS", "option_spec", "is_plugin_target"]
+__all__ = ["Plugin", "Catalogue", "Vocabulary", "KINDS", "option_spec"]
 
 #: The kinds of component a config names, as the keys of a Vocabulary.
 KINDS = ("methods", "models", "datasets", "criteria", "optimizers", "schedulers")
-_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 class Plugin(Protocol):
@@ -63,11 +61,6 @@ class Vocabulary:
     def names(self, kind: str) -> Sequence[str]:
         catalogue = self.catalogues.get(kind)
         return () if catalogue is None else tuple(catalogue.names())
-
-
-def is_plugin_target(name: str) -> bool:
-    """Whether ``name`` has the form ``package.module:Name``."""
-    return bool(_TARGET.match(name))
 
 
 def option_spec(default: Any) -> Spec:
