@@ -6,12 +6,15 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Mapping, Sequence, TextIO
 
-from fedevents.engine.config import ExperimentConfig, load_experiments
+from fedevents.engine.config import ExperimentConfig, load_experiments, load_mapping
 from fedevents.engine.errors import ConfigError, DeviceError
 from fedevents.engine.experiment import Experiment, ResumePoint
-from fedevents.federated import METHODS, Federation, check_device
+from fedevents.engine.vocabulary import Vocabulary
+from fedevents.federated import Federation, check_device
+from fedevents.federated.check import check_config
+from fedevents.federated.vocabulary import CATALOGUES
 from fedevents.handlers import ClientWork, JsonRecorder, LogSink, TraceRecorder
 from fedevents.handlers.checkpoint import Checkpoint, Checkpointer, check_resumable, find_latest, load_checkpoint
 from fedevents.handlers.executors import (
@@ -25,7 +28,10 @@ from fedevents.handlers.executors import (
 from fedevents.handlers.loading import attach_handler, load_handler
 from fedevents.handlers.steering import RunControl
 
-__all__ = ["build_executor", "build_experiment", "build_experiments", "flag_overrides", "load_configs"]
+__all__ = ["build_executor", "build_experiment", "build_experiments", "flag_overrides", "load_configs", "VOCABULARY"]
+
+#: The registries of fedevents.federated, as the config loader asks them.
+VOCABULARY = Vocabulary(CATALOGUES)
 
 
 class _Default:
@@ -62,10 +68,9 @@ def load_configs(
     dry_run: bool = False,
 ) -> list[ExperimentConfig]:
     """Load and validate every experiment, and check its devices unless it is a dry run."""
-    configs = load_experiments(paths, common=common, overrides=overrides, methods=METHODS)
-    if not dry_run:
-        for cfg in configs:
-            check_devices(cfg)
+    configs = load_experiments(paths, common=common, overrides=overrides, vocabulary=VOCABULARY)
+    for cfg in configs:
+        _check_new(cfg, dry_run)
     return configs
 
 
@@ -85,6 +90,15 @@ def build_experiments(
     return [build_experiment(cfg, dry_run=dry_run, console=console, sinks=sinks, resume=resume) for cfg in configs]
 
 
+def check_buildable(config: ExperimentConfig) -> None:
+    """What torch would refuse (an option out of range, a model too large for this machine), found before
+    anything is built or written; a dry run checks exactly this too."""
+    try:
+        check_config(config.data)
+    except ValueError as exc:
+        raise ConfigError(f"{config.source}: {exc}") from None
+
+
 def check_devices(config: ExperimentConfig) -> None:
     """Every configured device exists here; a dry run skips this, so it can plan for other machines."""
     if config.executor == "ray":  # the devices are the cluster's: the executor finds them on its nodes
@@ -97,7 +111,7 @@ def check_devices(config: ExperimentConfig) -> None:
 
 
 def build_experiment(
-    config: ExperimentConfig | str | os.PathLike[str],
+    config: ExperimentConfig | Mapping[str, Any] | str | os.PathLike[str],
     *,
     dry_run: bool = False,
     console: TextIO | None | _Default = _DEFAULT,
@@ -108,16 +122,21 @@ def build_experiment(
 ) -> Experiment:
     """An experiment with its work handlers (real or simulated), default sinks and YAML handlers attached.
 
+    ``config`` is a validated config, an experiment file, or a mapping holding what a file would (user
+    plugins named in a mapping are imported from the current folder).
+
     With ``resume``, it continues the newest checkpointed run of the same experiment, or starts from the
     beginning (and says so on ``console``) when there is none. Subscribe your own handlers on
     ``experiment.bus`` before calling ``experiment.run()``.
     """
     console = _console(console)
-    if not isinstance(config, ExperimentConfig):
-        config = load_experiments([config], overrides=overrides, methods=METHODS)[0]
-        if not dry_run:
-            check_devices(config)
-    folder = Path(config.source).parent
+    if isinstance(config, Mapping):
+        config = load_mapping(config, overrides=overrides, vocabulary=VOCABULARY)
+        _check_new(config, dry_run)
+    elif not isinstance(config, ExperimentConfig):
+        config = load_experiments([config], overrides=overrides, vocabulary=VOCABULARY)[0]
+        _check_new(config, dry_run)
+    folder = config.config_dir or Path(config.source).parent
     handlers = [load_handler(e, f"{config.source}: handlers[{i}]", config_dir=folder)
                 for i, e in enumerate(config.data["handlers"])]
     checkpoint = _checkpoint_to_resume(config, console) if resume and not dry_run else None
@@ -149,6 +168,12 @@ def build_experiment(
     work = exp.component(ClientWork)
     exp.provide_control(RunControl(exp, None if exp.dry_run else work.federation))
     return exp
+
+
+def _check_new(config: ExperimentConfig, dry_run: bool) -> None:
+    check_buildable(config)
+    if not dry_run:
+        check_devices(config)
 
 
 def _checkpoint_to_resume(config: ExperimentConfig, console: TextIO | None) -> Checkpoint | None:

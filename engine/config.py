@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -17,9 +19,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from .errors import ConfigError
+from .vocabulary import Vocabulary
 from .yamlsafe import YamlProblem, load_yaml
+from .components import check_components
 from .schema import (
     AnyMapping,
+    Bool,
     Field,
     Float,
     Int,
@@ -31,22 +36,22 @@ from .schema import (
     describe,
 )
 
-__all__ = ["ExperimentConfig", "ClientSet", "load_experiments", "load_experiment", "parse_override", "COMMON_KEYS",
-           "EXECUTORS"]
+__all__ = ["ExperimentConfig", "ClientSet", "load_experiments", "load_experiment", "load_mapping", "parse_override",
+           "COMMON_KEYS", "EXECUTORS"]
 
 #: Keys a common file holds at its top level (besides ``defaults``).
 COMMON_KEYS = ("datasets_dir", "checkpoints_dir", "logs_dir", "parallel", "device", "executor", "ray")
-METHODS = ("fedavg",)
-#: Model names by task kind; tests check they match fedevents.federated's builders.
-MODELS = ("cnn", "mlp", "resnet18", "resnet34", "resnet50")
 #: Where client work runs (docs/executors.md); fedevents.handlers.executors holds one class per name.
 EXECUTORS = ("process", "ray", "thread")
 DEVICE_NAME = re.compile(r"^(cpu|cuda|cuda:\d+)$")
+#: Most bytes an experiment file may have; a real one has a few kilobytes.
+MAX_FILE_BYTES = 16 << 20
 
 
-def _schema(methods: Sequence[str]) -> Section:
+def _schema() -> Section:
     name = Str(safe_name=True)
-    client = Section({"client_name": Field(name), "tasks": Field(ListOf(name, min_len=1))})
+    client = Section({"client_name": Field(name), "tasks": Field(ListOf(name, min_len=1)),
+                      "model_ckpt_name": Field(Str(safe_name=True, nullable=True), None)})
     compact = Section(
         {
             "count": Field(Int(min=1)),
@@ -54,15 +59,7 @@ def _schema(methods: Sequence[str]) -> Section:
             "prefix": Field(Str(safe_name=True), "client-"),
         }
     )
-    criterion = Section(
-        {
-            "name": Field(Str(choices=("cross_entropy", "triplet"))),
-            "epsilon": Field(Float(min=0.0, below=1.0), 0.0),
-            "margin": Field(Float(min=0.0), 0.3),
-            "weight": Field(Float(positive=True), 1.0),
-            "num_classes": Field(Int(min=1), None),
-        }
-    )
+    named = Section({"name": Field(Str())}, open=True)
     handler = OneOf(
         [
             (lambda v: isinstance(v, str), Str()),
@@ -73,7 +70,7 @@ def _schema(methods: Sequence[str]) -> Section:
     return Section(
         {
             "exp_name": Field(name),
-            "exp_method": Field(Str(choices=tuple(methods))),
+            "exp_method": Field(Str(nullable=True), None),
             "group": Field(Str(nullable=True), None),
             "random_seed": Field(Int(min=0), 0),
             "datasets_dir": Field(Str(nullable=True), None),
@@ -114,48 +111,15 @@ def _schema(methods: Sequence[str]) -> Section:
                 ),
                 {},
             ),
-            "model_opts": Field(
-                Section(
-                    {
-                        "name": Field(Str(choices=MODELS), "mlp"),
-                        "hidden": Field(ListOf(Int(min=1)), [64, 64]),
-                        "channels": Field(ListOf(Int(min=1), min_len=1), [16, 32]),
-                        "num_classes": Field(Int(min=1), None),
-                        "last_stride": Field(Int(min=1), 1),
-                        "neck": Field(Str(choices=("bnneck", "no")), "bnneck"),
-                        "fine_tuning": Field(ListOf(Str()), []),
-                        "pretrained": Field(Str(nullable=True), None),
-                        "width": Field(Int(min=1), 64),
-                    }
-                ),
-                {},
-            ),
-            "optimizer_opts": Field(
-                Section(
-                    {
-                        "name": Field(Str(choices=("adam", "sgd")), "sgd"),
-                        "lr": Field(Float(positive=True), 0.05),
-                        "momentum": Field(Float(min=0.0), 0.0),
-                        "weight_decay": Field(Float(min=0.0), 0.0),
-                    }
-                ),
-                {},
-            ),
-            "scheduler_opts": Field(
-                Section(
-                    {
-                        "name": Field(Str(choices=("cosine", "none", "step_lr")), "none"),
-                        "step_size": Field(Int(min=1), 10),
-                        "gamma": Field(Float(positive=True), 0.5),
-                        "t_max": Field(Int(min=1), 10),
-                    }
-                ),
-                {},
-            ),
+            # The options of the model, the optimizer, the scheduler and the criteria are declared by the
+            # components themselves (see vocabulary.py); components.py checks them once the names are known.
+            "model_opts": Field(Section({"name": Field(Str(), "mlp")}, open=True), {}),
+            "optimizer_opts": Field(Section({"name": Field(Str(), "sgd")}, open=True), {}),
+            "scheduler_opts": Field(Section({"name": Field(Str(), "none")}, open=True), {}),
             "criterion_opts": Field(
                 OneOf(
-                    [(lambda v: isinstance(v, dict) or v is None, criterion),
-                     (lambda v: isinstance(v, list), ListOf(criterion, min_len=1))],
+                    [(lambda v: isinstance(v, dict) or v is None, named),
+                     (lambda v: isinstance(v, list), ListOf(named, min_len=1))],
                     "a criterion mapping (name, ...) or a list of them",
                 ),
                 {"name": "cross_entropy"},
@@ -163,7 +127,7 @@ def _schema(methods: Sequence[str]) -> Section:
             "task_opts": Field(
                 Section(
                     {
-                        "dataset": Field(Str(choices=("reid", "synthetic")), "synthetic"),
+                        "dataset": Field(Str(nullable=True), None),
                         "map_mode": Field(Str(choices=("standard", "first-match")), "standard"),
                         "augment_opts": Field(
                             Section(
@@ -179,7 +143,20 @@ def _schema(methods: Sequence[str]) -> Section:
                         ),
                         "sustain_rounds": Field(Int(min=1), 1),
                         "train_epochs": Field(Int(min=1), 1),
-                        "batch_size": Field(Int(min=1), 32),
+                        "batch_size": Field(Int(min=1), None),
+                        "loader_opts": Field(
+                            Section(
+                                {
+                                    "batch_size": Field(Int(min=1), None),
+                                    "num_workers": Field(Int(min=0), 0),
+                                    "pin_memory": Field(Bool(), False),
+                                    "persistent_workers": Field(Bool(), False),
+                                    "multiprocessing_context": Field(
+                                        Str(choices=("fork", "forkserver", "spawn"), nullable=True), None),
+                                }
+                            ),
+                            {},
+                        ),
                         "synthetic": Field(
                             Section(
                                 {
@@ -280,6 +257,8 @@ class ExperimentConfig:
     source: str
     data: Mapping[str, Any]
     clients: ClientSet
+    #: The folder user plugins (``"module:Name"``) next to the config are imported from.
+    config_dir: Path | None = None
 
     @property
     def exp_name(self) -> str:
@@ -334,7 +313,7 @@ def parse_override(text: str, label: str | None = None) -> tuple[list[str], Any]
     """Split ``key.path=value`` into its path and its value, read as a YAML scalar or flow collection."""
     key, sep, raw = text.partition("=")
     parts = key.strip().split(".")
-    where = label or f"--set {text}"
+    where = label or f"--set {text if len(text) <= 80 else text[:77] + '...'}"
     if not sep or not all(parts):
         raise ConfigError(f"{where}: expected key.path=value, found no '=' or an empty key")
     try:
@@ -350,6 +329,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A YAML file that must hold a mapping, read with the safe loader."""
     p = Path(path)
     try:
+        _check_regular_file(p)
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: expected an experiment file, found no such file") from None
@@ -370,17 +350,33 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def _check_regular_file(p: Path) -> None:
+    """Refuse, before opening, what is not a plain file of sane size: opening a FIFO blocks until someone
+    writes to it, and a device such as /dev/zero never ends."""
+    info = p.stat()
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(p)
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device"
+        raise ConfigError(f"{p}: expected an experiment file, found {kind}")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ConfigError(f"{p}: expected an experiment file of at most {MAX_FILE_BYTES >> 20} MiB, "
+                          f"found {info.st_size:,} bytes")
+
+
 def load_experiments(
     paths: Sequence[str | os.PathLike[str]],
     *,
     common: str | os.PathLike[str] | None = None,
     overrides: Iterable[str | tuple[str, str]] = (),
-    methods: Sequence[str] = METHODS,
+    vocabulary: Vocabulary | None = None,
 ) -> list[ExperimentConfig]:
     """Every experiment file merged onto the common file, overridden and validated, before anything runs.
 
     An override is ``"key.path=value"`` or ``(label, "key.path=value")``, the label naming where it came
-    from in messages (a flag such as ``--device``).
+    from in messages (a flag such as ``--device``). ``vocabulary`` holds the names of methods, models,
+    data sets, criteria, optimizers and schedulers and their options; without one, any name is accepted
+    with any options (the engine alone knows none).
     """
     if not paths:
         raise ConfigError("expected at least one experiment file, found none")
@@ -388,7 +384,30 @@ def load_experiments(
     if common is not None:
         base = _common_layer(read_yaml(common), str(common))
     parsed = [_labelled(o) for o in overrides]
-    return [_load_one(Path(p), base, parsed, methods, str(common) if common else None) for p in paths]
+    vocab = vocabulary or Vocabulary()
+    return [_load_one(Path(p), read_yaml(p), base, parsed, vocab, str(common) if common else None) for p in paths]
+
+
+def load_mapping(
+    data: Mapping[str, Any],
+    *,
+    source: str = "<mapping>",
+    config_dir: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str | tuple[str, str]] = (),
+    vocabulary: Vocabulary | None = None,
+) -> ExperimentConfig:
+    """An experiment given as a mapping (the Python API), validated exactly as a file would be.
+
+    ``source`` names it in messages; user plugins are imported from ``config_dir`` (default: the
+    current folder).
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, found a {type(data).__name__}")
+    base = _common_layer(dict(data), source) if "defaults" in data else {}
+    own = {k: v for k, v in data.items() if k != "defaults"} if base else dict(data)
+    folder = Path(config_dir) if config_dir is not None else Path.cwd()
+    parsed = [_labelled(o) for o in overrides]
+    return _load_one(folder / source, own, base, parsed, vocabulary or Vocabulary(), None, source=source)
 
 
 def _labelled(override: str | tuple[str, str]) -> tuple[list[str], Any, str]:
@@ -414,27 +433,30 @@ def _common_layer(common: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _load_one(
     path: Path,
+    experiment: dict[str, Any],
     base: dict[str, Any],
     overrides: list[tuple[list[str], Any, str]],
-    methods: Sequence[str],
+    vocabulary: Vocabulary,
     common_name: str | None,
+    *,
+    source: str | None = None,
 ) -> ExperimentConfig:
-    experiment = read_yaml(path)
     own = _common_layer(experiment, str(path)) if "defaults" in experiment else experiment
     merged = deep_merge(base, own)
     for parts, value, _ in overrides:
         _set_path(merged, parts, value, path)
     try:
-        data = _schema(methods).check(merged, "")
+        data = _schema().check(merged, "")
         clients = ClientSet.from_config(data["clients"])
         _cross_check(data, clients)
+        check_components(data, vocabulary, path.parent)
     except SpecError as exc:
-        where = _origin(exc.path, experiment, overrides, common_name, path)
+        where = _origin(exc.path, experiment, overrides, common_name, Path(source) if source else path)
         text = exc.message if exc.message.startswith(exc.path) else f"{exc.path}: {exc.message}"
         raise ConfigError(f"{where}: {text}") from None
     if data["exp_opts"]["online_clients"] is None:
         data["exp_opts"]["online_clients"] = len(clients)
-    return ExperimentConfig(source=str(path), data=data, clients=clients)
+    return ExperimentConfig(source=source or str(path), data=data, clients=clients, config_dir=path.parent)
 
 
 def _cross_check(data: dict[str, Any], clients: ClientSet) -> None:
@@ -465,12 +487,18 @@ def _cross_check(data: dict[str, Any], clients: ClientSet) -> None:
         problem = _not_creatable(Path(data[key]))
         if problem:
             raise SpecError(key, f"expected a writable directory, found {problem}")
-    if data["task_opts"]["dataset"] == "reid":
-        if ddir is None:
-            raise SpecError("datasets_dir", "expected the folder of the ReID tasks for task_opts.dataset reid, found none")
-        if data["model_opts"]["num_classes"] is None:
-            raise SpecError("model_opts.num_classes",
-                            "expected the number of training identities for task_opts.dataset reid, found none")
+    _one_batch_size(data["task_opts"])
+
+
+def _one_batch_size(opts: dict[str, Any]) -> None:
+    """``task_opts.batch_size`` and FedSTIL's ``task_opts.loader_opts.batch_size`` are one setting; the
+    validated config carries it once, as ``task_opts.batch_size``."""
+    plain, loader = opts["batch_size"], opts["loader_opts"].pop("batch_size")
+    if plain is not None and loader is not None and plain != loader:
+        raise SpecError("task_opts.loader_opts.batch_size",
+                        f"task_opts.loader_opts.batch_size = {loader}, but task_opts.batch_size = {plain}; "
+                        f"expected one batch size (give it once)")
+    opts["batch_size"] = loader if loader is not None else plain if plain is not None else 32
 
 
 def _not_creatable(folder: Path) -> str | None:
@@ -482,9 +510,18 @@ def _not_creatable(folder: Path) -> str | None:
         probe = probe.parent
     if not probe.is_dir():
         return f"{str(folder)!r}, which is under a file ({probe})" if probe != folder else f"{str(folder)!r} is a file"
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if not os.access(probe, os.W_OK | os.X_OK) or not _can_make_a_folder_in(probe):
         return f"{str(folder)!r}, and {probe} is not writable"
     return None
+
+
+def _can_make_a_folder_in(folder: Path) -> bool:
+    # os.access trusts permission bits, which root bypasses; /proc and read-only mounts refuse anyway.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fedevents-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 def deep_merge(lower: Mapping[str, Any], upper: Mapping[str, Any]) -> dict[str, Any]:

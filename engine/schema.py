@@ -21,6 +21,7 @@ __all__ = [
     "ListOf",
     "Section",
     "AnyMapping",
+    "Anything",
     "OneOf",
     "Field",
     "SAFE_NAME",
@@ -28,6 +29,8 @@ __all__ = [
 ]
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: A number as text: YAML 1.1 (PyYAML) reads ``1e-3`` (no dot) as a string, which a user means as a number.
+NUMERIC_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 MISSING: Any = object()
 
 
@@ -100,6 +103,8 @@ class Float(Spec):
         return "a number" + (" " + " and ".join(bounds) if bounds else "")
 
     def check(self, value: Any, path: str) -> float:
+        if isinstance(value, str) and NUMERIC_TEXT.match(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(value, path)
         value = float(value)
@@ -182,9 +187,13 @@ class Field:
 
 @dataclass(frozen=True)
 class Section(Spec):
-    """A mapping with known keys: unknown keys are refused with a 'did you mean', defaults filled."""
+    """A mapping with known keys: unknown keys are refused with a 'did you mean', defaults filled.
+
+    An ``open`` section passes other keys through unchecked, for a later check that knows them.
+    """
 
     fields: Mapping[str, Field] = field(default_factory=dict)
+    open: bool = False
     expected = "a mapping"
 
     def check(self, value: Any, path: str) -> dict[str, Any]:
@@ -193,12 +202,12 @@ class Section(Spec):
         if not isinstance(value, dict):
             raise self.fail(value, path)
         for key in value:
-            if key not in self.fields:
+            if key not in self.fields and not self.open:
                 where = _join(path, str(key))
                 hint = difflib.get_close_matches(str(key), list(self.fields), n=1)
                 extra = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(self.fields)}"
                 raise SpecError(where, f"unknown key{extra}")
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {k: _copy(v) for k, v in value.items() if k not in self.fields}
         for key, fld in self.fields.items():
             where = _join(path, key)
             if key in value:
@@ -222,6 +231,16 @@ class AnyMapping(Spec):
         if not isinstance(value, dict):
             raise self.fail(value, path)
         return dict(value)
+
+
+@dataclass(frozen=True)
+class Anything(Spec):
+    """Any value: the component that reads it checks it when it is built."""
+
+    expected = "any value"
+
+    def check(self, value: Any, path: str) -> Any:
+        return _copy(value)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""ReID training losses: label-smoothed identity cross-entropy, batch-hard triplet, and their weighted sum."""
+"""ReID training losses: label-smoothed identity cross-entropy, triplet, and their weighted sum.
+
+Names are FedSTIL's: ``cross_entropy`` and ``triplet_loss`` (``triplet`` is kept as another name of it).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .registry import Catalogue, Component
+
 __all__ = [
     "REID_CRITERIA",
+    "CATALOGUE",
     "LabelSmoothingCrossEntropy",
     "ReidCriterion",
     "ReidLoss",
@@ -18,7 +24,17 @@ __all__ = [
     "build_reid_criterion",
 ]
 
-REID_CRITERIA = ("cross_entropy", "triplet")
+#: Each criterion's options and defaults (``weight`` scales its term in the sum). A triplet's margin has no
+#: default: FedSTIL's None crashes, so a file must say which margin it means (0 is the soft margin).
+CRITERION_OPTIONS: dict[str, dict[str, Any]] = {
+    "cross_entropy": {"epsilon": 0.0, "num_classes": None, "weight": 1.0},
+    "triplet_loss": {"margin": None, "hard_mining": True, "norm_feat": False, "weight": 1.0},
+}
+CRITERION_OPTIONS["triplet"] = CRITERION_OPTIONS["triplet_loss"]
+REID_CRITERIA = tuple(sorted(CRITERION_OPTIONS))
+#: ``criterion_opts[].name``: the built-in losses (user losses are not supported yet).
+CATALOGUE = Catalogue("criteria", lambda: {n: Component(n, o) for n, o in CRITERION_OPTIONS.items()},
+                      lambda obj: "a built-in criterion name (user criteria are not supported yet)")
 
 
 class ReidLoss(Protocol):
@@ -51,21 +67,28 @@ class LabelSmoothingCrossEntropy(nn.Module):
 
 
 class TripletLoss(nn.Module):
-    """Batch-hard triplet loss (Hermans et al., 2017) on Euclidean distances.
+    """Triplet loss on Euclidean distances: batch-hard (Hermans et al., 2017) or softmax-weighted mining.
 
-    Each sample is an anchor against its farthest same-identity sample and its nearest other-identity one:
-    ``mean(relu(d_ap - d_an + margin))``, or the soft margin ``mean(softplus(d_ap - d_an))`` when
-    ``margin`` is 0. Anchors with no positive (other than themselves) or no negative in the batch are left
-    out; a batch with no usable anchor gives a zero that still backpropagates.
+    With ``hard_mining`` each sample is an anchor against its farthest same-identity sample and its nearest
+    other-identity one; without, against the softmax-weighted mean of its positives' distances (far ones
+    weigh more) and of its negatives' (near ones weigh more), as FedSTIL's ``hard_mining: false`` does.
+    ``norm_feat`` L2-normalises the features first. The loss is ``mean(relu(d_ap - d_an + margin))``, or
+    the soft margin ``mean(softplus(d_ap - d_an))`` when ``margin`` is 0. Anchors with no positive (other
+    than themselves) or no negative in the batch are left out; a batch with no usable anchor gives a zero
+    that still backpropagates.
     """
 
-    def __init__(self, margin: float) -> None:
+    def __init__(self, margin: float, *, hard_mining: bool = True, norm_feat: bool = False) -> None:
         super().__init__()
         if margin < 0:
             raise ValueError(f"margin: expected a number >= 0, found {margin!r}")
         self.margin = float(margin)
+        self.hard_mining = bool(hard_mining)
+        self.norm_feat = bool(norm_feat)
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.norm_feat:
+            features = F.normalize(features, dim=1)
         dist = _euclidean(features)
         same = targets.unsqueeze(0) == targets.unsqueeze(1)
         self_pair = torch.eye(len(targets), dtype=torch.bool, device=features.device)
@@ -74,12 +97,22 @@ class TripletLoss(nn.Module):
         usable = positive.any(1) & negative.any(1)
         if not usable.any():
             return (features * 0.0).sum()
-        # Masked entries are pushed out of reach of max (for positives) and min (for negatives).
-        d_ap = dist.masked_fill(~positive, float("-inf")).amax(1)[usable]
-        d_an = dist.masked_fill(~negative, float("inf")).amin(1)[usable]
+        if self.hard_mining:
+            # Masked entries are pushed out of reach of max (for positives) and min (for negatives).
+            d_ap = dist.masked_fill(~positive, float("-inf")).amax(1)[usable]
+            d_an = dist.masked_fill(~negative, float("inf")).amin(1)[usable]
+        else:
+            d_ap = _softmax_mean(dist, positive)[usable]
+            d_an = _softmax_mean(-dist, negative)[usable].neg()
         if self.margin == 0.0:
             return F.softplus(d_ap - d_an).mean()
         return F.relu(d_ap - d_an + self.margin).mean()
+
+
+def _softmax_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the mean of ``values`` over ``mask`` weighted by their softmax (rows without any give 0)."""
+    weights = torch.softmax(values.masked_fill(~mask, float("-inf")), dim=1).nan_to_num(0.0)
+    return (weights * values.masked_fill(~mask, 0.0)).sum(1)
 
 
 def _euclidean(x: torch.Tensor) -> torch.Tensor:
@@ -134,9 +167,20 @@ def _term(opts: Any, where: str, num_classes: int | None) -> tuple[str, float, n
         if epsilon > 1.0:
             raise ValueError(f"{where}.epsilon: expected a number in [0, 1], found {opts['epsilon']!r}")
         return name, weight, LabelSmoothingCrossEntropy(num_classes, epsilon)
-    if name == "triplet":
-        return name, weight, TripletLoss(_number(opts, "margin", 0.3, where))
+    if name in ("triplet", "triplet_loss"):
+        if opts.get("margin") is None:
+            raise ValueError(f"{where}.margin: expected a number >= 0 for {name} (0 for the soft margin), found none")
+        loss = TripletLoss(_number(opts, "margin", 0.0, where), hard_mining=_flag(opts, "hard_mining", True, where),
+                           norm_feat=_flag(opts, "norm_feat", False, where))
+        return "triplet", weight, loss
     raise ValueError(f"{where}.name: expected one of {', '.join(REID_CRITERIA)}, found {name!r}")
+
+
+def _flag(opts: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
+    value = opts.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}.{key}: expected true or false, found {value!r}")
+    return value
 
 
 def _number(opts: Mapping[str, Any], key: str, default: float, where: str) -> float:

@@ -67,6 +67,7 @@ class Federation:
         build_loss(config["criterion_opts"], model_opts.get("num_classes"))
         self._server = Server(initial.state_dict(), self._method)
         self._store = ClientStore(max_in_memory=max_in_memory, spill_dir=spill_dir)
+        self._named = _clients_naming_a_model(config.get("clients"))
 
     @property
     def config(self) -> Mapping[str, Any]:
@@ -101,6 +102,9 @@ class Federation:
         decides what that means. A client with nothing stored (its earlier attempts failed) joins as new.
         """
         previous = self._store.get(client)
+        if self._per_task(client):
+            # A task's own model once it has one; before that the client's latest (FedSTIL's model in memory).
+            previous = self._store.get(_task_key(client, task)) or previous
         joins = state if previous is not None else "integrated"
         return TrainJob(client=client, task=task, round=round, device=device, seed=self._seed,
                         payload=self._server.dispatch(client, joins), previous=previous)
@@ -108,6 +112,8 @@ class Federation:
     def commit(self, client: str, outcome: TrainOutcome) -> TrainResult:
         """Store the state a local round produced as ``client``'s latest; give its samples and metrics."""
         self._store.put(client, outcome.state)
+        if self._per_task(client):
+            self._store.put(_task_key(client, outcome.state.task), outcome.state)
         return TrainResult(samples=outcome.samples, metrics=outcome.metrics)
 
     def train(self, *, client: str, task: str, round: int, device: str, state: str) -> TrainResult:
@@ -132,7 +138,10 @@ class Federation:
         with the current global model, and stays unstored."""
         stored = self._store.get(client)
         model = self._server.state if stored is None else stored.model
-        return ValJob(client=client, tasks=tuple(tasks), round=round, device=device, model=model)
+        models = None
+        if self._per_task(client):
+            models = {task: getattr(self._store.get(_task_key(client, task)), "model", model) for task in tasks}
+        return ValJob(client=client, tasks=tuple(tasks), round=round, device=device, model=model, models=models)
 
     def global_val_job(self, *, tasks: Sequence[str], round: int, device: str) -> ValJob:
         """The job of scoring the global model on each task's server-side test set."""
@@ -141,6 +150,10 @@ class Federation:
     def validate(self, *, client: str, tasks: Sequence[str], round: int, device: str) -> dict[str, ValResult]:
         """Score ``client``'s model on each task's held-out split, here, in the calling thread."""
         return self.worker.validate(self.val_job(client=client, tasks=tasks, round=round, device=device))
+
+    def _per_task(self, client: str) -> bool:
+        """Whether ``client`` keeps a model per task: its method does so and it names no model (FedSTIL's rule)."""
+        return self._method.models_per_task and client not in self._named
 
     def aggregate(self, *, round: int, clients: Sequence[str]) -> AggregateResult:
         """Combine ``round``'s uploads from ``clients`` into the server's new state."""
@@ -162,3 +175,15 @@ class Federation:
         """Continue from a ``state_dict()``: the server's state and the client states are replaced."""
         self._server.load_state(state["server"])
         self._store.replace_all(dict(state["clients"]))
+
+
+def _clients_naming_a_model(clients: Any) -> frozenset[str]:
+    """Clients whose config gives a ``model_ckpt_name``: they keep one model across their tasks."""
+    if not isinstance(clients, Sequence):
+        return frozenset()
+    return frozenset(c["client_name"] for c in clients if c.get("model_ckpt_name"))
+
+
+def _task_key(client: str, task: str) -> str:
+    # '@' cannot occur in a client or task name (safe names), so these never collide with a client's key.
+    return f"{client}@{task}"

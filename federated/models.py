@@ -8,9 +8,28 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "build_model", "empty_model"]
+from . import backbones
+from .registry import Catalogue, Component
 
-MODELS = ("cnn", "mlp")
+__all__ = ["MODELS", "CATALOGUE", "build_model", "empty_model"]
+
+#: The small models of the synthetic task, by name, with their ``model_opts`` and defaults.
+SMALL_MODELS: dict[str, dict[str, Any]] = {"cnn": {"channels": [16, 32]}, "mlp": {"hidden": [64, 64]}}
+MODELS = tuple(sorted(SMALL_MODELS))
+#: ``model_opts`` of every ReID backbone in backbones.REID_MODELS (FEDSTIL.md section 5).
+REID_OPTIONS: dict[str, Any] = {"num_classes": None, "last_stride": 1, "neck": "bnneck", "fine_tuning": [],
+                                "pretrained": None, "width": 64}
+
+
+def _entries() -> dict[str, Component]:
+    small = {name: Component(name, options, tags=frozenset({"synthetic"})) for name, options in SMALL_MODELS.items()}
+    # Read when asked: backbones.REID_MODELS may gain names after this module is imported.
+    reid = {name: Component(name, REID_OPTIONS, tags=frozenset({"reid"})) for name in backbones.REID_MODELS}
+    return {**small, **reid}
+
+
+#: Models a config may name in ``model_opts.name``: the small models and the ReID backbones.
+CATALOGUE = Catalogue("models", _entries, lambda obj: "a built-in model name (user models are not supported yet)")
 
 
 def build_model(

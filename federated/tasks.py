@@ -17,13 +17,19 @@ from torch import nn
 from .backbones import REID_MODELS, build_reid_model, empty_reid_model
 from .models import MODELS, build_model, empty_model
 from .reid_data import IMAGE_CACHE, AugmentOpts, augment, load_image_set, load_reid_task
+from .registry import Catalogue, Component
 from .reid_metrics import reid_scores
 from .synthetic import SyntheticSpec, client_data, global_test_data
 from .training import evaluate
 
-__all__ = ["TaskSource", "SyntheticTasks", "ReidTasks", "build_task_source", "DATASETS"]
+__all__ = ["TaskSource", "SyntheticTasks", "ReidTasks", "build_task_source", "DATASETS", "CATALOGUE"]
 
-DATASETS = ("reid", "synthetic")
+#: Data sets by name, tagged with the kind of model that fits them (models.CATALOGUE tags its models).
+DATASET_TAGS = {"reid": frozenset({"reid"}), "synthetic": frozenset({"synthetic"})}
+DATASETS = tuple(sorted(DATASET_TAGS))
+#: ``task_opts.dataset``: the built-in task sources (user data sets are not supported yet).
+CATALOGUE = Catalogue("datasets", lambda: {n: Component(n, tags=t) for n, t in DATASET_TAGS.items()},
+                      lambda obj: "a built-in data set name (user data sets are not supported yet)")
 
 
 class TaskSource:

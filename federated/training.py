@@ -6,6 +6,7 @@ sums on the device, so a batch costs what a hand-written torch loop costs (one h
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -15,10 +16,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, StepLR
 
+from .registry import Catalogue, Component, is_target, load_target
+
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULERS",
     "CRITERIA",
+    "OPTIMIZER_CATALOGUE",
+    "SCHEDULER_CATALOGUE",
     "Scores",
     "build_optimizer",
     "build_scheduler",
@@ -27,9 +32,49 @@ __all__ = [
     "evaluate",
 ]
 
-OPTIMIZERS = ("adam", "sgd")
-SCHEDULERS = ("cosine", "none", "step_lr")
+#: Built-in optimizers and schedulers with their options and defaults: the one list the config asks.
+OPTIMIZER_OPTIONS: dict[str, dict[str, Any]] = {
+    "adam": {"lr": 0.05, "weight_decay": 0.0},
+    "sgd": {"lr": 0.05, "momentum": 0.0, "weight_decay": 0.0},
+}
+SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
+    "cosine": {"t_max": 10},
+    "none": {},
+    "step_lr": {"step_size": 10, "gamma": 0.5},
+}
+OPTIMIZERS = tuple(sorted(OPTIMIZER_OPTIONS))
+SCHEDULERS = tuple(sorted(SCHEDULER_OPTIONS))
 CRITERIA = ("cross_entropy",)
+
+
+def _subclass_of(base: type, what: str) -> Callable[[Any], str | None]:
+    return lambda obj: None if isinstance(obj, type) and issubclass(obj, base) else what
+
+
+#: ``optimizer_opts.name``: a built-in, or a user's torch.optim.Optimizer subclass as "package.module:Name",
+#: built as ``Name(params, **options)`` and declaring its options in a ``defaults`` class mapping.
+OPTIMIZER_CATALOGUE = Catalogue(
+    "optimizers", lambda: {n: Component(n, o) for n, o in OPTIMIZER_OPTIONS.items()},
+    _subclass_of(torch.optim.Optimizer, "a subclass of torch.optim.Optimizer"))
+#: ``scheduler_opts.name``: a built-in, or a user's LRScheduler subclass, built as ``Name(optimizer, **options)``.
+SCHEDULER_CATALOGUE = Catalogue(
+    "schedulers", lambda: {n: Component(n, o) for n, o in SCHEDULER_OPTIONS.items()},
+    _subclass_of(LRScheduler, "a subclass of torch.optim.lr_scheduler.LRScheduler"))
+
+
+def _number(opts: Mapping[str, Any], key: str, where: str, *, positive: bool = True, whole: bool = False) -> Any:
+    """``opts[key]`` checked: a finite number (> 0, or >= 0 unless ``positive``), whole if asked."""
+    value = opts[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > 0 if positive else value >= 0) and (not whole or float(value).is_integer())
+    if not ok:
+        kind = "an integer" if whole else "a number"
+        raise ValueError(f"{where}.{key}: expected {kind} {'> 0' if positive else '>= 0'}, found {value!r}")
+    return int(value) if whole else float(value)
+
+
+def _user_options(opts: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in opts.items() if key != "name"}
 
 _log = structlog.get_logger("fedevents.federated")
 
@@ -49,25 +94,46 @@ class Scores:
 def build_optimizer(opts: Mapping[str, Any], params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """Build the optimizer ``optimizer_opts`` names."""
     name = opts.get("name")
-    if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=opts["lr"], momentum=opts.get("momentum", 0.0), weight_decay=opts.get("weight_decay", 0.0)
-        )
-    if name == "adam":
-        return torch.optim.Adam(params, lr=opts["lr"], weight_decay=opts.get("weight_decay", 0.0))
+    if name in OPTIMIZER_OPTIONS:
+        opts = {**OPTIMIZER_OPTIONS[name], **opts}
+        lr = _number(opts, "lr", "optimizer_opts")
+        decay = _number(opts, "weight_decay", "optimizer_opts", positive=False)
+        if name == "sgd":
+            momentum = _number(opts, "momentum", "optimizer_opts", positive=False)
+            return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=decay)
+    if isinstance(name, str) and is_target(name):
+        return _build_user(name, OPTIMIZER_CATALOGUE, "optimizer_opts", params, opts)
     raise ValueError(f"optimizer_opts.name: expected one of {', '.join(OPTIMIZERS)}, found {name!r}")
 
 
 def build_scheduler(opts: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> LRScheduler | None:
     """Build the scheduler ``scheduler_opts`` names; it steps once per local epoch of one client."""
     name = opts.get("name")
+    if name in SCHEDULER_OPTIONS:
+        opts = {**SCHEDULER_OPTIONS[name], **opts}
     if name == "none":
         return None
     if name == "step_lr":
-        return StepLR(optimizer, step_size=opts["step_size"], gamma=opts["gamma"])
+        step = _number(opts, "step_size", "scheduler_opts", whole=True)
+        return StepLR(optimizer, step_size=step, gamma=_number(opts, "gamma", "scheduler_opts"))
     if name == "cosine":
-        return CosineAnnealingLR(optimizer, T_max=opts["t_max"])
+        return CosineAnnealingLR(optimizer, T_max=_number(opts, "t_max", "scheduler_opts", whole=True))
+    if isinstance(name, str) and is_target(name):
+        return _build_user(name, SCHEDULER_CATALOGUE, "scheduler_opts", optimizer, opts)
     raise ValueError(f"scheduler_opts.name: expected one of {', '.join(SCHEDULERS)}, found {name!r}")
+
+
+def _build_user(name: str, catalogue: Catalogue, where: str, first: Any, opts: Mapping[str, Any]) -> Any:
+    """A user's optimizer or scheduler class (imported when the config was checked), built with its options."""
+    cls = load_target(name)
+    problem = catalogue.check(cls)
+    if problem:
+        raise ValueError(f"{where}.name: expected {problem}, found {name}")
+    try:
+        return cls(first, **_user_options(opts))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {name}(**{_user_options(opts)!r}) failed: {type(exc).__name__}: {exc}") from None
 
 
 def build_criterion(opts: Mapping[str, Any]) -> nn.Module:

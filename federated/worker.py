@@ -62,6 +62,8 @@ class ValJob:
     round: int
     device: str
     model: Mapping[str, torch.Tensor]
+    #: A model per task, scoring each task with its own (FedSTIL's per-task checkpoints); None: ``model``.
+    models: Mapping[str, Mapping[str, torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,8 @@ class Worker:
         model.load_state_dict(job.model)
         results = {}
         for task in job.tasks:
+            if job.models is not None:
+                model.load_state_dict(job.models[task])
             if job.client is None:
                 samples, metrics = self._tasks.score_global(model, task, dev)
             else:

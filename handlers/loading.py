@@ -10,13 +10,12 @@ attribute, or to every event. Importing runs the module's code: a config is as t
 from __future__ import annotations
 
 import importlib
-import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from fedevents.engine.bus import ALL, EventBus, Subscription
 from fedevents.engine.errors import HandlerLoadError
+from fedevents.federated.registry import importable
 
 __all__ = ["load_handler", "attach_handler"]
 
@@ -28,7 +27,7 @@ def load_handler(entry: str | Mapping[str, Any], where: str = "handlers", *, con
     if not sep or not module_name or not attr:
         raise HandlerLoadError(f"{where}: expected 'package.module:Name', found {target!r}")
     try:
-        with _importable(config_dir):
+        with importable(config_dir):
             module = importlib.import_module(module_name)
     except Exception as exc:
         raise HandlerLoadError(f"{where}: could not import {module_name!r}: {type(exc).__name__}: {exc}") from exc
@@ -52,17 +51,3 @@ def attach_handler(handler: Any, bus: EventBus) -> list[Subscription]:
     if hasattr(handler, "subscribe") and callable(handler.subscribe):
         return list(handler.subscribe(bus) or [])
     return [bus.subscribe(getattr(handler, "events", ALL), handler)]
-
-
-@contextmanager
-def _importable(folder: Path | None) -> Iterator[None]:
-    """Let a handler module that sits next to its config be imported, for the import only."""
-    if folder is None:
-        yield
-        return
-    entry = str(folder.resolve())
-    sys.path.insert(0, entry)
-    try:
-        yield
-    finally:
-        sys.path.remove(entry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ..registry import Catalogue, Component, is_target, load_target
 from .base import LocalRound, Method, ModelOutput, ServerState
 from .baseline import Baseline
 from .ewc import EWC
@@ -16,7 +17,7 @@ from .fedweit import FedWeIT
 from .icarl import ICaRL
 from .mas import MAS
 
-__all__ = ["LocalRound", "Method", "ModelOutput", "ServerState", "REGISTRY", "METHODS", "build_method"]
+__all__ = ["LocalRound", "Method", "ModelOutput", "ServerState", "REGISTRY", "METHODS", "CATALOGUE", "build_method"]
 
 REGISTRY: dict[str, type[Method]] = {
     m.name: m for m in (Baseline, EWC, FedAvg, FedCurv, FedProx, FedSTIL, FedSTILAtten, FedWeIT, ICaRL, MAS)
@@ -24,11 +25,37 @@ REGISTRY: dict[str, type[Method]] = {
 METHODS = tuple(sorted(REGISTRY))
 
 
+
+
+def _not_a_method(obj: Any) -> str | None:
+    return None if isinstance(obj, type) and issubclass(obj, Method) else "a subclass of fedevents.federated.Method"
+
+
+#: Methods a config may name: every name in REGISTRY (read when asked, so later registrations count) and
+#: a user's Method subclass as "package.module:Name".
+CATALOGUE = Catalogue(
+    "methods",
+    lambda: {name: Component(name, dict(cls.defaults), dict(getattr(cls, "aliases", {}))) for name, cls in REGISTRY.items()},
+    _not_a_method,
+)
+
+
 def build_method(name: str, options: Mapping[str, Any] | None = None, *, seed: int = 0) -> Method:
     """The method ``exp_method`` names, built with ``method_opts`` and the experiment's seed; a ValueError
-    names a bad option."""
-    if name not in REGISTRY:
-        raise ValueError(f"exp_method: expected one of {', '.join(METHODS)}, found {name!r}")
-    method = REGISTRY[name](options)
+    names a bad option.
+
+    A ``"package.module:Name"`` was imported when the config was checked (from the config's folder if it
+    sits there), so importing it again finds the loaded module.
+    """
+    if name in REGISTRY:
+        cls = REGISTRY[name]
+    elif is_target(name):
+        cls = load_target(name)
+        problem = _not_a_method(cls)
+        if problem:
+            raise ValueError(f"exp_method: expected {problem}, found {name}")
+    else:
+        raise ValueError(f"exp_method: expected one of {', '.join(sorted(REGISTRY))}, found {name!r}")
+    method = cls(options)
     method.seed = seed
     return method

@@ -83,6 +83,12 @@ class Method:
     name: ClassVar[str] = "fedavg"
     #: ``method_opts`` keys this method reads, with their defaults (documented in docs/methods.md).
     defaults: ClassVar[Mapping[str, Any]] = {}
+    #: Other names of those options (FedSTIL's ``model_opts`` keys) -> (option, factor the value is multiplied
+    #: by), or None for a key FedSTIL files carry that has no effect; the config loader translates them.
+    aliases: ClassVar[Mapping[str, tuple[str, float] | None]] = {}
+    #: FedSTIL's checkpoint naming: True for a method that, for a client without ``model_ckpt_name``, keeps
+    #: one model per task and validates each task with that task's model (baseline's ``mm`` form).
+    models_per_task: ClassVar[bool] = False
 
     #: The experiment's seed (``build_method`` sets it), for a method's own draws (FedWeIT's knowledge base).
     seed: int = 0

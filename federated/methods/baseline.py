@@ -16,6 +16,7 @@ class Baseline(Method):
     """Local training only: a new client starts from the initial model, then keeps its own."""
 
     name = "baseline"
+    models_per_task = True  # FedSTIL's mm; a client with model_ckpt_name keeps one model (sm)
 
     def payload(self, server: ServerState, client: str, kind: str) -> dict[str, Any]:
         return {"model": server.model} if kind == "integrated" else {}

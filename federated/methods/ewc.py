@@ -26,6 +26,8 @@ class EWC(Consolidation):
     # and with SGD at lr 0.05 on the synthetic task max F was 0.72 (100 diverged to NaN).
     defaults = {"lambda": 10.0, "fisher_batches": None}
     scale = 0.5
+    # FedSTIL's penalty is lambda_penalty * sum F (w - w*)^2, without the 1/2.
+    aliases = {"lambda_penalty": ("lambda", 2.0)}
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)

@@ -30,6 +30,7 @@ class FedCurv(Method):
 
     name = "fedcurv"
     defaults = {"lambda": 1.0, "fisher_batches": None}
+    aliases = {"lambda_penalty": ("lambda", 1.0)}
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)

@@ -14,6 +14,8 @@ class FedProx(Method):
 
     name = "fedprox"
     defaults = {"mu": 0.01}
+    # FedSTIL's proximal term is lambda_l2 * ||w - w_global||^2, which is mu/2 with mu = 2 * lambda_l2.
+    aliases = {"lambda_l2": ("mu", 2.0)}
 
     def __init__(self, options=None) -> None:
         super().__init__(options)

@@ -32,6 +32,9 @@ class ICaRL(Method):
 
     name = "icarl"
     defaults = {"memory_size": 200, "distill_weight": 1.0, "temperature": 2.0}
+    # FedSTIL's k is the exemplar budget; its n_classes (first classifier size) and examplar_batch_size
+    # (never read) have no counterpart: a fedevents classifier has its full size from the start.
+    aliases = {"k": ("memory_size", 1.0), "n_classes": None, "examplar_batch_size": None}
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)

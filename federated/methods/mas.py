@@ -21,6 +21,7 @@ class MAS(Consolidation):
     name = "mas"
     defaults = {"lambda": 1.0}
     scale = 1.0
+    aliases = {"lambda_penalty": ("lambda", 1.0)}
 
     def importance(self, rnd: LocalRound, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         return output_sensitivity(rnd.model, rnd.forward, x, y)

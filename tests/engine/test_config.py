@@ -7,8 +7,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedevents.engine.config import load_experiment, load_experiments
+from fedevents.cli.builder import VOCABULARY
+from fedevents.engine import config
 from fedevents.engine.errors import ConfigError
+
+
+def load_experiments(paths, **kwargs):
+    """The loader as the CLI calls it: with the registries of fedevents.federated."""
+    return config.load_experiments(paths, vocabulary=VOCABULARY, **kwargs)
+
+
+def load_experiment(path, **kwargs):
+    return load_experiments([path], **kwargs)[0]
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"exp_name": "t", "exp_method": "fedavg", "clients": [{"client_name": "a", "tasks": ["x"]},
@@ -34,7 +44,7 @@ def test_common_defaults_merge_deeply_under_the_experiment() -> None:
     assert cfg.rounds == 6  # set by the experiment
     assert cfg.val_interval == 5 and cfg.online_clients == 3  # kept from defaults
     assert cfg.data["model_opts"]["name"] == "mlp" and cfg.data["model_opts"]["hidden"] == [128]
-    assert cfg.data["model_opts"]["channels"] == [16, 32]  # a default, untouched by either file
+    assert "channels" not in cfg.data["model_opts"]  # an option of cnn, not of the mlp chosen
     assert cfg.data["optimizer_opts"]["momentum"] == 0.9
     assert cfg.seed == 123 and cfg.parallel == 2 and cfg.devices == ("cpu",)
     assert cfg.clients.names == tuple(f"client-{i}" for i in range(5))
@@ -65,14 +75,15 @@ def test_a_hundred_thousand_clients_from_the_compact_form(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"exp_method": "fedavgg"}, "exp_method: expected one of fedavg, found 'fedavgg' (string); did you mean 'fedavg'?"),
+        ({"exp_method": "fedavgg"}, "exp_method: expected one of baseline, ewc, fedavg, fedcurv, fedprox, fedstil, fedstil-atten, fedweit, icarl, mas or 'package.module:Name', "
+                                   "found 'fedavgg' (string); did you mean 'fedavg'?"),
         ({"exp_opts": {"comm_round": 3}}, "exp_opts.comm_round: unknown key; did you mean 'comm_rounds'?"),
         ({"exp_opts": {"comm_rounds": "ten"}}, "exp_opts.comm_rounds: expected an integer >= 1, found 'ten' (string)"),
         ({"exp_opts": {"comm_rounds": 0}}, "exp_opts.comm_rounds: expected an integer >= 1, found 0 (integer)"),
         ({"exp_opts": {"online_clients": -1}}, "exp_opts.online_clients: expected an integer >= 1, found -1 (integer)"),
         ({"exp_opts": {"online_clients": 7}}, "exp_opts.online_clients = 7, but only 2 clients are defined"),
         ({"parallel": True}, "parallel: expected an integer >= 1, found True (boolean)"),
-        ({"optimizer_opts": {"lr": 0}}, "optimizer_opts.lr: expected a number > 0, found 0.0 (number)"),
+        ({"optimizer_opts": {"lr": "fast"}}, "optimizer_opts.lr: expected a number, found 'fast' (string)"),
         ({"clients": [{"client_name": "a", "tasks": ["x"]}, {"client_name": "a", "tasks": ["x"]}]},
          "clients: client_name 'a' is defined twice; expected unique names"),
         ({"clients": [{"client_name": "../etc", "tasks": ["x"]}]}, "clients[0].client_name: expected a name of letters"),
@@ -100,7 +111,9 @@ def test_bad_values_give_one_line_naming_file_and_key(tmp_path: Path, change: di
 def test_missing_required_key(tmp_path: Path) -> None:
     data = dict(MINIMAL)
     del data["exp_method"]
-    assert error_of(tmp_path, data).endswith("exp_method: missing; expected one of fedavg")
+    assert error_of(tmp_path, data).endswith("exp_method: missing; expected one of baseline, ewc, fedavg, fedcurv, "
+                                             "fedprox, fedstil, fedstil-atten, fedweit, icarl, mas or "
+                                             "'package.module:Name'")
 
 
 def test_error_from_an_override_names_the_override(tmp_path: Path) -> None:
@@ -144,11 +157,10 @@ def test_every_file_is_validated_before_any_is_returned(tmp_path: Path) -> None:
         load_experiments([good, bad])
 
 
-def test_model_names_match_what_federated_can_build() -> None:
-    from fedevents.engine.config import MODELS
+def test_model_names_are_what_federated_can_build() -> None:
     from fedevents.federated import MODELS as SMALL, REID_MODELS
 
-    assert sorted(MODELS) == sorted(SMALL + REID_MODELS)
+    assert sorted(VOCABULARY.names("models")) == sorted(SMALL + REID_MODELS)
 
 
 def test_reid_needs_the_number_of_identities(tmp_path: Path) -> None:
@@ -158,7 +170,62 @@ def test_reid_needs_the_number_of_identities(tmp_path: Path) -> None:
 
 
 def test_a_criterion_list_keeps_its_order_and_fills_defaults(tmp_path: Path) -> None:
-    data = {**MINIMAL, "criterion_opts": [{"name": "cross_entropy", "epsilon": 0.1}, {"name": "triplet"}]}
+    data = {**MINIMAL, "criterion_opts": [{"name": "cross_entropy", "epsilon": 0.1}, {"name": "triplet", "margin": 0.3}]}
     cfg = load_experiment(write(tmp_path, data))
     assert [c["name"] for c in cfg.data["criterion_opts"]] == ["cross_entropy", "triplet"]
-    assert cfg.data["criterion_opts"][1]["margin"] == 0.3 and cfg.data["criterion_opts"][0]["epsilon"] == 0.1
+    assert cfg.data["criterion_opts"][1] == {"name": "triplet", "margin": 0.3, "hard_mining": True, "norm_feat": False,
+                                            "weight": 1.0}
+    assert cfg.data["criterion_opts"][0]["epsilon"] == 0.1
+
+
+@pytest.mark.parametrize(("method", "fedstil_keys", "method_opts"), [
+    ("ewc", {"lambda_penalty": 50}, {"lambda": 100.0}),  # FedSTIL's penalty has no 1/2
+    ("mas", {"lambda_penalty": 0.01}, {"lambda": 0.01}),
+    ("fedcurv", {"lambda_penalty": 50}, {"lambda": 50.0}),
+    ("fedprox", {"lambda_l2": 1e-5}, {"mu": 2e-5}),
+    ("icarl", {"k": 12000, "n_classes": 10, "examplar_batch_size": 64}, {"memory_size": 12000}),
+])
+def test_fedstil_method_keys_in_model_opts_become_the_methods_options(
+        tmp_path: Path, method: str, fedstil_keys: dict, method_opts: dict) -> None:
+    cfg = load_experiment(write(tmp_path, {**MINIMAL, "exp_method": method, "model_opts": {"hidden": [8], **fedstil_keys}}))
+    assert cfg.data["method_opts"] == method_opts
+    assert cfg.data["model_opts"] == {"name": "mlp", "hidden": [8]}  # one source of truth: method_opts
+
+
+def test_the_same_option_in_method_opts_and_model_opts_must_agree(tmp_path: Path) -> None:
+    same = {**MINIMAL, "exp_method": "fedprox", "method_opts": {"mu": 0.2}, "model_opts": {"lambda_l2": 0.1}}
+    assert load_experiment(write(tmp_path, same)).data["method_opts"] == {"mu": 0.2}
+    differ = {**same, "method_opts": {"mu": 0.3}}
+    assert error_of(tmp_path, differ).endswith("exp.yaml: model_opts.lambda_l2 gives fedprox's option "
+                                               "mu = 0.2, but method_opts.mu gave 0.3; expected one value")
+
+
+def test_loader_opts_are_always_in_the_validated_config(tmp_path: Path) -> None:
+    cfg = load_experiment(write(tmp_path, {**MINIMAL, "task_opts": {"batch_size": 16}}))
+    assert cfg.data["task_opts"]["batch_size"] == 16  # the one place the batch size is kept
+    assert cfg.data["task_opts"]["loader_opts"] == {"num_workers": 0, "pin_memory": False,
+                                                    "persistent_workers": False, "multiprocessing_context": None}
+    shipped = {"batch_size": 64, "num_workers": 0, "pin_memory": False, "persistent_workers": False,
+               "multiprocessing_context": "spawn"}
+    cfg = load_experiment(write(tmp_path, {**MINIMAL, "task_opts": {"loader_opts": shipped}}))
+    assert cfg.data["task_opts"]["batch_size"] == 64
+    assert cfg.data["task_opts"]["loader_opts"] == {k: v for k, v in shipped.items() if k != "batch_size"}
+
+
+def test_a_reid_backbone_over_fedstil_task_folders_means_reid(tmp_path: Path) -> None:
+    for task in ("x", "y"):
+        (tmp_path / "data" / task / "train").mkdir(parents=True)
+    data = {**MINIMAL, "datasets_dir": str(tmp_path / "data"), "model_opts": {"name": "resnet18", "num_classes": 4},
+            "clients": [{"client_name": "a", "tasks": ["x", "y"]}]}
+    assert load_experiment(write(tmp_path, data)).data["task_opts"]["dataset"] == "reid"
+    data["clients"] = [{"client_name": "a", "tasks": ["x", "z"]}]
+    assert error_of(tmp_path, data).endswith(
+        f"task_opts.dataset: expected task folders <datasets_dir>/<task>/train for ReID model resnet18, found no "
+        f"{tmp_path / 'data' / 'z' / 'train'} (or name the data set in task_opts.dataset)")
+    small = {**MINIMAL, "datasets_dir": str(tmp_path / "data")}
+    assert load_experiment(write(tmp_path, small)).data["task_opts"]["dataset"] == "synthetic"
+
+
+def test_a_server_key_nothing_reads_is_refused(tmp_path: Path) -> None:
+    assert error_of(tmp_path, {**MINIMAL, "server": {"server_nam": "s"}}).endswith(
+        "server.server_nam: unknown key; did you mean 'server_name'?")

@@ -104,9 +104,9 @@ def test_the_class_count_given_is_checked_against_the_logits() -> None:
 @pytest.mark.parametrize(
     ("opts", "message"),
     [
-        ({"name": "arcface"}, "criterion_opts.name: expected one of cross_entropy, triplet, found 'arcface'"),
+        ({"name": "arcface"}, "criterion_opts.name: expected one of cross_entropy, triplet, triplet_loss, found 'arcface'"),
         (
-            [{"name": "triplet"}, {"name": "cross_entropy", "weight": -1}],
+            [{"name": "triplet", "margin": 0.3}, {"name": "cross_entropy", "weight": -1}],
             "criterion_opts[1].weight: expected a number >= 0, found -1",
         ),
         ([{"name": "triplet", "margin": "0.3"}], "criterion_opts[0].margin: expected a number >= 0, found '0.3'"),
@@ -119,3 +119,36 @@ def test_bad_criterion_options_are_named_in_one_line(opts: object, message: str)
     with pytest.raises(ValueError) as info:
         build_reid_criterion(opts)  # type: ignore[arg-type]
     assert str(info.value) == message
+
+
+def _weighted(distances: tuple[float, ...], sign: float) -> float:
+    weights = [math.exp(sign * d) for d in distances]
+    return sum(w * d for w, d in zip(weights, distances)) / sum(weights)
+
+
+def test_without_hard_mining_distances_are_softmax_weighted_means() -> None:
+    # On LINE each anchor has one positive (d_ap as above) and two negatives, nearer ones weighing more.
+    d_an = [_weighted((3, 7), -1), _weighted((2, 6), -1), _weighted((3, 2), -1), _weighted((7, 6), -1)]
+    expected = sum(max(0.0, ap - an + 0.3) for ap, an in zip((1, 1, 4, 4), d_an)) / 4
+    loss = TripletLoss(0.3, hard_mining=False)(LINE, PAIRS)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_norm_feat_compares_directions_only() -> None:
+    # Normalised, 1, 3 and 7 are one point (1) and 0 stays 0: per anchor relu(d_ap - d_an + 0.3) is
+    # 0.3 (x=0: 1 - 1), 1.3 (x=1: 1 - 0), 0.3 (x=3: 0 - 0) and 0.3 (x=7: 0 - 0).
+    loss = TripletLoss(0.3, norm_feat=True)(LINE, PAIRS)
+    assert loss.item() == pytest.approx((0.3 + 1.3 + 0.3 + 0.3) / 4, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["triplet", "triplet_loss"])
+def test_a_triplet_without_a_margin_is_refused_by_both_names(name: str) -> None:
+    with pytest.raises(ValueError) as info:
+        build_reid_criterion([{"name": "cross_entropy"}, {"name": name}])
+    assert str(info.value) == (f"criterion_opts[1].margin: expected a number >= 0 for {name} (0 for the soft margin), "
+                               f"found none")
+
+
+def test_fedstil_names_and_options_build_the_same_loss() -> None:
+    criterion = build_reid_criterion({"name": "triplet_loss", "margin": 0.3, "hard_mining": True, "norm_feat": False})
+    assert criterion(torch.zeros(4, 2), LINE, PAIRS).item() == pytest.approx(2.3 / 4, rel=1e-6)

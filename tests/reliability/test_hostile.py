@@ -195,6 +195,22 @@ REFUSED_FILES: dict[str, str] = {
                                     "which is under a file (experiment.yaml)",
     "defaults_not_mapping": "defaults: expected a mapping, found",
     "recursive_alias": "expected a finite document, found an alias that contains itself",
+    "deep_nesting": "expected at most 64 levels of nested mappings and lists, found more at line 4, column 72",
+    "huge_integer": "expected an integer of at most 4,300 digits, found one of 4,301 digits at line 4, column 14",
+    "model_too_large": "model_opts: expected a model that fits in this machine's",
+    "input_too_large": "task_opts.synthetic: expected inputs that fit in this machine's",
+    "checkpoints_dir_in_proc": "checkpoints_dir: expected a writable directory, found '/proc/fedevents-ckpts', and "
+                               "/proc is not writable",
+    "unknown_server_key": "server.nonsense: unknown key; known keys for the fedavg server: server_name",
+    "unknown_loader_key": "task_opts.loader_opts.num_worker: unknown key; did you mean 'num_workers'?",
+    "two_batch_sizes": "task_opts.loader_opts.batch_size = 32, but task_opts.batch_size = 16; expected one batch "
+                       "size (give it once)",
+    "option_given_twice": "model_opts.lambda_l2 gives fedprox's option mu = 2.0, but method_opts.mu gave 0.1; "
+                          "expected one value",
+    "method_option_of_another_method": "model_opts.lambda_penalty: unknown key; known keys for model mlp or method "
+                                       "fedavg: hidden, name",
+    "triplet_without_margin": "criterion_opts[1].margin: expected a number >= 0 for triplet_loss (0 for the soft "
+                              "margin), found none",
 }
 
 #: Cases that show a bug today; each test asserts the correct behaviour and is expected to fail until fixed.
@@ -236,6 +252,65 @@ def test_an_alias_bomb_is_refused_without_expanding_it(
     assert_refused(status, stderr, before, project, "fedevents: error: alias_bomb.yaml: ",
                    ("expected at most 1,000,000 values once aliases are expanded",))
     assert peak < 3 << 20  # the half million strings are never spelled out (that takes over 5 MB)
+
+
+@pytest.mark.parametrize("name", ["model_too_large", "input_too_large", "unknown_server_key", "triplet_without_margin"])
+def test_a_dry_run_refuses_what_a_real_run_refuses(
+        project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str) -> None:
+    place(project, (f"{name}.yaml",))
+    before = snapshot(project)
+    status, stderr = run_here(project, monkeypatch, capsys, f"{name}.yaml", "--dry-run")
+    assert_refused(status, stderr, before, project, f"fedevents: error: {name}.yaml: ", (REFUSED_FILES[name],))
+
+
+#: Odd but valid YAML, accepted: merge keys that a mapping's own key overrides, and a number that PyYAML
+#: reads as a string ('1e-3' has no dot).
+ACCEPTED = """\
+exp_name: odd
+exp_method: fedavg
+exp_opts: {comm_rounds: 1}
+optimizer_opts: {name: sgd, lr: 1e-3}
+model_opts: {hidden: [16]}
+task_opts: {synthetic: {samples_per_client: 32, test_size: 16}}
+clients:
+  - &one {client_name: a, tasks: [synth]}
+  - {<<: *one, client_name: b}
+  - {<<: *one, client_name: c}
+"""
+
+
+def test_merge_keys_and_numbers_without_a_dot_are_accepted(
+        project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    (project / "odd.yaml").write_text(ACCEPTED)
+    status, stderr = run_here(project, monkeypatch, capsys, "odd.yaml")
+    assert status == 0, stderr
+    (record,) = (p for p in (project / "logs").glob("odd-*.json") if not p.name.endswith(".trace.json"))
+    config = json.loads(record.read_text())["config"]
+    assert config["optimizer_opts"]["lr"] == 0.001
+    assert config["clients"] == [{"client_name": n, "tasks": ["synth"], "model_ckpt_name": None} for n in "abc"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_a_device_as_the_config_is_refused_without_waiting(
+        project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    target = "/dev/zero" if kind == "device" else str(project / "pipe.yaml")
+    if kind == "fifo":
+        os.mkfifo(target)  # opening it would block until a writer came
+    before = snapshot(project)
+    status, stderr = run_here(project, monkeypatch, capsys, target)
+    found = "a device" if kind == "device" else "a FIFO"
+    assert_error_line(status, stderr, 2, f"fedevents: error: {target}: ", (f"expected an experiment file, found {found}",))
+    assert snapshot(project) == before
+
+
+def test_deep_nesting_in_a_set_is_refused_in_one_short_line(
+        project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    before = snapshot(project)
+    status, stderr = run_here(project, monkeypatch, capsys, "experiment.yaml", "--set", "server=" + "[" * 500 + "]" * 500)
+    line = assert_error_line(status, stderr, 2, "fedevents: error: --set server=[[[", (
+        "...: expected at most 64 levels of nested mappings and lists, found more at line 1, column 65",))
+    assert len(line) < 200
+    assert snapshot(project) == before
 
 
 # --- bad flags and file arguments ----------------------------------------------------------------------

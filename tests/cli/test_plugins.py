@@ -1,0 +1,129 @@
+"""User components named ``"module:Name"`` in YAML, and the Python API taking a mapping.
+
+A FedAvgM method (server-side momentum) lives in a file next to the experiment file, as a user's would;
+it declares its options in ``defaults`` like the built-ins, so a typo in one gets the same did-you-mean.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedevents.cli import build_experiment, main
+
+FEDAVGM = '''
+import torch
+
+from fedevents.federated import Method
+from fedevents.federated.fedavg import weighted_mean
+from fedevents.federated.methods import ServerState
+
+
+class FedAvgM(Method):
+    """FedAvg with server momentum: v = beta * v + (w - mean); w = w - server_lr * v."""
+
+    name = "fedavgm"
+    defaults = {"beta": 0.9, "server_lr": 1.0}
+
+    def aggregate(self, server, uploads):
+        mean = weighted_mean(uploads)
+        velocity = server.extras.get("velocity") or {k: torch.zeros_like(v, dtype=torch.float32)
+                                                     for k, v in mean.items() if v.is_floating_point()}
+        model = {}
+        for key, value in mean.items():
+            if key not in velocity:
+                model[key] = value
+                continue
+            velocity[key] = self.options["beta"] * velocity[key] + (server.model[key] - value)
+            model[key] = server.model[key] - self.options["server_lr"] * velocity[key]
+        return ServerState(model, {**server.extras, "velocity": velocity})
+'''
+
+EXPERIMENT = """\
+exp_name: momentum
+exp_method: fedavgm_method:FedAvgM
+method_opts: {beta: 0.5, server_lr: 1.5}
+exp_opts: {comm_rounds: 2}
+optimizer_opts: {name: torch.optim:SGD}
+model_opts: {hidden: [8]}
+task_opts: {synthetic: {samples_per_client: 32, test_size: 16}}
+clients: {count: 2, tasks: [synth]}
+"""
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    (tmp_path / "fedavgm_method.py").write_text(FEDAVGM)
+    return tmp_path
+
+
+def run(folder: Path, monkeypatch: pytest.MonkeyPatch, text: str, *args: str) -> int:
+    (folder / "exp.yaml").write_text(text)
+    monkeypatch.chdir(folder)
+    return main(["run", "exp.yaml", *args])
+
+
+def test_a_method_in_a_file_next_to_the_config_runs_from_the_cli(
+        folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    text = EXPERIMENT.replace("optimizer_opts: {name: torch.optim:SGD}\n", "")
+    assert run(folder, monkeypatch, text) == 0, capsys.readouterr().err
+    (record,) = (p for p in (folder / "logs").glob("momentum-*.json") if not p.name.endswith(".trace.json"))
+    data = json.loads(record.read_text())
+    assert data["config"]["exp_method"] == "fedavgm_method:FedAvgM"
+    assert data["config"]["method_opts"] == {"beta": 0.5, "server_lr": 1.5}
+    # Round 1 starts from the same model as FedAvg; round 2 from a step 1.5 times FedAvg's (v starts at 0).
+    assert run(folder, monkeypatch, text.replace("fedavgm_method:FedAvgM", "fedavg").replace(
+        "method_opts: {beta: 0.5, server_lr: 1.5}\n", "").replace("momentum", "plain")) == 0
+    (plain,) = (p for p in (folder / "logs").glob("plain-*.json") if not p.name.endswith(".trace.json"))
+    fedavg = json.loads(plain.read_text())
+    for client in ("client-0", "client-1"):
+        assert data["data"][client]["1"]["synth"]["tr_loss"] == fedavg["data"][client]["1"]["synth"]["tr_loss"]
+        assert data["data"][client]["2"]["synth"]["tr_loss"] != fedavg["data"][client]["2"]["synth"]["tr_loss"]
+
+
+def test_a_typo_in_a_plugin_option_gets_a_did_you_mean(
+        folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    text = EXPERIMENT.replace("{beta: 0.5,", "{betta: 0.5,").replace("optimizer_opts: {name: torch.optim:SGD}\n", "")
+    assert run(folder, monkeypatch, text) == 2
+    assert capsys.readouterr().err == "fedevents: error: exp.yaml: method_opts.betta: unknown key; did you mean 'beta'?\n"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("fedavgm_method:FedAvgM", "fedavgm_method:Missing"),
+     "exp.yaml: exp_method: expected module 'fedavgm_method' to define 'Missing', found no such attribute"),
+    (("fedavgm_method:FedAvgM", "no_such_module:FedAvgM"),
+     "exp.yaml: exp_method: expected an importable module, found 'no_such_module' (ModuleNotFoundError: "
+     "No module named 'no_such_module')"),
+    (("fedavgm_method:FedAvgM", "json:dumps"),
+     "exp.yaml: exp_method: expected a subclass of fedevents.federated.Method, found json:dumps (function)"),
+    (("{name: torch.optim:SGD}", "{name: json:JSONDecoder}"),
+     "exp.yaml: optimizer_opts.name: expected a subclass of torch.optim.Optimizer, found json:JSONDecoder (type)"),
+])
+def test_a_bad_plugin_is_refused_in_one_line(folder: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str], change: tuple[str, str],
+                                             message: str) -> None:
+    assert run(folder, monkeypatch, EXPERIMENT.replace(*change)) == 2
+    assert capsys.readouterr().err == f"fedevents: error: {message}\n"
+
+
+def test_build_experiment_takes_a_mapping(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(folder)
+    exp = build_experiment({"exp_name": "api", "exp_method": "fedavg", "exp_opts": {"comm_rounds": 1},
+                            "model_opts": {"hidden": [8]},
+                            "task_opts": {"synthetic": {"samples_per_client": 16, "test_size": 8}},
+                            "clients": {"count": 2, "tasks": ["synth"]}}, console=None)
+    exp.run()
+    assert exp.config.source == "<mapping>"
+    record = json.loads(exp.paths.record.read_text())
+    assert record["config"]["exp_name"] == "api" and set(record["data"]) == {"client-0", "client-1"}
+
+
+def test_a_bad_mapping_is_named_as_a_mapping() -> None:
+    from fedevents.engine.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        build_experiment({"exp_name": "api", "exp_method": "fedavgg", "clients": {"count": 1, "tasks": ["t"]}})
+    assert str(info.value).startswith("<mapping>: exp_method: expected one of baseline, ")
+    assert str(info.value).endswith("did you mean 'fedavg'?")
