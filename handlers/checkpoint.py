@@ -44,7 +44,7 @@ from fedevents.federated.fingerprint import describe_change
 
 from .atomic import write_atomic
 from .logsink import SINK_PRIORITY
-from .objects import TensorKeys, join, split
+from .objects import TensorKeys, join, references, split
 
 __all__ = ["Checkpointer", "Checkpoint", "find_latest", "find_run", "load_checkpoint", "check_data", "check_resumable",
            "SAFE_TO_CHANGE"]
@@ -118,11 +118,16 @@ class Checkpointer:
         self.data = dict(data or {})
         self._keys = TensorKeys()
         self._objects: dict[str, str] = {}  # the newest checkpoint's tensors: key -> pack
+        self._sizes: dict[str, int] = {}  # the newest checkpoint's tensors: key -> bytes
+        self._generations: dict[str, int] = {}  # the client generations the newest checkpoint holds
+        self._clients: dict[str, Any] = {}  # the newest checkpoint's client states, as a skeleton
         self._pack_bytes: dict[str, int] = {}  # pack -> bytes of the tensors in it
         self._manifests: dict[str, set[str]] = {}  # manifest name -> the packs it uses
+        self._opened: dict[str, dict[str, torch.Tensor]] = {}  # pack -> its tensors, memory-mapped
         if resume is not None:
-            for digest, tensor in resume.tensors.items():
-                self._keys.remember(tensor, digest)
+            for key, tensor in resume.tensors.items():
+                self._keys.remember(tensor, key)
+                self._sizes[key] = _nbytes(tensor)
             self._objects = dict(resume.objects)
             self._pack_bytes = dict(resume.packs)
 
@@ -168,21 +173,24 @@ class Checkpointer:
         """Write the tensors no kept checkpoint holds into this round's pack, then the manifest; give the
         manifest's path and the bytes written."""
         tensors: dict[str, torch.Tensor] = {}
-        payload["federation"] = split(self.federation.state_dict(), self._keys, tensors)
+        payload["federation"], generations = self._state(tensors)
+        used = references(payload["federation"])
         final = self.directory / f"round-{rnd:06d}.pt"
         pack = f"{rnd:06d}.pt"
-        fresh = self._to_write(tensors)
-        objects = {digest: pack if digest in fresh else self._objects[digest] for digest in tensors}
-        payload["objects"] = objects
+        sizes = {key: _nbytes(tensors[key]) if key in tensors else self._sizes[key] for key in used}
+        fresh = self._to_write(sizes)
+        objects = {key: pack if key in fresh else self._objects[key] for key in used}
         if fresh:
-            self._pack_bytes[pack] = sum(_nbytes(tensors[d]) for d in fresh)
+            self._pack_bytes[pack] = sum(sizes[key] for key in fresh)
+        payload["objects"] = objects
         payload["packs"] = {name: self._pack_bytes.get(name, 0) for name in set(objects.values())}
         written = 0
         try:
             packs = self.directory / PACKS
             packs.mkdir(parents=True, exist_ok=True)
             if fresh:
-                write_atomic(packs / pack, lambda f: torch.save({d: tensors[d].contiguous() for d in fresh}, f))
+                new = {key: self._tensor(key, tensors, final).contiguous() for key in fresh}
+                write_atomic(packs / pack, lambda f: torch.save(new, f))
                 written = (packs / pack).stat().st_size
                 _fsync_dir(packs)
             write_atomic(final, lambda f: torch.save(payload, f))
@@ -192,28 +200,59 @@ class Checkpointer:
                             f"the previous checkpoint is untouched") from exc
         _fsync_dir(self.directory)
         self._manifests[final.name] = set(objects.values())
-        self._objects = objects
+        self._objects, self._sizes = objects, sizes
+        self._generations, self._clients = generations, payload["federation"]["clients"]
         self._prune(keep=self.keep)
         return final, written
 
-    def _to_write(self, tensors: Mapping[str, torch.Tensor]) -> set[str]:
+    def _state(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, int]]:
+        """The federation's state as a skeleton, and the client generations it was taken at.
+
+        Only the clients whose stored state changed since the last checkpoint are exported (a spilled client
+        that did not train is not even read back); the others keep last checkpoint's skeleton. ``tensors``
+        gets the tensors of what was exported.
+        """
+        store = getattr(self.federation, "store", None)
+        if not callable(getattr(store, "generations", None)):
+            return split(self.federation.state_dict(), self._keys, tensors), {}
+        generations = store.generations()
+        changed = [c for c, g in generations.items() if self._generations.get(c) != g or c not in self._clients]
+        skeleton = split(self.federation.state_dict(clients=changed), self._keys, tensors)
+        fresh = skeleton["clients"]
+        skeleton["clients"] = {c: fresh[c] if c in fresh else self._clients[c] for c in generations}
+        return skeleton, generations
+
+    def _tensor(self, key: str, tensors: Mapping[str, torch.Tensor], final: Path) -> torch.Tensor:
+        """A tensor checkpoint ``final`` writes: in hand, or (moved out of a mostly empty pack) read from it.
+
+        A pack is read once, memory-mapped, and kept open until it is deleted: only the pages of the tensors
+        moved are ever read.
+        """
+        if key in tensors:
+            return tensors[key]
+        pack = self._objects[key]
+        if pack not in self._opened:
+            self._opened[pack] = _load_pack(final, pack, [k for k, p in self._objects.items() if p == pack])
+        return self._opened[pack][key]
+
+    def _to_write(self, sizes: Mapping[str, int]) -> set[str]:
         """The keys this checkpoint must write: new ones, and the live ones of packs that are mostly garbage.
 
         When the packs this checkpoint would use hold more than twice the bytes it needs, the live tensors
         of the emptiest packs are written again, so that those packs can go once no kept checkpoint uses
         them: the packs of a long run never grow past about twice what is live, and copying is rare.
         """
-        fresh = {digest for digest in tensors if digest not in self._objects}
+        fresh = {key for key in sizes if key not in self._objects}
         live: dict[str, int] = {}
-        for digest in tensors.keys() - fresh:
-            pack = self._objects[digest]
-            live[pack] = live.get(pack, 0) + _nbytes(tensors[digest])
-        needed = sum(_nbytes(tensors[d]) for d in tensors)
-        held = sum(self._pack_bytes.get(pack, 0) for pack in live) + sum(_nbytes(tensors[d]) for d in fresh)
+        for key in sizes.keys() - fresh:
+            pack = self._objects[key]
+            live[pack] = live.get(pack, 0) + sizes[key]
+        needed = sum(sizes.values())
+        held = sum(self._pack_bytes.get(pack, 0) for pack in live) + sum(sizes[key] for key in fresh)
         for pack in sorted(live, key=lambda p: live[p] / max(self._pack_bytes.get(p, 0), 1)):
             if held <= 2 * needed:
                 break
-            fresh.update(d for d in tensors if self._objects.get(d) == pack)
+            fresh.update(key for key in sizes if self._objects.get(key) == pack)
             held += live[pack] - self._pack_bytes.get(pack, 0)
         return fresh
 
@@ -236,6 +275,7 @@ class Checkpointer:
             if path.name not in used:
                 path.unlink(missing_ok=True)
                 self._pack_bytes.pop(path.name, None)
+                self._opened.pop(path.name, None)
 
 
 def find_run(checkpoints_dir: Path, exp_name: str) -> tuple[Path, Path | None] | None:

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["REF", "TensorKeys", "join", "split"]
+__all__ = ["REF", "TensorKeys", "join", "references", "split"]
 
 #: The key of a tensor reference in a checkpoint's skeleton.
 REF = "@tensor"
@@ -107,3 +107,14 @@ def join(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     if isinstance(value, tuple):
         return tuple(join(item, tensors) for item in value)
     return value
+
+
+def references(value: Any) -> set[str]:
+    """Give the keys of every tensor reference in a skeleton made by ``split``."""
+    if isinstance(value, dict):
+        if len(value) == 1 and REF in value:
+            return {value[REF]}
+        return set().union(*(references(item) for item in value.values())) if value else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*(references(item) for item in value)) if value else set()
+    return set()

@@ -127,3 +127,33 @@ def test_equal_tensors_share_a_key_and_a_changed_one_gets_another() -> None:
     assert keys.key(almost) != first
     t.add_(1)  # changed in place: the version counter moves, so it is looked at again
     assert keys.key(t) != first
+
+
+async def test_a_spilled_client_that_did_not_train_is_not_read_back(tmp_path: Path, monkeypatch) -> None:
+    from fedevents.federated.store import ClientState, ClientStore
+
+    class StoreFederation:
+        def __init__(self) -> None:
+            self.store = ClientStore(max_in_memory=1, spill_dir=tmp_path / "spill")
+            self.server = {"w": torch.zeros(4)}
+
+        def put(self, client: str, value: float) -> None:
+            self.store.put(client, ClientState(model={"w": torch.full((4,), value)}, optimizer={}, scheduler=None,
+                                               rounds_trained=1, samples=8))
+
+        def state_dict(self, *, clients=None) -> dict[str, Any]:
+            return {"server": {"model": dict(self.server), "extras": {}}, "clients": self.store.export(clients)}
+
+    ck, _, context = checkpointer(tmp_path)
+    fed = ck.federation = StoreFederation()
+    fed.put("a", 1.0)
+    fed.put("b", 2.0)  # a is spilled to disk now
+    await save(ck, context, 0)
+    exported: list = []
+    real = ClientStore.export
+    monkeypatch.setattr(ClientStore, "export", lambda self, clients=None: exported.append(clients) or real(self, clients))
+    fed.put("b", 3.0)
+    await save(ck, context, 1)
+    assert exported == [["b"]]
+    state = load_checkpoint(ck.directory / "round-000001.pt").federation
+    assert {c: s["model"]["w"].tolist() for c, s in state["clients"].items()} == {"a": [1.0] * 4, "b": [3.0] * 4}
