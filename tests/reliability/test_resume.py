@@ -119,6 +119,15 @@ def kill_at(tmp_path: Path, exp: Path, point: str = "after-record-before-checkpo
     assert killed.returncode == -signal.SIGKILL, killed.stderr
 
 
+def test_resume_is_exact_when_spilled_clients_are_left_out_of_checkpoints(tmp_path: Path, reference: Path) -> None:
+    """Checkpoints that export only changed clients, with most clients spilled to disk, still resume exactly."""
+    exp = experiment(tmp_path, clients_in_memory=2)
+    kill_at(tmp_path, exp)
+    assert fedevents("run", str(exp), "--resume", cwd=tmp_path).returncode == 0
+    final, expected = record(tmp_path), record(reference)
+    assert (final["data"], final["comm"]) == (expected["data"], expected["comm"])
+
+
 def test_resume_into_another_logs_dir_gives_the_whole_record(tmp_path: Path, reference: Path) -> None:
     """Regression: the resumed record lacked every round before the checkpoint when the logs moved."""
     exp = experiment(tmp_path)
