@@ -63,7 +63,8 @@ class JsonRecorder:
 
     ``status`` is ``running`` until ExperimentFinished (``finished``), ExperimentFailed (``failed``, with
     ``error``) or ExperimentInterrupted (``interrupted``); a run closed without either is recorded as failed. A resumed run (ExperimentStarted with
-    ``resumed``) keeps the rounds before ``first_round`` from an existing record at ``path``.
+    ``resumed``) keeps the rounds before ``first_round`` from the checkpoint's copy of the record
+    (``load_state_dict``), or, without one, from an existing record at ``path``.
     """
 
     def __init__(self, path: Path, config: Mapping[str, Any]) -> None:
