@@ -14,9 +14,17 @@ from fedevents.engine.experiment import Experiment, ResumePoint
 from fedevents.engine.vocabulary import Vocabulary
 from fedevents.federated import Federation, check_device
 from fedevents.federated.check import check_config
+from fedevents.federated.fingerprint import data_fingerprint
 from fedevents.federated.vocabulary import CATALOGUES
 from fedevents.handlers import ClientWork, JsonRecorder, LogSink, TraceRecorder
-from fedevents.handlers.checkpoint import Checkpoint, Checkpointer, check_resumable, find_latest, load_checkpoint
+from fedevents.handlers.checkpoint import (
+    Checkpoint,
+    Checkpointer,
+    check_data,
+    check_resumable,
+    find_run,
+    load_checkpoint,
+)
 from fedevents.handlers.executors import (
     DryRunCheckpoints,
     Executor,
@@ -26,6 +34,7 @@ from fedevents.handlers.executors import (
     ThreadExecutor,
 )
 from fedevents.handlers.loading import attach_handler, load_handler
+from fedevents.handlers.runlock import RunLock
 from fedevents.handlers.steering import RunControl
 
 __all__ = ["build_executor", "build_experiment", "build_experiments", "flag_overrides", "load_configs", "VOCABULARY"]
@@ -139,32 +148,51 @@ def build_experiment(
     folder = config.config_dir or Path(config.source).parent
     handlers = [load_handler(e, f"{config.source}: handlers[{i}]", config_dir=folder)
                 for i, e in enumerate(config.data["handlers"])]
-    checkpoint = _checkpoint_to_resume(config, console) if resume and not dry_run else None
+    lock, checkpoint = None, None
+    if resume and not dry_run:
+        run_id, lock, checkpoint = _run_to_resume(config, console)
     point = None if checkpoint is None else ResumePoint(checkpoint.round, dict(checkpoint.participations))
-    if checkpoint is not None:
-        run_id = checkpoint.run_id
     finished = point is not None and point.round >= config.rounds
     # A cluster's executor is made first: its nodes' devices are the pool's.
     executor = build_executor(config, None) if config.executor == "ray" and not dry_run and not finished else None
+    created = None
     try:
         exp = Experiment(config, dry_run=dry_run, run_id=run_id, resume=point,
                          devices=None if executor is None else executor.devices())
         if exp.finished:
+            if lock is not None:
+                lock.release()
             return exp
-        _add_work(exp, checkpoint, executor)
+        if lock is None and not dry_run:
+            folder = config.checkpoints_dir / exp.paths.run_id
+            created = _first_missing(folder)
+            lock = RunLock.acquire(folder, config.source)
+        if lock is not None:
+            exp.on_close(lock.release)  # registered first, so released after every file is closed
+        recorder = JsonRecorder(exp.paths.record, config.data) if sinks else None
+        if recorder is not None and checkpoint is not None:
+            if "record" not in checkpoint.components:
+                raise ConfigError(f"checkpoint {checkpoint.path}: expected the record of the rounds before it, found "
+                                  f"none, so a resumed record would lack them")
+            recorder.load_state_dict(checkpoint.components["record"])
+        _add_work(exp, checkpoint, {} if recorder is None else {"record": recorder}, executor)
+        if sinks:
+            exp.add(LogSink(exp.paths.log, console=console, record_path=exp.paths.record))
+            exp.add(recorder)
+            exp.add(TraceRecorder(exp.paths.events, exp.paths.trace))
+        for handler in handlers:
+            attach_handler(handler, exp.bus)
+            exp.components.append(handler)
+            if callable(getattr(handler, "close", None)):
+                exp.on_close(handler.close)
     except BaseException:
         if executor is not None:
             executor.close()
+        if lock is not None:  # refused while building: nothing ran, the run is free again
+            lock.release()
+        if created is not None:  # and bad input leaves no folder behind
+            shutil.rmtree(created, ignore_errors=True)
         raise
-    if sinks:
-        exp.add(LogSink(exp.paths.log, console=console, record_path=exp.paths.record))
-        exp.add(JsonRecorder(exp.paths.record, config.data))
-        exp.add(TraceRecorder(exp.paths.events, exp.paths.trace))
-    for handler in handlers:
-        attach_handler(handler, exp.bus)
-        exp.components.append(handler)
-        if callable(getattr(handler, "close", None)):
-            exp.on_close(handler.close)
     work = exp.component(ClientWork)
     exp.provide_control(RunControl(exp, None if exp.dry_run else work.federation))
     return exp
@@ -176,27 +204,53 @@ def _check_new(config: ExperimentConfig, dry_run: bool) -> None:
         check_devices(config)
 
 
-def _checkpoint_to_resume(config: ExperimentConfig, console: TextIO | None) -> Checkpoint | None:
-    """The newest checkpoint of ``config``'s experiment, checked against the config; None if there is none."""
-    latest = find_latest(config.checkpoints_dir, config.exp_name)
-    if latest is None:
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost of ``folder`` and its parents that does not exist yet, or None."""
+    missing = None
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return missing
+        missing = path
+    return missing
+
+
+def _run_to_resume(config: ExperimentConfig,
+                   console: TextIO | None) -> tuple[str | None, RunLock | None, Checkpoint | None]:
+    """The newest run of ``config``'s experiment, locked, and its newest checkpoint checked against the config.
+
+    A run killed before its first checkpoint is started again from the beginning under its own run id, so
+    its record does not stay "running"; with no run at all, a new one starts.
+    """
+    found = find_run(config.checkpoints_dir, config.exp_name)
+    if found is None:
         _say(console, f"fedevents: {config.exp_name}: no checkpoint under {config.checkpoints_dir}; "
                       f"starting from the beginning")
-        return None
-    checkpoint = load_checkpoint(latest)
-    check_resumable(checkpoint, config)
+        return None, None, None
+    folder, latest = found
+    lock = RunLock.acquire(folder, config.source)
+    try:
+        if latest is None:
+            _say(console, f"fedevents: {config.exp_name}: run {folder.name} stopped before its first checkpoint; "
+                          f"starting it again from the beginning")
+            return folder.name, lock, None
+        checkpoint = load_checkpoint(latest)
+        check_resumable(checkpoint, config)
+    except BaseException:
+        lock.release()
+        raise
     if checkpoint.round >= config.rounds:
         _say(console, f"fedevents: {config.exp_name}: run {checkpoint.run_id} already finished its {config.rounds} "
                       f"rounds; nothing to resume (raise exp_opts.comm_rounds to extend it)")
     else:
         _say(console, f"fedevents: {config.exp_name}: resuming run {checkpoint.run_id} after round "
                       f"{checkpoint.round} from {latest}")
-    return checkpoint
+    return checkpoint.run_id, lock, checkpoint
 
 
-def _add_work(exp: Experiment, checkpoint: Checkpoint | None, executor: Executor | None = None) -> None:
+def _add_work(exp: Experiment, checkpoint: Checkpoint | None, components: dict[str, Any],
+              executor: Executor | None = None) -> None:
     """The client-work handler over the configured executor (the simulated clock in a dry run), and the
-    checkpointer (its dry-run twin in a dry run)."""
+    checkpointer (its dry-run twin in a dry run), which saves ``components``' state with each checkpoint."""
     config = exp.config
     opts = config.data["exp_opts"]
     if exp.dry_run:
@@ -210,14 +264,17 @@ def _add_work(exp: Experiment, checkpoint: Checkpoint | None, executor: Executor
                                 spill_dir=str(spill))
     except ValueError as exc:  # a method option, a model option or the data set's layout
         raise ConfigError(f"{config.source}: {exc}") from None
+    data = data_fingerprint(config.data)
     exp.on_close(lambda: shutil.rmtree(spill, ignore_errors=True))
     if checkpoint is not None:
+        check_data(checkpoint, config, data)
         federation.load_state_dict(checkpoint.federation)
     participations = None if exp.resume is None else exp.resume.participations
     executor = executor or build_executor(config, federation)
     exp.add(ClientWork(federation, executor, exp.pool, exp.bus, exp.context,
                        timeout_s=opts["client_timeout_s"]))
-    exp.add(Checkpointer(config, federation, exp.bus, exp.context, participations=participations))
+    exp.add(Checkpointer(config, federation, exp.bus, exp.context, participations=participations,
+                         components=components, data=data, resume=checkpoint))
 
 
 def build_executor(config: ExperimentConfig, federation: Federation | None) -> Executor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -163,13 +163,14 @@ class Federation:
         """Give the global model state (its tensors are never changed in place)."""
         return self._server.state
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs: the server's state and every client state that exists.
+    def state_dict(self, *, clients: Iterable[str] | None = None) -> dict[str, Any]:
+        """Everything a resumed run needs: the server's state and every client state that exists (only
+        those of ``clients``, if given: a checkpoint asks for the ones that changed).
 
         Taken at a round boundary, when no upload is pending. Tensors, numbers, strings, lists and dicts
         only, so it loads with ``torch.load(..., weights_only=True)``.
         """
-        return {"server": self._server.state_dict(), "clients": self._store.export()}
+        return {"server": self._server.state_dict(), "clients": self._store.export(clients)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a ``state_dict()``: the server's state and the client states are replaced."""

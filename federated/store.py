@@ -8,12 +8,13 @@ first time it trains; an experiment can therefore name 100,000 clients and pay f
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -46,6 +47,9 @@ class ClientStore:
         self._memory: OrderedDict[str, ClientState] = OrderedDict()
         self._nbytes: dict[str, int] = {}
         self._spilled: set[str] = set()
+        # Grows with every state stored, so a checkpoint can tell which clients changed since the last one.
+        self._generation: dict[str, int] = {}
+        self._counter = itertools.count(1)
         # Disk I/O happens under the lock too: states are small and it keeps a state in exactly one place.
         self._lock = threading.Lock()
 
@@ -82,17 +86,26 @@ class ClientStore:
     def put(self, client: str, state: ClientState) -> None:
         """Store ``state`` as ``client``'s latest state."""
         with self._lock:
+            self._generation[client] = next(self._counter)
             if client in self._spilled:
                 self._spilled.discard(client)
                 self._path(client).unlink(missing_ok=True)
             self._keep(client, state)
 
-    def export(self) -> dict[str, dict[str, Any]]:
-        """Every stored state as plain dicts by client name (spilled ones read back, left on disk)."""
+    def generations(self) -> dict[str, int]:
+        """Each stored client's generation: a number that changes whenever ``put`` stores a new state for it."""
         with self._lock:
-            out = {name: _as_dict(state) for name, state in self._memory.items()}
+            return dict(self._generation)
+
+    def export(self, clients: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """The stored states (of ``clients`` only, if given) as plain dicts by client name; spilled ones are
+        read back and left on disk."""
+        with self._lock:
+            wanted = None if clients is None else set(clients)
+            out = {name: _as_dict(state) for name, state in self._memory.items() if wanted is None or name in wanted}
             for name in sorted(self._spilled):
-                out[name] = torch.load(self._path(name), map_location="cpu", weights_only=True)
+                if wanted is None or name in wanted:
+                    out[name] = torch.load(self._path(name), map_location="cpu", weights_only=True)
             return out
 
     def replace_all(self, states: dict[str, dict[str, Any]]) -> None:
@@ -103,7 +116,9 @@ class ClientStore:
             self._memory.clear()
             self._nbytes.clear()
             self._spilled.clear()
+            self._generation.clear()
             for name, fields in states.items():
+                self._generation[name] = next(self._counter)
                 self._keep(name, ClientState(**fields))
 
     def _keep(self, client: str, state: ClientState) -> None:

@@ -7,6 +7,7 @@ only when a round finishes and when the run ends, never on every event.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -63,7 +64,8 @@ class JsonRecorder:
 
     ``status`` is ``running`` until ExperimentFinished (``finished``), ExperimentFailed (``failed``, with
     ``error``) or ExperimentInterrupted (``interrupted``); a run closed without either is recorded as failed. A resumed run (ExperimentStarted with
-    ``resumed``) keeps the rounds before ``first_round`` from an existing record at ``path``.
+    ``resumed``) keeps the rounds before ``first_round`` from the checkpoint's copy of the record
+    (``load_state_dict``), or, without one, from an existing record at ``path``.
     """
 
     def __init__(self, path: Path, config: Mapping[str, Any]) -> None:
@@ -76,6 +78,7 @@ class JsonRecorder:
         self._global: dict[str, dict[str, dict[str, float]]] = {}  # round -> task -> metrics of the global model
         self._dirty = False
         self._subs: list[Subscription] = []
+        self._restored: dict[str, Any] | None = None
 
     def subscribe(self, bus: EventBus, *, priority: int = SINK_PRIORITY) -> list[Subscription]:
         self._subs.append(bus.subscribe(_EVENTS, self.handle, priority=priority))
@@ -119,6 +122,14 @@ class JsonRecorder:
         """The merged metrics recorded for one (client, round, task); empty when there are none."""
         return dict(self._data.get(client, {}).get(str(round), {}).get(task, {}))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The record of the rounds so far (metrics, upload counts, failures): what a checkpoint carries."""
+        return {"data": self._data, "comm": self._comm, "failures": self._failures, "global": self._global}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take the earlier rounds of a resumed run from ``state_dict()`` of its checkpoint, not from the file."""
+        self._restored = copy.deepcopy(dict(state))
+
     def write(self) -> None:
         """Write the record now (atomically); does nothing before ExperimentStarted."""
         if self.record is None:
@@ -142,7 +153,9 @@ class JsonRecorder:
 
     def _start(self, ev: ExperimentStarted) -> None:
         self.record = {"config": json_safe(self.config), "run_id": ev.run_id, "status": "running"}
-        if ev.resumed:
+        if ev.resumed and self._restored is not None:
+            self._data, self._comm, self._failures, self._global = _restored_rounds(self._restored, ev.first_round)
+        elif ev.resumed:
             self._data, self._comm, self._global = _earlier_rounds(self.path, ev.first_round)
         self.write()
 
@@ -215,3 +228,18 @@ def _earlier_rounds(path: Path, first_round: int) -> tuple[dict[str, dict[str, A
     comm = {r: list(v) for r, v in by_round.items() if r.isdigit() and int(r) < first_round}
     earlier = {r: tasks for r, tasks in scores.items() if r.isdigit() and int(r) < first_round}
     return kept, comm, earlier
+
+
+def _restored_rounds(state: Mapping[str, Any], first_round: int) -> tuple[dict[str, Any], dict[str, list[int]],
+                                                                          list[dict[str, Any]], dict[str, Any]]:
+    """The metrics, upload counts, failures and global-model scores of a checkpoint's record before
+    ``first_round``."""
+    data = {}
+    for client, rounds in state.get("data", {}).items():
+        earlier = {r: tasks for r, tasks in rounds.items() if int(r) < first_round}
+        if earlier:
+            data[client] = earlier
+    comm = {r: list(v) for r, v in state.get("comm", {}).items() if int(r) < first_round}
+    failures = [dict(f) for f in state.get("failures", []) if f["round"] < first_round]
+    scores = {r: tasks for r, tasks in state.get("global", {}).items() if int(r) < first_round}
+    return data, comm, failures, scores

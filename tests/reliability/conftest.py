@@ -33,6 +33,17 @@ class Killer:
             if self.seen == self.nth:
                 os.kill(os.getpid(), getattr(signal, self.signal))
 
+class FailTraining:
+    """Makes every training of `client` raise, as a broken client would."""
+    def __init__(self, client):
+        self.client = client
+    def subscribe(self, bus):
+        from fedevents.engine.events import ClientDispatched
+        return [bus.subscribe(ClientDispatched, self, work=True, priority=10)]
+    def __call__(self, ev):
+        if ev.client == self.client:
+            raise RuntimeError(f"{self.client} is broken")
+
 class KillInCheckpointRename:
     """Kills the process after a checkpoint's temporary file is written, before it is renamed."""
     def __init__(self, round):

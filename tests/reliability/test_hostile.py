@@ -56,7 +56,8 @@ def earlier(tmp_path_factory: pytest.TempPathFactory) -> Path:
         patch.chdir(folder)
         assert main(["run", "experiment.yaml"]) == 0
     assert len(list((folder / "logs").iterdir())) == 4  # record, log, events, trace
-    assert sorted(p.name for p in checkpoint_dir(folder).iterdir()) == ["round-000001.pt", "round-000002.pt"]
+    # A finished run keeps its last checkpoint only: all that --resume to extend it needs.
+    assert sorted(p.name for p in checkpoint_dir(folder).iterdir()) == ["lock", "packs", "round-000002.pt"]
     return folder
 
 
@@ -511,7 +512,7 @@ REFUSED_RESUMES: dict[str, Resume] = {
                                here=True),
     "foreign_torch_file": Resume(_foreign_torch_file, ("expected a fedevents checkpoint, found another file",),
                                  here=True),
-    "future_version": Resume(_future_version, ("expected format version 1, found 99",), here=True),
+    "future_version": Resume(_future_version, ("expected format version 2, found 99",), here=True),
     "unsafe_object": Resume(_unsafe_object, ("refused", "unsafe_payload.build")),
     "changed_lr": Resume(lambda project: None, ("optimizer_opts.lr differs from the checkpoint",),
                          ("--set", "optimizer_opts.lr=0.1")),
@@ -613,7 +614,7 @@ def test_a_disk_that_fills_while_checkpointing_fails_the_run_and_keeps_what_was_
     assert {k: after.get(k) for k in out.before} == out.before  # the earlier run's files, byte for byte
 
     folder = _new_run_checkpoints(out)
-    assert sorted(p.name for p in folder.iterdir()) == ["round-000000.pt", "round-000001.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["lock", "packs", "round-000000.pt", "round-000001.pt"]
     assert [name for name in after if name.endswith(".tmp")] == []
     digests = dict(line.split() for line in (out.project / "digests.txt").read_text().splitlines())
     assert hashlib.sha256((folder / "round-000001.pt").read_bytes()).hexdigest() == digests["round-000001.pt"]

@@ -83,3 +83,21 @@ def test_a_corrupt_image_leaves_only_its_client_out_under_tolerate(project, caps
     record = json.loads(next(p for p in (project / "logs").glob("*.json") if ".trace" not in p.name).read_text())
     assert [(f["client"], f["phase"]) for f in record["failures"]] == [("client-1", "train")]
     assert "tr_acc" in record["data"]["client-0"]["1"]["client-0-task-0"]
+
+
+def test_resuming_on_other_data_is_refused_naming_the_task_that_changed(project, capsys) -> None:
+    """Regression: a resume with another datasets_dir holding other images was accepted."""
+    assert main(["run", str(project / "exp.yaml")]) == 0
+    moved = project / "moved"
+    shutil.copytree(project / "data", moved)
+    extend = ("--resume", "--set", "exp_opts.comm_rounds=2", "--set", f"datasets_dir={str(moved)!r}")
+    image = sorted((moved / "client-1-task-0/gallery").rglob("*.png"))[0]
+    image.write_bytes(image.read_bytes() + b"\0")  # one byte more in one image of one task
+    capsys.readouterr()
+    status, line = fedevents(capsys, str(project / "exp.yaml"), *extend)
+    assert status == 2
+    assert line.startswith(f"fedevents: error: {project / 'exp.yaml'}: cannot resume run ")
+    assert "on other data: task client-1-task-0: expected " in line and "client-0-task-0" not in line
+    image.write_bytes(image.read_bytes()[:-1])  # the same data in another folder: datasets_dir may move
+    status = main(["run", str(project / "exp.yaml"), *extend])
+    assert status == 0, capsys.readouterr().err

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from fedevents.handlers.checkpoint import load_checkpoint
+from fedevents.handlers.runlock import RunLock
+
 from .conftest import events, experiment, fedevents, record
 
 KILL_POINTS = {
@@ -98,11 +101,117 @@ def test_resume_refuses_a_changed_config_and_allows_more_rounds(tmp_path: Path) 
     assert max(int(r) for client in data.values() for r in client) == 5
 
 
-def test_retention_keeps_the_last_k_checkpoints(tmp_path: Path) -> None:
+def test_retention_keeps_the_last_k_checkpoints_and_a_finished_run_only_its_last(tmp_path: Path) -> None:
     exp = experiment(tmp_path, checkpoint_keep=2, checkpoint_interval=2)
-    assert fedevents("run", str(exp), cwd=tmp_path).returncode == 0
+    kill = {"target": "killer:Killer", "kwargs": {"at": "RoundStarted", "round": 7}}
+    assert fedevents("run", str(exp), "--set", f"handlers=[{json.dumps(kill)}]", cwd=tmp_path).returncode == -9
     (run_dir,) = (tmp_path / "ckpts").iterdir()
-    assert sorted(p.name for p in run_dir.iterdir()) == ["round-000006.pt", "round-000007.pt"]
+    assert sorted(p.name for p in run_dir.glob("round-*")) == ["round-000004.pt", "round-000006.pt"]
+    assert fedevents("run", str(exp), "--resume", cwd=tmp_path).returncode == 0
+    assert sorted(p.name for p in run_dir.iterdir()) == ["lock", "packs", "round-000007.pt"]
+    # Only the packs the last checkpoint uses are left, and it loads from them.
+    used = set(load_checkpoint(run_dir / "round-000007.pt").objects.values())
+    assert sorted(p.name for p in (run_dir / "packs").iterdir()) == sorted(used)
+
+
+def kill_at(tmp_path: Path, exp: Path, point: str = "after-record-before-checkpoint") -> None:
+    killed = fedevents("run", str(exp), "--set", f"handlers=[{json.dumps(KILL_POINTS[point])}]", cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+
+def test_resume_is_exact_when_spilled_clients_are_left_out_of_checkpoints(tmp_path: Path, reference: Path) -> None:
+    """Checkpoints that export only changed clients, with most clients spilled to disk, still resume exactly."""
+    exp = experiment(tmp_path, clients_in_memory=2)
+    kill_at(tmp_path, exp)
+    assert fedevents("run", str(exp), "--resume", cwd=tmp_path).returncode == 0
+    final, expected = record(tmp_path), record(reference)
+    assert (final["data"], final["comm"]) == (expected["data"], expected["comm"])
+
+
+def test_resume_into_another_logs_dir_gives_the_whole_record(tmp_path: Path, reference: Path) -> None:
+    """Regression: the resumed record lacked every round before the checkpoint when the logs moved."""
+    exp = experiment(tmp_path)
+    kill_at(tmp_path, exp)
+    moved = tmp_path / "elsewhere"
+    resumed = fedevents("run", str(exp), "--resume", "--logs-dir", str(moved / "logs"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    final, expected = record(moved), record(reference)
+    assert (final["status"], final["data"], final["comm"]) == ("finished", expected["data"], expected["comm"])
+
+
+def test_resume_after_the_record_was_deleted_or_cut_gives_the_whole_record(tmp_path: Path, reference: Path) -> None:
+    exp = experiment(tmp_path)
+    kill_at(tmp_path, exp)
+    (path,) = [p for p in (tmp_path / "logs").glob("*.json") if not p.name.endswith(".trace.json")]
+    path.write_text(path.read_text()[:100])
+    assert fedevents("run", str(exp), "--resume", cwd=tmp_path).returncode == 0
+    final, expected = record(tmp_path), record(reference)
+    assert (final["data"], final["comm"]) == (expected["data"], expected["comm"])
+
+
+def test_a_symlinked_record_is_replaced_never_read_or_written_through(tmp_path: Path, reference: Path) -> None:
+    exp = experiment(tmp_path)
+    kill_at(tmp_path, exp)
+    (path,) = [p for p in (tmp_path / "logs").glob("*.json") if not p.name.endswith(".trace.json")]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"data": {"client-0": {"1": {"synth": {"val_acc": 9.0}}}}}))
+    path.unlink()
+    path.symlink_to(other)
+    Path(f"{path}.tmp").symlink_to(tmp_path / "victim.txt")
+    assert fedevents("run", str(exp), "--resume", cwd=tmp_path).returncode == 0
+    assert not path.is_symlink() and not (tmp_path / "victim.txt").exists()
+    assert json.loads(other.read_text())["data"]["client-0"]["1"]["synth"]["val_acc"] == 9.0
+    assert record(tmp_path)["data"] == record(reference)["data"]
+
+
+def test_tolerated_failures_survive_a_resume(tmp_path: Path) -> None:
+    """Regression: failures recorded under failure_policy tolerate vanished from the resumed record."""
+    fail = {"target": "killer:FailTraining", "kwargs": {"client": "client-1"}}
+    whole = tmp_path / "whole"
+    exp = experiment(whole, failure_policy="tolerate", min_clients=1)
+    assert fedevents("run", str(exp), "--set", f"handlers=[{json.dumps(fail)}]", cwd=whole).returncode == 0
+    expected = record(whole)
+    assert expected["failures"]
+
+    cut = tmp_path / "cut"
+    exp = experiment(cut, failure_policy="tolerate", min_clients=1)
+    both = json.dumps([fail, KILL_POINTS["after-record-before-checkpoint"]])
+    assert fedevents("run", str(exp), "--set", f"handlers={both}", cwd=cut).returncode == -signal.SIGKILL
+    resumed = fedevents("run", str(exp), "--resume", "--set", f"handlers=[{json.dumps(fail)}]", cwd=cut)
+    assert resumed.returncode == 0, resumed.stderr
+    final = record(cut)
+    assert final["failures"] == expected["failures"]
+    assert final["data"] == expected["data"]
+
+
+def test_a_second_process_resuming_the_same_run_is_refused(tmp_path: Path) -> None:
+    exp = experiment(tmp_path)
+    kill_at(tmp_path, exp)
+    (run_dir,) = (tmp_path / "ckpts").iterdir()
+    holder = RunLock.acquire(run_dir, "test")  # as the first `--resume` process would hold it
+    try:
+        second = fedevents("run", str(exp), "--resume", cwd=tmp_path)
+    finally:
+        holder.release()
+    assert second.returncode == 2
+    assert second.stderr.strip() == (f"fedevents: error: {exp}: cannot run {run_dir.name}: expected no other "
+                                     f"process running it, found its lock {run_dir / 'lock'} held by one")
+    assert fedevents("run", str(exp), "--resume", cwd=tmp_path).returncode == 0
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_finished_by_resume(tmp_path: Path, reference: Path) -> None:
+    """Regression: its record stayed "running" forever, since --resume started another run."""
+    exp = experiment(tmp_path)
+    kill = {"target": "killer:Killer", "kwargs": {"at": "ValStarted", "round": 0, "nth": 2}}
+    assert fedevents("run", str(exp), "--set", f"handlers=[{json.dumps(kill)}]", cwd=tmp_path).returncode == -9
+    before = record(tmp_path)
+    assert before["status"] == "running"
+    resumed = fedevents("run", str(exp), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"run {before['run_id']} stopped before its first checkpoint; starting it again" in resumed.stderr
+    final = record(tmp_path)  # still one record: the same run, now finished
+    assert (final["run_id"], final["status"]) == (before["run_id"], "finished")
+    assert final["data"] == record(reference)["data"]
 
 
 @pytest.mark.parametrize(("sig", "status"), [("SIGINT", 130), ("SIGTERM", 143)])

@@ -1,0 +1,159 @@
+"""Checkpoint bytes: shared tensors stored once, unchanged client states never written again, exact reloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from fedevents.engine.bus import EventBus
+from fedevents.engine.config import load_experiments
+from fedevents.engine.context import RunContext
+from fedevents.engine.events import ExperimentFinished, RoundFinished
+from fedevents.handlers.checkpoint import Checkpointer, load_checkpoint
+from fedevents.handlers.objects import TensorKeys
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
+FROZEN = 1 << 20  # bytes of the "backbone" every state shares
+
+
+class FakeFederation:
+    """A server and clients whose states hold a shared frozen tensor and a small trained head each."""
+
+    def __init__(self) -> None:
+        backbone = torch.arange(FROZEN // 4, dtype=torch.float32)
+        self.server = {"backbone": backbone, "head": torch.zeros(16)}
+        self.clients: dict[str, dict[str, Any]] = {}
+
+    def train(self, client: str, value: float) -> None:
+        # A fresh copy of the backbone, as a worker's state_dict() clone gives: equal content, another tensor.
+        self.clients[client] = {"model": {"backbone": self.server["backbone"].clone(),
+                                          "head": torch.full((16,), value)},
+                                "optimizer": {"state": {0: {"step": torch.tensor(value)}},
+                                              "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]},
+                                "rounds_trained": int(value)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"server": {"model": dict(self.server), "extras": {}}, "clients": dict(self.clients)}
+
+
+def checkpointer(tmp_path: Path, keep: int = 2) -> tuple[Checkpointer, FakeFederation, RunContext]:
+    data = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+    data.update(logs_dir=str(tmp_path / "logs"), checkpoints_dir=str(tmp_path / "ckpts"))
+    data["exp_opts"].update(comm_rounds=5, checkpoint_keep=keep)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    (config,) = load_experiments([path])
+    context = RunContext("demo-20260101-000000-abcdef", "demo")
+    federation = FakeFederation()
+    return Checkpointer(config, federation, EventBus(), context), federation, context
+
+
+async def save(ck: Checkpointer, context: RunContext, rnd: int) -> None:
+    await ck.save(context.make(RoundFinished, round=rnd, trained=0, failed=0, validated=0, seconds=0.0))
+
+
+def pack_bytes(ck: Checkpointer, rnd: int) -> int:
+    path = ck.directory / "packs" / f"{rnd:06d}.pt"
+    return path.stat().st_size if path.exists() else 0
+
+
+async def test_a_frozen_backbone_held_by_every_client_is_stored_once(tmp_path: Path) -> None:
+    ck, fed, context = checkpointer(tmp_path)
+    for index, client in enumerate(["a", "b", "c"]):
+        fed.train(client, float(index + 1))
+    await save(ck, context, 0)
+    # Four copies of the backbone (server and three clients) would be 4 MiB; one is 1 MiB and some headers.
+    assert FROZEN < pack_bytes(ck, 0) < FROZEN + 64 * 1024
+
+
+async def test_only_what_changed_since_the_last_checkpoint_is_written(tmp_path: Path) -> None:
+    ck, fed, context = checkpointer(tmp_path)
+    fed.train("a", 1.0)
+    fed.train("b", 2.0)
+    await save(ck, context, 0)
+    fed.train("b", 3.0)  # a did not train: its state is the same objects as before
+    await save(ck, context, 1)
+    loaded = load_checkpoint(ck.directory / "round-000001.pt")
+    assert pack_bytes(ck, 1) < 64 * 1024
+    new = [loaded.tensors[d] for d, pack in loaded.objects.items() if pack == "000001.pt"]
+    assert sorted(t.tolist() if t.dim() else [t.item()] for t in new) == [[3.0], [3.0] * 16]
+    # Nothing changed: the checkpoint is a manifest alone.
+    await save(ck, context, 2)
+    assert pack_bytes(ck, 2) == 0
+
+
+async def test_a_checkpoint_loads_back_exactly_with_its_plain_data(tmp_path: Path) -> None:
+    ck, fed, context = checkpointer(tmp_path)
+    fed.train("a", 1.0)
+    await save(ck, context, 0)
+    fed.train("a", 2.0)
+    await save(ck, context, 1)
+    state = load_checkpoint(ck.directory / "round-000001.pt").federation
+    assert torch.equal(state["server"]["model"]["backbone"], fed.server["backbone"])
+    assert torch.equal(state["clients"]["a"]["model"]["head"], torch.full((16,), 2.0))
+    assert state["clients"]["a"]["optimizer"]["param_groups"] == [{"lr": 0.1, "betas": (0.9, 0.99)}]
+    assert state["clients"]["a"]["rounds_trained"] == 2
+
+
+async def test_old_packs_go_with_their_checkpoints_and_a_finished_run_keeps_one(tmp_path: Path) -> None:
+    ck, fed, context = checkpointer(tmp_path, keep=2)
+    for rnd in range(4):
+        fed.train("a", float(rnd + 1))
+        await save(ck, context, rnd)
+    names = sorted(p.name for p in ck.directory.glob("round-*.pt"))
+    assert names == ["round-000002.pt", "round-000003.pt"]
+    # Round 0's pack holds the backbone both kept checkpoints use; round 1's only a replaced head.
+    assert sorted(p.name for p in (ck.directory / "packs").iterdir()) == ["000000.pt", "000002.pt", "000003.pt"]
+    ck._finished(context.make(ExperimentFinished, rounds=4, seconds=1.0))
+    assert sorted(p.name for p in ck.directory.glob("round-*.pt")) == ["round-000003.pt"]
+    assert sorted(p.name for p in (ck.directory / "packs").iterdir()) == ["000000.pt", "000003.pt"]
+    assert load_checkpoint(ck.directory / "round-000003.pt").round == 3
+
+
+def test_equal_tensors_share_a_key_and_a_changed_one_gets_another() -> None:
+    keys = TensorKeys()
+    t = torch.arange(100.0)
+    first = keys.key(t)
+    assert keys.key(t.clone()) == first  # equal contents, another tensor
+    assert keys.key(torch.arange(100.0) + 1) != first
+    almost = t.clone()
+    almost[1] = -1.0  # not among the sampled elements: equality is still checked in full
+    assert keys.key(almost) != first
+    t.add_(1)  # changed in place: the version counter moves, so it is looked at again
+    assert keys.key(t) != first
+
+
+async def test_a_spilled_client_that_did_not_train_is_not_read_back(tmp_path: Path, monkeypatch) -> None:
+    from fedevents.federated.store import ClientState, ClientStore
+
+    class StoreFederation:
+        def __init__(self) -> None:
+            self.store = ClientStore(max_in_memory=1, spill_dir=tmp_path / "spill")
+            self.server = {"w": torch.zeros(4)}
+
+        def put(self, client: str, value: float) -> None:
+            self.store.put(client, ClientState(model={"w": torch.full((4,), value)}, optimizer={}, scheduler=None,
+                                               rounds_trained=1, samples=8))
+
+        def state_dict(self, *, clients=None) -> dict[str, Any]:
+            return {"server": {"model": dict(self.server), "extras": {}}, "clients": self.store.export(clients)}
+
+    ck, _, context = checkpointer(tmp_path)
+    fed = ck.federation = StoreFederation()
+    fed.put("a", 1.0)
+    fed.put("b", 2.0)  # a is spilled to disk now
+    await save(ck, context, 0)
+    exported: list = []
+    real = ClientStore.export
+    monkeypatch.setattr(ClientStore, "export", lambda self, clients=None: exported.append(clients) or real(self, clients))
+    fed.put("b", 3.0)
+    await save(ck, context, 1)
+    assert exported == [["b"]]
+    state = load_checkpoint(ck.directory / "round-000001.pt").federation
+    assert {c: s["model"]["w"].tolist() for c, s in state["clients"].items()} == {"a": [1.0] * 4, "b": [3.0] * 4}
