@@ -65,7 +65,7 @@ def _dirichlet_once(labels: np.ndarray, num_clients: int, seed: int, alpha: floa
 def shards(labels: Sequence[int], num_clients: int, seed: int, *, shards_per_client: int = 2) -> Partition:
     """Sort by label, cut into ``num_clients * shards_per_client`` equal shards, give each client that many."""
     count = num_clients * shards_per_client
-    _check_clients(count, len(labels), what=f"num_clients * shards_per_client = {count} shards")
+    _check_clients(count, len(labels), what="shard (num_clients * shards_per_client)")
     labels = np.asarray(labels)
     shuffled = _rng(seed, "shards order").permutation(len(labels))
     by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
@@ -170,8 +170,8 @@ def _check_clients(num_clients: int, samples: int, *, what: str | None = None) -
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(f"num_clients: expected an int >= 1, found {num_clients!r}")
     if samples < num_clients:
-        raise ValueError(f"partition: expected at least {what or f'{num_clients} clients'} worth of samples, "
-                         f"found {samples}")
+        raise ValueError(f"partition: expected at least one sample per {what or 'client'} ({num_clients}), "
+                         f"found {samples} samples")
 
 
 def _rng(seed: int, *parts: int | str) -> np.random.Generator:
