@@ -165,19 +165,17 @@ def _test_parts(data: ImageData, opts: ImageOpts, train_parts: list[torch.Tensor
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # Summed per channel in float64 chunks: a float copy of all of CIFAR-10 at once would take 600 MB.
-    channels = images.shape[1]
-    total = torch.zeros(channels, dtype=torch.float64)
-    squares = torch.zeros(channels, dtype=torch.float64)
-    for chunk in images.split(4096):
-        values = chunk.double().div_(255.0).transpose(0, 1).reshape(channels, -1)
-        total += values.sum(1)
-        squares += values.square().sum(1)
-    count = images.numel() // channels
-    mean = total / count
-    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
-    shape = (1, channels, 1, 1)
-    return mean.float().reshape(shape), std.float().clamp_min(1e-3).reshape(shape)
+    # A histogram of the 256 byte values per channel gives the exact mean and variance without a float copy
+    # of the images (600 MB for CIFAR-10's training set) and in a tenth of the time.
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    mean, std = [], []
+    for channel in images.unbind(1):
+        counts = torch.bincount(channel.reshape(-1), minlength=256).double()
+        m = (counts * values).sum() / counts.sum()
+        mean.append(m)
+        std.append(((counts * (values - m).square()).sum() / counts.sum()).sqrt())
+    shape = (1, images.shape[1], 1, 1)
+    return torch.stack(mean).float().reshape(shape), torch.stack(std).float().clamp_min(1e-3).reshape(shape)
 
 
 def _check_model(model_opts: Mapping[str, Any], dataset: str) -> None:
