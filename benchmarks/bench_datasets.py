@@ -81,12 +81,14 @@ def main() -> None:
             sizes = [len(part) for part in tasks.train_parts]
             middle = clients[sorted(range(len(sizes)), key=sizes.__getitem__)[len(sizes) // 2]]
             med, best, _ = timed(lambda: tasks.train_data(middle, name), args.repeats)
-            rows.append((f"train_data of the median client ({sorted(sizes)[len(sizes) // 2]} samples), {name}", med, best))
+            label = f"train_data of the median client ({sorted(sizes)[len(sizes) // 2]} samples), {name}"
+            rows.append((label, med, best))
             model = tasks.build_model({"name": "mlp", "hidden": [64]}, generator(0))
             med, best, _ = timed(lambda: tasks.score(model, "client-0", name, torch.device("cpu")), args.repeats)
             rows.append((f"score MLP 64 on the pooled test set, {name}", med, best))
             kept = data.train.images.numel()
-            print(f"{name}: training images kept {kept / 2**20:.0f} MiB as uint8, {4 * kept / 2**20:.0f} MiB as float32")
+            print(f"{name}: training images kept {kept / 2**20:.0f} MiB as uint8, "
+                  f"{4 * kept / 2**20:.0f} MiB as float32")
     print(f"\n| step | median s | best s |\n|---|---:|---:|")
     for label, med, best in rows:
         print(f"| {label} | {med:.4f} | {best:.4f} |")

@@ -75,7 +75,7 @@ def _load(path: Path) -> dict:
             batch = _BatchUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
         raise ValueError(f"{path.parent}: expected the CIFAR batch {path.name}, found no such file") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+    except Exception as exc:  # a malformed pickle can fail in many ways; each is the same fault of the file
         raise ValueError(f"{path}: expected a CIFAR python pickle batch, found an unreadable file ({exc})") from None
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: expected a pickled dict, found {type(batch).__name__}")

@@ -54,7 +54,8 @@ def _read_rows(path: Path) -> np.ndarray:
         with opener(path, "rt") as f:
             rows = np.loadtxt(f, delimiter=",", ndmin=2)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: expected comma-separated rows of 65 numbers, found unreadable text ({exc})") from None
+        raise ValueError(f"{path}: expected comma-separated rows of 65 numbers, found unreadable text "
+                         f"({exc})") from None
     if rows.shape[1] != 65 or not rows.size:
         raise ValueError(f"{path}: expected rows of 64 pixels and a label (65 columns), found {rows.shape[1]} columns")
     if rows[:, :64].min() < 0 or rows[:, :64].max() > _MAX_PIXEL or not np.isin(rows[:, 64], range(10)).all():

@@ -49,7 +49,8 @@ def _read_file(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: expected a LEAF JSON file, found unreadable text ({exc})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("users"), list) or not isinstance(doc.get("user_data"), dict):
+    well_formed = isinstance(doc, dict) and isinstance(doc.get("users"), list)
+    if not well_formed or not isinstance(doc.get("user_data"), dict):
         raise ValueError(f"{path}: expected a JSON object with 'users' and 'user_data', found "
                          f"{sorted(doc) if isinstance(doc, dict) else type(doc).__name__}")
     counts = doc.get("num_samples", [None] * len(doc["users"]))
@@ -80,4 +81,6 @@ def _read_user(path: Path, user: str, data: Any, count: Any) -> tuple[str, np.nd
 
 
 def _kind(value: Any) -> str:
-    return "nothing" if value is None else (f"keys {sorted(value)}" if isinstance(value, dict) else type(value).__name__)
+    if value is None:
+        return "nothing"
+    return f"keys {sorted(value)}" if isinstance(value, dict) else type(value).__name__

@@ -26,14 +26,16 @@ def read_idx(path: str | Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except OSError as exc:
-        raise ValueError(f"{path}: expected a readable IDX file, found {exc.strerror or exc}") from None
+    except (OSError, EOFError) as exc:  # EOFError: a gzip stream cut short
+        reason = getattr(exc, "strerror", None) or exc
+        raise ValueError(f"{path}: expected a readable IDX file, found {reason}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _UBYTE:
         raise ValueError(f"{path}: expected an IDX header of unsigned bytes (00 00 08 ndim), found {raw[:4].hex(' ')}")
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: expected {ndim} dimension sizes after the magic number, found a {len(raw)}-byte file")
+        raise ValueError(f"{path}: expected {ndim} dimension sizes after the magic number, found a "
+                         f"{len(raw)}-byte file")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     size = int(np.prod(shape)) if shape else 1
     if len(raw) - header != size:

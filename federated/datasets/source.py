@@ -158,9 +158,19 @@ def _split(split: ImageSet, opts: ImageOpts, num_clients: int, seed: int) -> lis
 
 def _test_parts(data: ImageData, opts: ImageOpts, train_parts: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
     if opts.partition["name"] == "natural":
-        # The same writers hold test samples too (LEAF splits each writer's samples), so they keep their client.
-        return _split(data.test, opts, len(train_parts), seed)
+        return _by_train_writer(data, train_parts)
     parts = matching(data.train.labels.tolist(), [p.tolist() for p in train_parts], data.test.labels.tolist(), seed)
+    return [torch.as_tensor(p, dtype=torch.long) for p in parts]
+
+
+def _by_train_writer(data: ImageData, train_parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    # LEAF splits each writer's samples into train and test: a writer's test samples go to the client that
+    # trains on that writer, and those of a writer no client trains on go to nobody.
+    owner = {data.train.writers[i]: client for client, part in enumerate(train_parts) for i in part.tolist()}
+    parts: list[list[int]] = [[] for _ in train_parts]
+    for index, writer in enumerate(data.test.writers or ()):
+        if writer in owner:
+            parts[owner[writer]].append(index)
     return [torch.as_tensor(p, dtype=torch.long) for p in parts]
 
 

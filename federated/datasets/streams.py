@@ -18,9 +18,10 @@ def class_incremental(
     num_classes: int, classes_per_task: int, names: Sequence[str] | None = None, *, where: str = "task_opts.image"
 ) -> dict[str, tuple[int, ...]]:
     """Name each task (``task_0``, ``task_1``, … or ``names`` in order) and give the classes it holds."""
-    if isinstance(classes_per_task, bool) or not isinstance(classes_per_task, int) or not 1 <= classes_per_task <= num_classes:
-        raise ValueError(f"{where}.classes_per_task: expected an int from 1 to {num_classes}, found {classes_per_task!r}")
-    ranges = [tuple(range(lo, min(lo + classes_per_task, num_classes))) for lo in range(0, num_classes, classes_per_task)]
+    per_task = classes_per_task
+    if isinstance(per_task, bool) or not isinstance(per_task, int) or not 1 <= per_task <= num_classes:
+        raise ValueError(f"{where}.classes_per_task: expected an int from 1 to {num_classes}, found {per_task!r}")
+    ranges = [tuple(range(lo, min(lo + per_task, num_classes))) for lo in range(0, num_classes, per_task)]
     if names is None:
         names = [f"task_{k}" for k in range(len(ranges))]
     elif len(names) != len(ranges) or len(set(names)) != len(names):

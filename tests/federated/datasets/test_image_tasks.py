@@ -26,7 +26,8 @@ def _split_mnist(root: Path, **image: Any) -> ImageTasks:
 
 def test_it_offers_every_method_a_task_source_has() -> None:
     for name, member in inspect.getmembers(TaskSource, inspect.isfunction):
-        assert inspect.signature(getattr(ImageTasks, name)).parameters.keys() == inspect.signature(member).parameters.keys()
+        ours = inspect.signature(getattr(ImageTasks, name)).parameters
+        assert ours.keys() == inspect.signature(member).parameters.keys()
     assert ImageTasks.augment is None
 
 
@@ -105,7 +106,8 @@ def test_model_name_outside_the_zoo_is_refused(write_mnist: Callable[..., Path])
     ({"split": 2}, r"task_opts.image.split: expected one of partition, classes_per_task, task_names, test, "
                    r"test_fraction, found 'split'"),
     ({"test": "global"}, r"task_opts.image.test: expected one of pooled, client, found 'global'"),
-    ({"partition": "iid"}, r"task_opts.image.partition: expected a mapping with a name \(and its options\), found 'iid'"),
+    ({"partition": "iid"},
+     r"task_opts.image.partition: expected a mapping with a name \(and its options\), found 'iid'"),
     ({"test_fraction": 1.5}, r"task_opts.image.test_fraction: expected a number between 0 and 1, found 1.5"),
 ])
 def test_bad_image_options_are_one_line_errors(image: dict, message: str) -> None:
@@ -157,3 +159,16 @@ def test_fedavg_learns_the_real_digits_and_a_split_task() -> None:
     tasks = build_image_tasks(config, seed=0)
     accuracy = _fedavg(tasks, "task_1", {"name": "mlp", "hidden": [64]}, rounds=4, lr=0.1)
     assert accuracy > 0.8  # chance among the task's 5 classes is 0.2
+
+
+def test_femnist_clients_are_scored_on_their_own_writers(write_femnist: Callable[..., Path]) -> None:
+    config = {"datasets_dir": str(write_femnist(writers=6, per_writer=4)),
+              "task_opts": {"dataset": "femnist", "image": {"partition": {"name": "natural"}, "test": "client"}},
+              "clients": [{"client_name": f"c{i}", "tasks": ["femnist"]} for i in range(3)]}
+    tasks = build_image_tasks(config, seed=0)
+    train_writers, test_writers = tasks.data.train.writers, tasks.data.test.writers
+    for i in range(3):
+        mine = {train_writers[j] for j in tasks.train_parts[i].tolist()}
+        assert len(mine) == 2 and {test_writers[j] for j in tasks.test_parts[i].tolist()} == mine
+        assert tasks.score(tasks.build_model({"name": "mlp", "hidden": [4]}, generator(0)), f"c{i}", "femnist",
+                           torch.device("cpu"))[0] == 4  # two test samples per writer

@@ -170,3 +170,11 @@ def test_a_missing_folder_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=f"datasets_dir: expected the folder holding the cifar10 files, found no "
                                          f"folder {tmp_path / 'gone'}"):
         read_dataset("cifar10", tmp_path / "gone")
+
+
+def test_a_gzip_stream_cut_short_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + (100).to_bytes(4, "big") + bytes(100))[:-12])
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz: expected a readable IDX file, found "
+                                         r"Compressed file ended before the end-of-stream marker was reached"):
+        read_idx(path)
