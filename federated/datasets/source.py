@@ -101,6 +101,13 @@ class ImageTasks:
         index = self._select(self.data.test, part, task)
         if index.numel() == 0:
             raise ValueError(f"client {client!r}: expected held-out samples of task {task!r}, found none")
+        return self._score(model, index, device)
+
+    def score_pooled(self, model: nn.Module, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
+        """``score`` on the whole test set's samples of ``task``'s classes, whoever the clients: for a global model."""
+        return self._score(model, self._select(self.data.test, None, task), device)
+
+    def _score(self, model: nn.Module, index: torch.Tensor, device: torch.device) -> tuple[int, dict[str, float]]:
         loss = correct = 0.0
         for chunk in index.split(_SCORE_BATCH):
             x = self._floats(self.data.test.images[chunk]).to(device)
