@@ -171,6 +171,19 @@ def _schema() -> Section:
                             ),
                             {},
                         ),
+                        # Image data sets read from datasets_dir (docs/datasets.md).
+                        "image": Field(
+                            Section(
+                                {
+                                    "partition": Field(AnyMapping(), {"name": "iid"}),
+                                    "classes_per_task": Field(Int(min=1), None),
+                                    "task_names": Field(ListOf(Str(safe_name=True), min_len=1), None),
+                                    "test": Field(Str(choices=("client", "pooled")), "pooled"),
+                                    "test_fraction": Field(Float(positive=True, below=1.0), 0.2),
+                                }
+                            ),
+                            {},
+                        ),
                     }
                 ),
                 {},

@@ -22,7 +22,7 @@ REID_OPTIONS: dict[str, Any] = {"num_classes": None, "last_stride": 1, "neck": "
 
 
 def _entries() -> dict[str, Component]:
-    small = {name: Component(name, options, tags=frozenset({"synthetic"})) for name, options in SMALL_MODELS.items()}
+    small = {name: Component(name, options, tags=frozenset({"small"})) for name, options in SMALL_MODELS.items()}
     # Read when asked: backbones.REID_MODELS may gain names after this module is imported.
     reid = {name: Component(name, REID_OPTIONS, tags=frozenset({"reid"})) for name in backbones.REID_MODELS}
     return {**small, **reid}

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .datasets import IMAGE_DATASETS, build_image_tasks
 from .backbones import REID_MODELS, build_reid_model, empty_reid_model
 from .models import MODELS, build_model, empty_model
 from .reid_data import IMAGE_CACHE, AugmentOpts, augment, load_image_set, load_reid_task
@@ -24,8 +25,10 @@ from .training import evaluate
 
 __all__ = ["TaskSource", "SyntheticTasks", "ReidTasks", "build_task_source", "DATASETS", "CATALOGUE"]
 
-#: Data sets by name, tagged with the kind of model that fits them (models.CATALOGUE tags its models).
-DATASET_TAGS = {"reid": frozenset({"reid"}), "synthetic": frozenset({"synthetic"})}
+#: Data sets by name, tagged with the kind of model that fits them (models.CATALOGUE tags its models: the
+#: small mlp/cnn, or the ReID backbones).
+DATASET_TAGS = {"reid": frozenset({"reid"}), "synthetic": frozenset({"small"}),
+                **{name: frozenset({"small"}) for name in IMAGE_DATASETS}}
 DATASETS = tuple(sorted(DATASET_TAGS))
 #: ``task_opts.dataset``: the built-in task sources (user data sets are not supported yet).
 CATALOGUE = Catalogue("datasets", lambda: {n: Component(n, tags=t) for n, t in DATASET_TAGS.items()},
@@ -147,6 +150,8 @@ def build_task_source(config: Mapping[str, Any], seed: int) -> TaskSource:
     opts = config["task_opts"]
     if opts["dataset"] == "synthetic":
         return SyntheticTasks(opts, seed)
+    if opts["dataset"] in IMAGE_DATASETS:
+        return build_image_tasks(config, seed)
     if opts["dataset"] == "reid":
         if not config.get("datasets_dir"):
             raise ValueError("datasets_dir: expected the folder of the ReID tasks for task_opts.dataset reid, found none")

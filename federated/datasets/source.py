@@ -103,7 +103,7 @@ class ImageTasks:
             raise ValueError(f"client {client!r}: expected held-out samples of task {task!r}, found none")
         return self._score(model, index, device)
 
-    def score_pooled(self, model: nn.Module, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
+    def score_global(self, model: nn.Module, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
         """``score`` on the whole test set's samples of ``task``'s classes, whoever the clients: for a global model."""
         return self._score(model, self._select(self.data.test, None, task), device)
 

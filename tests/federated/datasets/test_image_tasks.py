@@ -76,7 +76,7 @@ def test_client_test_sets_follow_each_clients_classes(write_mnist: Callable[...,
     assert len(held) == len(set(held))
     model = tasks.build_model({"name": "mlp", "hidden": [8]}, generator(0, "model"))
     assert tasks.score(model, "client-1", "all", torch.device("cpu"))[0] == len(tasks.test_parts[1])
-    assert tasks.score_pooled(model, "all", torch.device("cpu"))[0] == 200
+    assert tasks.score_global(model, "all", torch.device("cpu"))[0] == 200
 
 
 def test_a_client_without_samples_of_a_task_is_told_so(write_mnist: Callable[..., Path]) -> None:
@@ -146,7 +146,7 @@ def _fedavg(tasks: ImageTasks, task: str, model_opts: dict, rounds: int, lr: flo
                         epochs=1, batch_size=32, shuffle=generator(0, rnd, client))
             uploads[client] = Upload(state=local.state_dict(), samples=len(y))
         global_model.load_state_dict(weighted_mean(uploads))
-    pooled = tasks.score_pooled(global_model, task, torch.device("cpu"))
+    pooled = tasks.score_global(global_model, task, torch.device("cpu"))
     assert pooled == tasks.score(global_model, "client-0", task, torch.device("cpu"))  # test: pooled
     return pooled[1]["val_acc"]
 
