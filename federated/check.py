@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from .backbones import empty_reid_model
+from .datasets.registry import SHAPES
 from .methods import build_method
 from .models import empty_model
 from .synthetic import SyntheticSpec
@@ -57,9 +58,13 @@ def check_config(config: Mapping[str, Any], memory: int | None = None) -> None:
 def _meta_model(config: Mapping[str, Any]) -> torch.nn.Module:
     opts = config["model_opts"]
     try:
-        if config["task_opts"]["dataset"] == "synthetic":
+        dataset = config["task_opts"]["dataset"]
+        if dataset == "synthetic":
             spec = SyntheticSpec.from_dict(config["task_opts"]["synthetic"])
             return empty_model(opts, spec.input_shape, spec.num_classes, device="meta")
+        if dataset in SHAPES:
+            shape, classes = SHAPES[dataset]
+            return empty_model(opts, shape, classes, device="meta")
         return empty_reid_model(opts, device="meta")
     except (RuntimeError, OverflowError, MemoryError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -67,8 +72,11 @@ def _meta_model(config: Mapping[str, Any]) -> torch.nn.Module:
 
 
 def _check_inputs(config: Mapping[str, Any], memory: int | None) -> None:
-    """One client's synthetic data, or one batch of ReID images, must fit."""
+    """One client's synthetic data, or one batch of ReID images, must fit (image data sets are as large as
+    their files)."""
     opts = config["task_opts"]
+    if opts["dataset"] in SHAPES:
+        return
     if opts["dataset"] == "synthetic":
         syn = opts["synthetic"]
         need = (syn["samples_per_client"] + syn["test_size"]) * math.prod(syn["input_shape"]) * 4

@@ -11,7 +11,7 @@ from .digits import read_digits
 from .femnist import read_femnist
 from .idx import read_mnist
 
-__all__ = ["IMAGE_DATASETS", "read_dataset"]
+__all__ = ["IMAGE_DATASETS", "SHAPES", "read_dataset"]
 
 #: ``name -> reader(root, seed, test_fraction)``; digits ships inside scikit-learn and needs no folder.
 _READERS: dict[str, Callable[[Path | None, int, float], ImageData]] = {
@@ -23,6 +23,16 @@ _READERS: dict[str, Callable[[Path | None, int, float], ImageData]] = {
     "digits": lambda root, seed, frac: read_digits(seed=seed, test_fraction=frac),
 }
 IMAGE_DATASETS = tuple(_READERS)
+#: ``name -> (input shape, classes)`` as the readers give them, known before any file is read (so a model's
+#: size can be checked before the run).
+SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
+    "mnist": ((1, 28, 28), 10),
+    "fashion_mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "femnist": ((1, 28, 28), 62),
+    "digits": ((1, 8, 8), 10),
+}
 
 
 def read_dataset(name: str, root: str | Path | None, *, seed: int = 0, test_fraction: float = 0.2) -> ImageData:
