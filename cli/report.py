@@ -120,7 +120,8 @@ def _experiment(record: Mapping[str, Any], metric: str | None) -> dict[str, Any]
     metric = metric or _primary_metric(record["data"])
     clients = _clients(config, record["data"], record.get("failures"), metric)
     sustain = _positive_int(_get(config, "task_opts", "sustain_rounds")) or 1
-    per_client = [_client_summary(client, sustain) for client in clients]
+    last = max((max(c.scores) for c in clients if c.scores), default=None)
+    per_client = [_client_summary(client, sustain, last) for client in clients]
     return {
         "label": "",
         "exp_name": _text(config.get("exp_name")) or _text(record.get("run_id")) or "experiment",
@@ -213,11 +214,13 @@ def _task_spans(participations: Sequence[int], tasks: Sequence[str], sustain_rou
         spans[task] = (spans.get(task, (rnd, rnd))[0], rnd)
     return spans
 
-def _client_summary(client: ClientSeries, sustain: int) -> dict[str, float | None]:
-    """The continual summaries of one client, over the tasks it has started training so far.
+def _client_summary(client: ClientSeries, sustain: int, last: int | None) -> dict[str, float | None]:
+    """The continual summaries of one client; ``last`` is the run's last validated round.
 
-    Every validation scores all of a client's tasks, but the summaries are about tasks already learnt: a
+    Average accuracy and FedSTIL forgetting follow FedSTIL's analysis scripts at round ``last``: every task
+    of the client's stream counts, trained yet or not. The other two are about tasks already learnt: a
     task's scores count from the round its training started (validation follows training in a round).
+    A client with one task has no forgetting and no BWT.
     """
     spans = _task_spans(client.participations, client.tasks, sustain) if client.tasks else {}
     started = [t for t in client.tasks if t in spans]  # in stream order, so the last is the current task
@@ -229,12 +232,14 @@ def _client_summary(client: ClientSeries, sustain: int) -> dict[str, float | Non
     # A task's end is scored at the first validation from its last training round on: validation runs
     # every val_interval rounds, so the end round itself may have none.
     ends = {t: _first_scored(seen, t, spans[t][1]) for t in started[:-1]}
+    several = len(client.tasks) > 1
     return {
-        "average_accuracy": _safe(continual.average_accuracy, seen, started),
-        "forgetting_fedstil": _safe(continual.forgetting_fedstil, seen, started),
-        "forgetting_max_final": _safe(continual.forgetting_max_final, seen, started),
+        "average_accuracy": continual.accuracy_on_round(client.scores, last) if last is not None else None,
+        "forgetting_fedstil": (_safe(continual.forgetting_fedstil, client.scores, client.tasks, last)
+                               if several and last is not None else None),
+        "forgetting_max_final": _safe(continual.forgetting_max_final, seen, started) if several else None,
         "backward_transfer": (_safe(continual.backward_transfer, seen, started, ends)
-                              if None not in ends.values() else None),
+                              if several and None not in ends.values() else None),
     }
 
 def _first_scored(scores: Scores, task: str, since: int) -> int | None:
@@ -269,8 +274,10 @@ _COLUMNS = (
 _COLUMN_NOTES = (
     ("final", "the primary metric in each client's last validated round, averaged over its tasks"),
     ("mAP", "the same for val_map (ReID records)"),
-    ("avg acc", "average accuracy: the mean final score over the tasks each client has started training"),
-    ("forget FedSTIL", "mean fall of each task below its first peak (FedSTIL's definition)"),
+    ("avg acc", "average accuracy at the last validated round over every task of each client's stream "
+                "(FedSTIL's accuracy_on_round)"),
+    ("forget FedSTIL", "mean fall below each task's peak over the later rounds, pooled over a client's tasks "
+                       "(FedSTIL's forgetting_on_round); n/a with one task"),
     ("forget max-final", "best earlier score minus final score, last trained task left out"),
     ("BWT", "backward transfer: final score minus the score when each task's training ended"),
     ("uploads", "client uploads, one per (client, round) with training metrics"),
