@@ -10,7 +10,6 @@ configured list plus one and ``tid`` is the slot index plus one; the names ("cud
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import IO, Any
@@ -29,11 +28,10 @@ from fedevents.engine.events import (
     ValStarted,
 )
 
+from .jsonarray import AppendArray
 from .logsink import SINK_PRIORITY, event_json
 
 __all__ = ["TraceRecorder"]
-
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 class TraceRecorder:
@@ -45,8 +43,7 @@ class TraceRecorder:
         self._file: IO[str] | None = None
         self._t0: float | None = None
         self._last_mono = 0.0
-        self._chrome: IO[str] | None = None
-        self._first_chrome_event = True
+        self._chrome: AppendArray | None = None
         self._offset_us = 0.0
         self._pids: dict[str, int] = {}
         self._threads: set[tuple[int, int]] = set()
@@ -99,7 +96,7 @@ class TraceRecorder:
         }
 
     def close(self) -> None:
-        """Finish both files (the Chrome trace gets its closing bracket); safe to call more than once."""
+        """Flush and close both files; safe to call more than once."""
         for sub in self._subs:
             sub.unsubscribe()
         self._closed = True
@@ -108,7 +105,6 @@ class TraceRecorder:
         try:
             self._close_validations()
             self._file.close()
-            self._chrome.write("\n]\n")  # type: ignore[union-attr]
             self._chrome.close()  # type: ignore[union-attr]
         finally:
             self._file = self._chrome = None
@@ -123,33 +119,21 @@ class TraceRecorder:
         for device in ev.devices:
             self._pid(device)
 
-    def _open_chrome(self, resumed: bool) -> IO[str]:
-        """The trace as a JSON array, appended to as spans end, so a long run keeps none of it in memory.
+    def _open_chrome(self, resumed: bool) -> AppendArray:
+        """The trace as a JSON array that parses after every write; spans are appended as they end.
 
-        The trace event format allows the closing ``]`` to be missing, so the trace of a run that died
-        still opens. A resumed run appends after the spans it finds, its clock shifted to start after them.
+        A resumed run continues the trace it finds (never rewriting what is there; a tail cut short by a
+        kill is cut back to its last whole span), its clock shifted to start one second after those spans.
         """
-        if resumed and self.chrome_path.exists():
-            text = self.chrome_path.read_text(encoding="utf-8").rstrip()
-            text = text[:-1].rstrip() if text.endswith("]") else text.rstrip(",")
-            try:
-                earlier = json.loads(text + "]") if text.startswith("[") else []
-            except ValueError:
-                earlier = None
-            if earlier is not None:
-                ends = [e.get("ts", 0) + e.get("dur", 0) for e in earlier if isinstance(e, dict)]
-                self._offset_us = max(ends, default=0.0) + 1e6  # a one-second gap marks the restart
-                self._first_chrome_event = not earlier
-                chrome = open(self.chrome_path, "w", encoding="utf-8", buffering=1 << 16)
-                chrome.write(text)
-                return chrome
-        chrome = open(self.chrome_path, "w", encoding="utf-8", buffering=1 << 16)
-        chrome.write("[")
+        chrome = AppendArray(self.chrome_path, keep=resumed)
+        if chrome.earlier:
+            ends = [e.get("ts", 0) + e.get("dur", 0) for e in chrome.earlier if isinstance(e, dict)]
+            self._offset_us = max(ends, default=0.0) + 1e6  # a one-second gap marks the restart
+        chrome.earlier = []  # read once for the offset; a long run keeps none of its trace in memory
         return chrome
 
     def _put(self, event: dict[str, Any]) -> None:
-        self._chrome.write(("\n" if self._first_chrome_event else ",\n") + _encode(event))  # type: ignore[union-attr]
-        self._first_chrome_event = False
+        self._chrome.add(event)  # type: ignore[union-attr]
 
     def _close_validations(self) -> None:
         for _, span in self._open_val.values():
