@@ -114,14 +114,30 @@ def build_experiment(
         return exp
     _add_work(exp, checkpoint)
     if sinks:
-        exp.add(LogSink(exp.paths.log, console=console, record_path=exp.paths.record))
-        exp.add(JsonRecorder(exp.paths.record, config.data))
-        exp.add(TraceRecorder(exp.paths.events, exp.paths.trace))
+        _add_sinks(exp, console)
     for handler in handlers:
         attach_handler(handler, exp.bus)
         if callable(getattr(handler, "close", None)):
             exp.on_close(handler.close)
     return exp
+
+
+def _add_sinks(exp: Experiment, console: TextIO | None) -> None:
+    """The default sinks, writing the record and the files named in ``outputs:`` (plain or ``.gz``)."""
+    outputs = set(exp.config.data["outputs"])
+    paths = exp.paths
+
+    def chosen(name: str, path: Path) -> tuple[Path | None, bool]:
+        if f"{name}.gz" in outputs:
+            return path.with_name(path.name + ".gz"), True
+        return (path if name in outputs else None), False
+
+    log, log_gz = chosen("log", paths.log)
+    events, events_gz = chosen("events", paths.events)
+    # Without a log file the sink still prints the run's summary lines.
+    exp.add(LogSink(log, console=console, record_path=paths.record, compress=log_gz))
+    exp.add(JsonRecorder(paths.record, exp.config.data))
+    exp.add(TraceRecorder(events, paths.trace if "trace" in outputs else None, compress_events=events_gz))
 
 
 def _checkpoint_to_resume(config: ExperimentConfig, console: TextIO | None) -> Checkpoint | None:

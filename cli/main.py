@@ -142,7 +142,7 @@ def _synth_reid(args: argparse.Namespace) -> int:
 
 
 def _print_dry_run(exp) -> None:
-    from fedevents.handlers import ClientWork
+    from fedevents.handlers import ClientWork, TraceRecorder
 
     summary = exp.component(ClientWork).executor.summary()
     cfg = exp.config
@@ -152,7 +152,11 @@ def _print_dry_run(exp) -> None:
         print(f"  {slot:<16} {count:>6} work items")
     print(f"  predicted makespan {summary['predicted_makespan_s']:.2f}s "
           f"(train {summary['train_s_each']:.3f}s per client, validate {summary['val_s_per_task']:.3f}s per task)")
-    print(f"  trace: {exp.paths.trace}  events: {exp.paths.events}")
+    tracer = exp.component(TraceRecorder)
+    files = [] if tracer is None else [(k, p) for k, p in (("trace", tracer.chrome_path), ("events", tracer.events_path))
+                                       if p is not None]
+    if files:
+        print("  " + "  ".join(f"{kind}: {path}" for kind, path in files))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from fedevents.engine.bus import ALL, EventBus, Subscription
 from fedevents.engine.events import (
@@ -30,17 +30,25 @@ from fedevents.engine.events import (
 
 from .jsonarray import AppendArray
 from .logsink import SINK_PRIORITY, event_json
+from .streams import LineStream
 
 __all__ = ["TraceRecorder"]
 
 
 class TraceRecorder:
-    """Writes ``events_path`` (JSON lines) and ``chrome_path`` (Chrome trace event format)."""
+    """Writes ``events_path`` (JSON lines) and ``chrome_path`` (Chrome trace event format).
 
-    def __init__(self, events_path: Path, chrome_path: Path) -> None:
-        self.events_path = Path(events_path)
-        self.chrome_path = Path(chrome_path)
-        self._file: IO[str] | None = None
+    Either path may be None to leave that file out; ``summary()`` counts the same either way.
+    ``compress_events`` writes the events as a gzip stream (name the path ``….jsonl.gz``).
+    """
+
+    def __init__(self, events_path: Path | None, chrome_path: Path | None, *,
+                 compress_events: bool = False) -> None:
+        self.events_path = None if events_path is None else Path(events_path)
+        self.chrome_path = None if chrome_path is None else Path(chrome_path)
+        self.compress_events = compress_events
+        self._opened = False
+        self._file: LineStream | None = None
         self._t0: float | None = None
         self._last_mono = 0.0
         self._chrome: AppendArray | None = None
@@ -59,11 +67,12 @@ class TraceRecorder:
         return self._subs[-1:]
 
     def handle(self, event: Event) -> None:
-        if self._file is None:
+        if not self._opened:
             if not isinstance(event, ExperimentStarted) or self._closed:
                 return
             self._open(event)
-        self._file.write(event_json(event) + "\n")  # type: ignore[union-attr]
+        if self._file is not None:
+            self._file.write(event_json(event) + "\n")
         self._last_mono = event.mono_time
         kind = type(event)
         if kind is TrainStarted:
@@ -83,8 +92,7 @@ class TraceRecorder:
             self._client_failed(event)  # type: ignore[arg-type]
         elif kind is RoundFinished:
             self._close_validations()  # a round's validations are over when it finishes
-            self._file.flush()  # type: ignore[union-attr]
-            self._chrome.flush()  # type: ignore[union-attr]
+            self._flush()
 
     def summary(self) -> dict[str, Any]:
         """Trainings and busy seconds per (device, slot), their totals, and the makespan seen so far."""
@@ -100,22 +108,32 @@ class TraceRecorder:
         for sub in self._subs:
             sub.unsubscribe()
         self._closed = True
-        if self._file is None:
+        if not self._opened:
             return
         try:
             self._close_validations()
-            self._file.close()
-            self._chrome.close()  # type: ignore[union-attr]
+            for stream in (self._file, self._chrome):
+                if stream is not None:
+                    stream.close()
         finally:
             self._file = self._chrome = None
+            self._opened = False
+
+    def _flush(self) -> None:
+        for stream in (self._file, self._chrome):
+            if stream is not None:
+                stream.flush()
 
     def _open(self, ev: ExperimentStarted) -> None:
-        self.events_path.parent.mkdir(parents=True, exist_ok=True)
+        self._opened = True
         # A resumed run continues the events and the trace of the run it resumes.
-        mode = "a" if ev.resumed else "w"
-        self._file = open(self.events_path, mode, encoding="utf-8", buffering=1 << 16)
+        if self.events_path is not None:
+            self.events_path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = LineStream(self.events_path, keep=ev.resumed, compress=self.compress_events)
         self._t0 = ev.mono_time
-        self._chrome = self._open_chrome(ev.resumed)
+        if self.chrome_path is not None:
+            self.chrome_path.parent.mkdir(parents=True, exist_ok=True)
+            self._chrome = self._open_chrome(ev.resumed)
         for device in ev.devices:
             self._pid(device)
 
@@ -125,7 +143,7 @@ class TraceRecorder:
         A resumed run continues the trace it finds (never rewriting what is there; a tail cut short by a
         kill is cut back to its last whole span), its clock shifted to start one second after those spans.
         """
-        chrome = AppendArray(self.chrome_path, keep=resumed)
+        chrome = AppendArray(self.chrome_path, keep=resumed)  # type: ignore[arg-type]
         if chrome.earlier:
             ends = [e.get("ts", 0) + e.get("dur", 0) for e in chrome.earlier if isinstance(e, dict)]
             self._offset_us = max(ends, default=0.0) + 1e6  # a one-second gap marks the restart
@@ -133,7 +151,8 @@ class TraceRecorder:
         return chrome
 
     def _put(self, event: dict[str, Any]) -> None:
-        self._chrome.add(event)  # type: ignore[union-attr]
+        if self._chrome is not None:
+            self._chrome.add(event)
 
     def _close_validations(self) -> None:
         for _, span in self._open_val.values():
