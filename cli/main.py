@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--debug", action="store_true", help="show tracebacks")
 
     report = sub.add_parser("report", help="tables and plots from JSON records")
-    report.add_argument("records", nargs="+", metavar="LOG.json")
+    report.add_argument("records", nargs="+", metavar="LOG.json|DIR",
+                        help="records, or folders searched for them (traces and dry runs are left out)")
     report.add_argument("--out", default="report", metavar="DIR", help="where report.md, report.csv and PNGs go")
     report.add_argument("--metric", default=None, help="primary metric (default: val_rank_1, else val_acc)")
     report.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -102,10 +103,12 @@ def report_main(args: argparse.Namespace) -> int:
     Prints the table, writes report.md, report.csv and the plots into ``--out`` (default ``./report``).
     Bad input raises ConfigError, which the CLI turns into one line and exit status 2.
     """
-    from .report import build_report, format_table, load_record, make_out_dir, write_report
+    from .report import build_report, find_records, format_table, make_out_dir, write_report
 
-    records = [load_record(path) for path in args.records]
-    report = build_report(records, metric=args.metric)
+    found, notes = find_records(args.records)
+    for note in notes:
+        print(note, file=sys.stderr)
+    report = build_report([record for _, record in found], metric=args.metric)
     out = make_out_dir(args.out or "report")
     print(format_table(report))
     try:

@@ -30,6 +30,7 @@ __all__ = [
     "ExperimentReport",
     "Report",
     "build_report",
+    "find_records",
     "format_csv",
     "format_markdown",
     "format_table",
@@ -102,6 +103,59 @@ def load_record(path: str | Path) -> dict[str, Any]:
         raise _not_a_record(path, f"an unreadable file ({exc.strerror})") from None
     _check_record(record, str(path))
     return record
+
+TRACE_SUFFIX = ".trace.json"
+
+
+def find_records(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, dict[str, Any]]], list[str]]:
+    """The records among ``paths`` (files, or folders searched for ``*.json``), each with its path, and notes.
+
+    Perfetto traces (``*.trace.json``, or any JSON array of trace events) and dry-run records (no scores) are
+    left out with a note saying so; any other file that is not a record is a ConfigError. A folder holding
+    no record is one too.
+    """
+    found: list[tuple[Path, dict[str, Any]]] = []
+    notes: list[str] = []
+    for given in map(Path, paths):
+        if given.is_dir():
+            candidates = sorted(p for p in given.rglob("*.json") if p.is_file() and not p.name.endswith(TRACE_SUFFIX))
+            kept = [_keep(path, found, notes) for path in candidates]  # every one, for its note
+            if not any(kept):
+                raise ConfigError(f"report: {given}: expected a folder holding fedevents JSON records, found none")
+        elif given.name.endswith(TRACE_SUFFIX):
+            notes.append(f"report: left out {given}: a Perfetto trace, not a record")
+        else:
+            _keep(given, found, notes)
+    if not found:
+        raise ConfigError(f"report: expected at least one record to report on, found only {len(notes)} left out")
+    return found, notes
+
+
+def _keep(path: Path, found: list[tuple[Path, dict[str, Any]]], notes: list[str]) -> bool:
+    """Add the record at ``path`` to ``found``, or a note on why it is left out; say whether it was added."""
+    try:
+        record = load_record(path)
+    except ConfigError:
+        if _is_trace(path):
+            notes.append(f"report: left out {path}: a Perfetto trace, not a record")
+            return False
+        raise
+    if record.get("dry_run") is True:
+        notes.append(f"report: left out {path}: a dry-run record (no scores)")
+        return False
+    found.append((path, record))
+    return True
+
+
+def _is_trace(path: Path) -> bool:
+    """Whether ``path`` starts as a Chrome/Perfetto trace: a JSON array of events with a ``ph`` (phase) key."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+    except OSError:
+        return False
+    return head.startswith(b"[") and b'"ph"' in head
+
 
 def build_report(records: Sequence[Mapping[str, Any]], *, metric: str | None = None) -> Report:
     """Summarise each record on ``metric`` (default: ``val_rank_1`` where recorded, else ``val_acc``)."""

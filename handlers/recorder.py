@@ -132,6 +132,8 @@ class JsonRecorder:
 
     def _start(self, ev: ExperimentStarted) -> None:
         self.record = {"config": json_safe(self.config), "run_id": ev.run_id, "status": "running"}
+        if ev.dry_run:  # no scores in it: the report leaves such a record out
+            self.record["dry_run"] = True
         if ev.resumed:
             self._data, self._comm = _earlier_rounds(self.path, ev.first_round)
         self.write()

@@ -15,6 +15,7 @@ from fedevents.engine.errors import ConfigError
 from fedevents.cli.main import report_main
 from fedevents.cli.report import (
     build_report,
+    find_records,
     format_csv,
     format_markdown,
     format_table,
@@ -385,3 +386,45 @@ def test_without_matplotlib_the_tables_are_still_written_and_the_plots_named_as_
         "report: plots skipped: matplotlib is not installed (pip install 'matplotlib>=3.8' to get them)\n"
     )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.csv", "report.md"]
+
+
+# --- finding records ---------------------------------------------------------------------------------------
+
+
+def logs_folder(tmp_path: Path) -> Path:
+    """A logs folder as runs leave it: two records, a trace and an events stream each, and a dry run's record."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    write_json(logs / "cl-1.json", classification_record())
+    write_json(logs / "reid-1.json", reid_record())
+    write_json(logs / "cl-1.trace.json", [{"ph": "M", "name": "process_name", "pid": 1, "tid": 0}])
+    (logs / "cl-1.events.jsonl").write_text('{"event": "ExperimentStarted"}\n')
+    write_json(logs / "dry-1.json", {"config": {"exp_name": "dry"}, "run_id": "dry-1", "dry_run": True,
+                                     "status": "finished", "data": {"c0": {"0": {"t0": {}}}}})
+    return logs
+
+
+def test_a_logs_folder_gives_its_records_and_leaves_out_the_dry_run_with_a_note(tmp_path: Path) -> None:
+    logs = logs_folder(tmp_path)
+    found, notes = find_records([logs])
+    assert [path.name for path, _ in found] == ["cl-1.json", "reid-1.json"]
+    assert notes == [f"report: left out {logs / 'dry-1.json'}: a dry-run record (no scores)"]
+
+
+def test_a_shell_glob_over_records_and_traces_leaves_the_traces_out(tmp_path: Path) -> None:
+    """Regression: `fedevents report logs/*.json` failed with "expected a fedevents JSON record, found a JSON array"."""
+    logs = logs_folder(tmp_path)
+    (logs / "old-trace.json").write_text('[\n{"ph":"M","name":"process_name","pid":1,"tid":0}')  # killed, older form
+    found, notes = find_records(sorted(logs.glob("*.json")))
+    assert [path.name for path, _ in found] == ["cl-1.json", "reid-1.json"]
+    assert notes == [
+        f"report: left out {logs / 'cl-1.trace.json'}: a Perfetto trace, not a record",
+        f"report: left out {logs / 'dry-1.json'}: a dry-run record (no scores)",
+        f"report: left out {logs / 'old-trace.json'}: a Perfetto trace, not a record",
+    ]
+
+
+def test_a_folder_without_records_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        find_records([tmp_path])
+    assert str(info.value) == f"report: {tmp_path}: expected a folder holding fedevents JSON records, found none"
