@@ -78,6 +78,8 @@ class ExperimentReport:
     uploads: int
     upload_bytes: int | None
     tasks_shared: bool  # every client has the same task stream
+    seed: int | None  # random_seed
+    group: str  # the config without random_seed (and where files go): runs of one group differ only in seed
     clients: tuple[ClientSeries, ...]
 
 @dataclass(frozen=True)
@@ -190,8 +192,19 @@ def _experiment(record: Mapping[str, Any], metric: str | None) -> dict[str, Any]
         "uploads": sum(len(c.trained) for c in clients),
         "upload_bytes": _whole(_get(record, "comm", "upload_bytes")),
         "tasks_shared": len({c.tasks for c in clients}) <= 1,
+        "seed": _whole(config.get("random_seed")),
+        "group": _group(config),
         "clients": tuple(clients),
     }
+
+#: Keys that say where a run's files go or which seed it drew, not what experiment it is.
+_NOT_THE_EXPERIMENT = ("random_seed", "logs_dir", "checkpoints_dir", "datasets_dir", "handlers", "outputs")
+
+
+def _group(config: Mapping[str, Any]) -> str:
+    kept = {k: v for k, v in config.items() if k not in _NOT_THE_EXPERIMENT}
+    return json.dumps(kept, sort_keys=True, default=str)
+
 
 def _primary_metric(data: Mapping[str, Any]) -> str | None:
     recorded = _recorded_metrics(data)

@@ -299,13 +299,16 @@ def test_report_main_prints_the_table_and_writes_tables_and_plots(tmp_path: Path
     assert report_main(argparse.Namespace(records=paths, out=str(out), metric=None)) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("experiment  method  status")
-    assert printed.splitlines()[-1] == f"report: wrote report.md, report.csv and 5 plot(s) to {out}"
-    pngs = ["cl-curves.png", "cl-matrix.png", "comparison.png", "reid-curves.png", "reid-matrix.png"]
-    assert sorted(p.name for p in out.glob("*.png")) == pngs
-    for name in pngs:
-        data = (out / name).read_bytes()
-        assert data[:8] == PNG_SIGNATURE and len(data) > 1000, name
-    assert sorted(p.name for p in out.iterdir()) == sorted(pngs + ["report.csv", "report.md"])
+    assert printed.splitlines()[-1] == f"report: wrote report.md, report.csv and 8 plot(s) to {out}"
+    stems = ["cl-curves", "cl-matrix", "cl-task-groups", "comparison", "forgetting", "reid-curves", "reid-matrix",
+             "reid-task-groups"]
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{s}.png" for s in stems]
+    for stem in stems:
+        data = (out / f"{stem}.png").read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 1000, stem
+        assert (out / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-", stem  # for a paper
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{s}.{ext}" for s in stems for ext in ("png", "pdf")] + ["report.csv", "report.md"])
     assert "![comparison](comparison.png)" in (out / "report.md").read_text()
 
 
@@ -314,7 +317,26 @@ def test_one_record_gets_no_comparison_plot(tmp_path: Path) -> None:
     from fedevents.cli.report_plots import plot_report
 
     written = plot_report(build_report([reid_record()]), tmp_path)
-    assert [p.name for p in written] == ["reid-curves.png", "reid-matrix.png"]
+    assert [p.name for p in written] == ["reid-curves.png", "reid-matrix.png", "reid-task-groups.png"]
+
+
+def test_runs_that_differ_only_in_their_seed_get_a_band_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from fedevents.cli.report_plots import plot_report
+
+    runs = []
+    for seed in (1, 2):
+        record = classification_record()
+        record["config"]["random_seed"], record["run_id"] = seed, f"cl-{seed}"
+        record["config"]["logs_dir"] = f"logs-{seed}"  # where files go does not split a group
+        runs.append(record)
+    other = reid_record()
+    report = build_report([*runs, other])
+    assert [e.seed for e in report.experiments] == [1, 2, None]
+    assert report.experiments[0].group == report.experiments[1].group != report.experiments[2].group
+    written = [p.name for p in plot_report(report, tmp_path, formats=("png", "svg"))]
+    assert written[-3:] == ["comparison.png", "forgetting.png", "seeds.png"]
+    assert (tmp_path / "seeds.svg").read_text().lstrip().startswith("<?xml")
 
 
 # --- bad input ---------------------------------------------------------------------------------------------
