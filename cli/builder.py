@@ -62,6 +62,7 @@ def build_experiments(
     console: TextIO | None | _Default = _DEFAULT,
     sinks: bool = True,
     resume: bool = False,
+    progress: bool = False,
 ) -> list[Experiment]:
     """Load, validate and wire every experiment before any of them runs."""
     console = _console(console)
@@ -69,7 +70,8 @@ def build_experiments(
     if not dry_run:
         for cfg in configs:
             check_devices(cfg)
-    return [build_experiment(cfg, dry_run=dry_run, console=console, sinks=sinks, resume=resume) for cfg in configs]
+    return [build_experiment(cfg, dry_run=dry_run, console=console, sinks=sinks, resume=resume, progress=progress)
+            for cfg in configs]
 
 
 def check_devices(config: ExperimentConfig) -> None:
@@ -90,12 +92,14 @@ def build_experiment(
     overrides: Sequence[str | tuple[str, str]] = (),
     run_id: str | None = None,
     resume: bool = False,
+    progress: bool = False,
 ) -> Experiment:
     """An experiment with its work handlers (real or simulated), default sinks and YAML handlers attached.
 
     With ``resume``, it continues the newest checkpointed run of the same experiment, or starts from the
     beginning (and says so on ``console``) when there is none. Subscribe your own handlers on
-    ``experiment.bus`` before calling ``experiment.run()``.
+    ``experiment.bus`` before calling ``experiment.run()``. ``progress`` draws a live display on ``console``
+    (a terminal), with the log's console lines above it.
     """
     console = _console(console)
     if not isinstance(config, ExperimentConfig):
@@ -114,7 +118,7 @@ def build_experiment(
         return exp
     _add_work(exp, checkpoint)
     if sinks:
-        _add_sinks(exp, console)
+        _add_sinks(exp, console, progress)
     for handler in handlers:
         attach_handler(handler, exp.bus)
         if callable(getattr(handler, "close", None)):
@@ -122,8 +126,16 @@ def build_experiment(
     return exp
 
 
-def _add_sinks(exp: Experiment, console: TextIO | None) -> None:
+def _add_sinks(exp: Experiment, console: TextIO | None, progress: bool) -> None:
     """The default sinks, writing the record and the files named in ``outputs:`` (plain or ``.gz``)."""
+    if progress and console is not None:
+        from fedevents.handlers.progress import LiveProgress  # rich is needed only for the live display
+
+        live = exp.add(LiveProgress(console))
+        console = live.console_stream
+        work = exp.component(ClientWork)
+        if work is not None:
+            work.on_epoch(live.epoch)
     outputs = set(exp.config.data["outputs"])
     paths = exp.paths
 

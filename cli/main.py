@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from typing import NoReturn, Sequence
@@ -38,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue the newest checkpointed run of each experiment (start fresh if there is none)")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
+    run.add_argument("--quiet", action="store_true",
+                     help="no live progress display on a terminal: the plain lines alone, as off a terminal")
 
     data = sub.add_parser("data", help="make data sets").add_subparsers(dest="data_command", required=True,
                                                                          parser_class=_Parser)
@@ -89,12 +92,17 @@ def _run(args: argparse.Namespace) -> int:
                                executor=args.executor)
     experiments = build_experiments(args.experiments, common=args.common,
                                     overrides=[*args.overrides, *overrides], dry_run=args.dry_run,
-                                    resume=args.resume)
+                                    resume=args.resume, progress=_wants_progress(args))
     for exp in experiments:
         exp.run()
         if args.dry_run:
             _print_dry_run(exp)
     return 0
+
+
+def _wants_progress(args: argparse.Namespace) -> bool:
+    """A live display on a terminal unless --quiet; off a terminal (CI, a file) the plain lines."""
+    return not args.quiet and sys.stderr.isatty() and os.environ.get("TERM", "") != "dumb"
 
 
 def report_main(args: argparse.Namespace) -> int:
