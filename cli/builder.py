@@ -63,6 +63,8 @@ def build_experiments(
     sinks: bool = True,
     resume: bool = False,
     progress: bool = False,
+    tensorboard: str | None = None,
+    mlflow: str | None = None,
 ) -> list[Experiment]:
     """Load, validate and wire every experiment before any of them runs."""
     console = _console(console)
@@ -70,8 +72,8 @@ def build_experiments(
     if not dry_run:
         for cfg in configs:
             check_devices(cfg)
-    return [build_experiment(cfg, dry_run=dry_run, console=console, sinks=sinks, resume=resume, progress=progress)
-            for cfg in configs]
+    return [build_experiment(cfg, dry_run=dry_run, console=console, sinks=sinks, resume=resume, progress=progress,
+                             tensorboard=tensorboard, mlflow=mlflow) for cfg in configs]
 
 
 def check_devices(config: ExperimentConfig) -> None:
@@ -93,13 +95,16 @@ def build_experiment(
     run_id: str | None = None,
     resume: bool = False,
     progress: bool = False,
+    tensorboard: str | None = None,
+    mlflow: str | None = None,
 ) -> Experiment:
     """An experiment with its work handlers (real or simulated), default sinks and YAML handlers attached.
 
     With ``resume``, it continues the newest checkpointed run of the same experiment, or starts from the
     beginning (and says so on ``console``) when there is none. Subscribe your own handlers on
     ``experiment.bus`` before calling ``experiment.run()``. ``progress`` draws a live display on ``console``
-    (a terminal), with the log's console lines above it.
+    (a terminal), with the log's console lines above it. ``tensorboard`` (a folder) and ``mlflow`` (a tracking
+    URI) attach those trackers (docs/handlers.md).
     """
     console = _console(console)
     if not isinstance(config, ExperimentConfig):
@@ -119,11 +124,30 @@ def build_experiment(
     _add_work(exp, checkpoint)
     if sinks:
         _add_sinks(exp, console, progress)
+    handlers += _trackers(tensorboard, mlflow)
     for handler in handlers:
+        if callable(getattr(handler, "bind", None)):  # a tracker: it gets the config and the files to attach
+            handler.bind(config.data, exp.paths.record, exp.paths.trace if "trace" in config.data["outputs"] else None)
         attach_handler(handler, exp.bus)
         if callable(getattr(handler, "close", None)):
             exp.on_close(handler.close)
     return exp
+
+
+def _trackers(tensorboard: str | None, mlflow: str | None) -> list[Any]:
+    """The trackers the --tensorboard and --mlflow flags ask for; a missing extra is a one-line error."""
+    out: list[Any] = []
+    for flag, value, extra in (("--tensorboard", tensorboard, "tensorboard"), ("--mlflow", mlflow, "mlflow")):
+        if value is None:
+            continue
+        try:
+            from fedevents.handlers.trackers import MlflowTracker, TensorBoardTracker
+
+            out.append(TensorBoardTracker(value) if extra == "tensorboard" else MlflowTracker(value))
+        except ImportError as exc:
+            raise ConfigError(f"{flag}: expected the {extra} extra (pip install 'fedevents[{extra}]'), "
+                              f"found no module {exc.name!r}") from None
+    return out
 
 
 def _add_sinks(exp: Experiment, console: TextIO | None, progress: bool) -> None:

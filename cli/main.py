@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue the newest checkpointed run of each experiment (start fresh if there is none)")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
+    run.add_argument("--tensorboard", metavar="DIR", help="log per-round scalars for TensorBoard under DIR "
+                     "(needs fedevents[tensorboard])")
+    run.add_argument("--mlflow", metavar="URI", help="log the run to the MLflow tracking store at URI "
+                     "(needs fedevents[mlflow])")
     run.add_argument("--quiet", action="store_true",
                      help="no live progress display on a terminal: the plain lines alone, as off a terminal")
 
@@ -92,7 +96,8 @@ def _run(args: argparse.Namespace) -> int:
                                executor=args.executor)
     experiments = build_experiments(args.experiments, common=args.common,
                                     overrides=[*args.overrides, *overrides], dry_run=args.dry_run,
-                                    resume=args.resume, progress=_wants_progress(args))
+                                    resume=args.resume, progress=_wants_progress(args),
+                                    tensorboard=args.tensorboard, mlflow=args.mlflow)
     for exp in experiments:
         exp.run()
         if args.dry_run:

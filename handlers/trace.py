@@ -19,6 +19,9 @@ from fedevents.engine.events import (
     Aggregated,
     ClientFailed,
     Event,
+    ExperimentFailed,
+    ExperimentFinished,
+    ExperimentInterrupted,
     ExperimentStarted,
     RoundFinished,
     RoundStarted,
@@ -33,6 +36,8 @@ from .logsink import SINK_PRIORITY, event_json
 from .streams import LineStream
 
 __all__ = ["TraceRecorder"]
+
+_ENDS = (ExperimentFinished, ExperimentFailed, ExperimentInterrupted)
 
 
 class TraceRecorder:
@@ -90,9 +95,9 @@ class TraceRecorder:
                           {"clients": len(event.clients), "samples": event.samples, "ran_s": event.ran_s})
         elif kind is ClientFailed:
             self._client_failed(event)  # type: ignore[arg-type]
-        elif kind is RoundFinished:
+        elif kind is RoundFinished or kind in _ENDS:
             self._close_validations()  # a round's validations are over when it finishes
-            self._flush()
+            self._flush()  # at the end too, so a tracker that attaches the files finds them whole
 
     def summary(self) -> dict[str, Any]:
         """Trainings and busy seconds per (device, slot), their totals, and the makespan seen so far."""
