@@ -71,6 +71,7 @@ class _State:
     val: _Phase = field(default_factory=_Phase)
     val_left: dict[str, int] = field(default_factory=dict)  # tasks still to validate, per client
     slots: dict[tuple[str, int], str] = field(default_factory=dict)  # what each slot is doing
+    clients: dict[str, tuple[str, int]] = field(default_factory=dict)  # the slot each busy client holds
     epochs: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
 
 
@@ -143,13 +144,12 @@ class LiveProgress:
 
     def _on_train_started(self, ev: TrainStarted) -> None:
         with self._lock:
-            self._state.slots[(ev.device, ev.slot)] = f"training {ev.client} on {ev.task}"
-            self._state.epochs.pop((ev.device, ev.slot), None)
+            self._take(ev.client, ev.device, ev.slot, f"training {ev.client} on {ev.task}")
 
     def _on_train_done(self, ev: TrainDone) -> None:
         with self._lock:
             self._state.train.done += 1
-            self._free(ev.device, ev.slot)
+            self._free(ev.client)
 
     def _on_val_scheduled(self, ev: ValScheduled) -> None:
         with self._lock:
@@ -158,7 +158,7 @@ class LiveProgress:
 
     def _on_val_started(self, ev: ValStarted) -> None:
         with self._lock:
-            self._state.slots[(ev.device, ev.slot)] = f"validating {ev.client}"
+            self._take(ev.client, ev.device, ev.slot, f"validating {ev.client}")
 
     def _on_val_done(self, ev: ValDone) -> None:
         with self._lock:
@@ -167,16 +167,14 @@ class LiveProgress:
             s.val_left[ev.client] = left
             if left <= 0:
                 s.val.done += 1
-                self._free(ev.device, ev.slot)
+                self._free(ev.client)
 
     def _on_failed(self, ev: ClientFailed) -> None:
         with self._lock:
             phase = self._state.val if ev.phase == "validate" else self._state.train
             phase.done += 1
             phase.failed += 1
-            for where, doing in self._state.slots.items():
-                if doing.split(" ")[1:2] == [ev.client]:
-                    self._free(*where)
+            self._free(ev.client)
 
     def _on_round_finished(self, ev: RoundFinished) -> None:
         with self._lock:
@@ -188,9 +186,16 @@ class LiveProgress:
     def _on_end(self, ev: Any) -> None:
         self._stop()
 
-    def _free(self, device: str, slot: int) -> None:
-        self._state.slots[(device, slot)] = "idle"
+    def _take(self, client: str, device: str, slot: int, doing: str) -> None:
+        self._state.slots[(device, slot)] = doing
+        self._state.clients[client] = (device, slot)
         self._state.epochs.pop((device, slot), None)
+
+    def _free(self, client: str) -> None:
+        where = self._state.clients.pop(client, None)
+        if where is not None:
+            self._state.slots[where] = "idle"
+            self._state.epochs.pop(where, None)
 
     def _stop(self) -> None:
         if self._live is not None:

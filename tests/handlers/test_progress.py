@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from fedevents.engine.events import ClientDispatched, RoundFinished, RoundStarted, TrainStarted
+from fedevents.engine.events import ClientDispatched, ClientFailed, RoundFinished, RoundStarted, TrainStarted
 from fedevents.handlers import ClientWork
 from fedevents.handlers.progress import LiveProgress
 
@@ -96,3 +96,15 @@ def test_a_run_reports_every_local_epoch_of_every_training(tmp_path: Path) -> No
         assert total == 3
         by_client.setdefault(client, []).append(done)
     assert all(done == [1, 2, 3] * (len(done) // 3) for done in by_client.values())
+
+
+async def test_a_failed_client_counts_as_done_and_frees_its_slot(progress, run) -> None:
+    await run.start(rounds=2)
+    await run.emit(RoundStarted, 0.25, round=1)
+    await run.emit(ClientDispatched, 0.25, round=1, client="c0", task="t0", state="integrated")
+    await run.emit(TrainStarted, 0.5, round=1, client="c0", task="t0", device="cuda:0", slot=0, waited_s=0.0)
+    await run.emit(ClientFailed, 1.0, round=1, client="c0", task="t0", phase="train", error_type="ValueError",
+                   error="bad batch", traceback="")
+    lines = screen(progress)
+    assert lines[1] == "  train    1/1 clients done, 1 failed"
+    assert "  cuda:0 slot 0  idle" in lines
