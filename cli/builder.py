@@ -92,11 +92,15 @@ def build_experiments(
     console: TextIO | None | _Default = _DEFAULT,
     sinks: bool = True,
     resume: bool = False,
+    progress: bool = False,
+    tensorboard: str | None = None,
+    mlflow: str | None = None,
 ) -> list[Experiment]:
     """Load, validate and wire every experiment before any of them runs."""
     console = _console(console)
     configs = load_configs(paths, common=common, overrides=overrides, dry_run=dry_run)
-    return [build_experiment(cfg, dry_run=dry_run, console=console, sinks=sinks, resume=resume) for cfg in configs]
+    return [build_experiment(cfg, dry_run=dry_run, console=console, sinks=sinks, resume=resume, progress=progress,
+                             tensorboard=tensorboard, mlflow=mlflow) for cfg in configs]
 
 
 def check_buildable(config: ExperimentConfig) -> None:
@@ -128,6 +132,9 @@ def build_experiment(
     overrides: Sequence[str | tuple[str, str]] = (),
     run_id: str | None = None,
     resume: bool = False,
+    progress: bool = False,
+    tensorboard: str | None = None,
+    mlflow: str | None = None,
 ) -> Experiment:
     """An experiment with its work handlers (real or simulated), default sinks and YAML handlers attached.
 
@@ -136,7 +143,9 @@ def build_experiment(
 
     With ``resume``, it continues the newest checkpointed run of the same experiment, or starts from the
     beginning (and says so on ``console``) when there is none. Subscribe your own handlers on
-    ``experiment.bus`` before calling ``experiment.run()``.
+    ``experiment.bus`` before calling ``experiment.run()``. ``progress`` draws a live display on ``console``
+    (a terminal), with the log's console lines above it. ``tensorboard`` (a folder) and ``mlflow`` (a tracking
+    URI) attach those trackers (docs/handlers.md).
     """
     console = _console(console)
     if isinstance(config, Mapping):
@@ -176,11 +185,13 @@ def build_experiment(
                                   f"none, so a resumed record would lack them")
             recorder.load_state_dict(checkpoint.components["record"])
         _add_work(exp, checkpoint, {} if recorder is None else {"record": recorder}, executor)
-        if sinks:
-            exp.add(LogSink(exp.paths.log, console=console, record_path=exp.paths.record))
-            exp.add(recorder)
-            exp.add(TraceRecorder(exp.paths.events, exp.paths.trace))
+        if recorder is not None:
+            _add_sinks(exp, console, progress, recorder)
+        handlers += _trackers(tensorboard, mlflow)
+        trace = exp.paths.trace if "trace" in config.data["outputs"] else None
         for handler in handlers:
+            if callable(getattr(handler, "attach_files", None)):  # a tracker: the config and the files it attaches
+                handler.attach_files(config.data, exp.paths.record, trace)
             attach_handler(handler, exp.bus)
             exp.components.append(handler)
             if callable(getattr(handler, "close", None)):
@@ -196,6 +207,49 @@ def build_experiment(
     work = exp.component(ClientWork)
     exp.provide_control(RunControl(exp, None if exp.dry_run else work.federation))
     return exp
+
+
+def _trackers(tensorboard: str | None, mlflow: str | None) -> list[Any]:
+    """The trackers the --tensorboard and --mlflow flags ask for; a missing extra is a one-line error."""
+    out: list[Any] = []
+    for flag, value, extra in (("--tensorboard", tensorboard, "tensorboard"), ("--mlflow", mlflow, "mlflow")):
+        if value is None:
+            continue
+        try:
+            from fedevents.handlers.trackers import MlflowTracker, TensorBoardTracker
+
+            out.append(TensorBoardTracker(value) if extra == "tensorboard" else MlflowTracker(value))
+        except ImportError as exc:
+            raise ConfigError(f"{flag}: expected the {extra} extra (pip install 'fedevents[{extra}]'), "
+                              f"found no module {exc.name!r}") from None
+    return out
+
+
+def _add_sinks(exp: Experiment, console: TextIO | None, progress: bool, recorder: JsonRecorder) -> None:
+    """The default sinks: ``recorder`` writing the record, and the files named in ``outputs:`` (plain or
+    ``.gz``)."""
+    if progress and console is not None:
+        from fedevents.handlers.progress import LiveProgress  # rich is needed only for the live display
+
+        live = exp.add(LiveProgress(console))
+        console = live.console_stream
+        work = exp.component(ClientWork)
+        if work is not None:
+            work.on_epoch(live.epoch)
+    outputs = set(exp.config.data["outputs"])
+    paths = exp.paths
+
+    def chosen(name: str, path: Path) -> tuple[Path | None, bool]:
+        if f"{name}.gz" in outputs:
+            return path.with_name(path.name + ".gz"), True
+        return (path if name in outputs else None), False
+
+    log, log_gz = chosen("log", paths.log)
+    events, events_gz = chosen("events", paths.events)
+    # Without a log file the sink still prints the run's summary lines.
+    exp.add(LogSink(log, console=console, record_path=paths.record, compress=log_gz))
+    exp.add(recorder)
+    exp.add(TraceRecorder(events, paths.trace if "trace" in outputs else None, compress_events=events_gz))
 
 
 def _check_new(config: ExperimentConfig, dry_run: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from typing import NoReturn, Sequence
@@ -42,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue the newest checkpointed run of each experiment (start fresh if there is none)")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
+    run.add_argument("--tensorboard", metavar="DIR", help="log per-round scalars for TensorBoard under DIR "
+                     "(needs fedevents[tensorboard])")
+    run.add_argument("--mlflow", metavar="URI", help="log the run to the MLflow tracking store at URI "
+                     "(needs fedevents[mlflow])")
+    run.add_argument("--quiet", action="store_true",
+                     help="no live progress display on a terminal: the plain lines alone, as off a terminal")
 
     data = sub.add_parser("data", help="make data sets").add_subparsers(dest="data_command", required=True,
                                                                          parser_class=_Parser)
@@ -59,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--debug", action="store_true", help="show tracebacks")
 
     report = sub.add_parser("report", help="tables and plots from JSON records")
-    report.add_argument("records", nargs="+", metavar="LOG.json")
+    report.add_argument("records", nargs="+", metavar="LOG.json|DIR",
+                        help="records, or folders searched for them (traces and dry runs are left out)")
     report.add_argument("--out", default="report", metavar="DIR", help="where report.md, report.csv and PNGs go")
     report.add_argument("--metric", default=None, help="primary metric (default: val_rank_1, else val_acc)")
     report.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -104,9 +112,11 @@ def _run_experiments(args: argparse.Namespace) -> int:
                            executor=args.executor)
     overrides = [*args.overrides, *flags]
     variants = expand(args.seeds, args.sweep)
+    wiring = dict(resume=args.resume, progress=_wants_progress(args), tensorboard=args.tensorboard,
+                  mlflow=args.mlflow)
     if not variants:
         for exp in build_experiments(args.experiments, common=args.common, overrides=overrides,
-                                     dry_run=args.dry_run, resume=args.resume):
+                                     dry_run=args.dry_run, **wiring):
             _run_one(exp, args.dry_run)
         return 0
     bases = load_configs(args.experiments, common=args.common, overrides=overrides, dry_run=True)
@@ -117,7 +127,7 @@ def _run_experiments(args: argparse.Namespace) -> int:
             name = ("--seeds/--sweep", f"exp_name={base.exp_name}-{variant.suffix}")
             runs.extend(load_configs([path], common=args.common, overrides=[*overrides, *variant.overrides,
                                                                               group, name], dry_run=args.dry_run))
-    experiments = [build_experiment(cfg, dry_run=args.dry_run, resume=args.resume) for cfg in runs]
+    experiments = [build_experiment(cfg, dry_run=args.dry_run, **wiring) for cfg in runs]
     failed: list[str] = []
     for exp in experiments:
         try:
@@ -138,16 +148,23 @@ def _run_one(exp, dry_run: bool) -> None:
         _print_dry_run(exp)
 
 
+def _wants_progress(args: argparse.Namespace) -> bool:
+    """A live display on a terminal unless --quiet; off a terminal (CI, a file) the plain lines."""
+    return not args.quiet and sys.stderr.isatty() and os.environ.get("TERM", "") != "dumb"
+
+
 def report_main(args: argparse.Namespace) -> int:
     """Run ``fedevents report RECORD.json ... [--out DIR] [--metric NAME]``; give the exit status.
 
     Prints the table, writes report.md, report.csv and the plots into ``--out`` (default ``./report``).
     Bad input raises ConfigError, which the CLI turns into one line and exit status 2.
     """
-    from .report import build_report, format_table, load_record, make_out_dir, write_report
+    from .report import build_report, find_records, format_table, make_out_dir, write_report
 
-    records = [load_record(path) for path in args.records]
-    report = build_report(records, metric=args.metric)
+    found, notes = find_records(args.records)
+    for note in notes:
+        print(note, file=sys.stderr)
+    report = build_report([record for _, record in found], metric=args.metric)
     out = make_out_dir(args.out or "report")
     print(format_table(report))
     try:
@@ -184,7 +201,7 @@ def _synth_reid(args: argparse.Namespace) -> int:
 
 
 def _print_dry_run(exp) -> None:
-    from fedevents.handlers import ClientWork
+    from fedevents.handlers import ClientWork, TraceRecorder
 
     summary = exp.component(ClientWork).executor.summary()
     cfg = exp.config
@@ -194,7 +211,11 @@ def _print_dry_run(exp) -> None:
         print(f"  {slot:<16} {count:>6} work items")
     print(f"  predicted makespan {summary['predicted_makespan_s']:.2f}s "
           f"(train {summary['train_s_each']:.3f}s per client, validate {summary['val_s_per_task']:.3f}s per task)")
-    print(f"  trace: {exp.paths.trace}  events: {exp.paths.events}")
+    tracer = exp.component(TraceRecorder)
+    files = [] if tracer is None else [(k, p) for k, p in (("trace", tracer.chrome_path), ("events", tracer.events_path))
+                                       if p is not None]
+    if files:
+        print("  " + "  ".join(f"{kind}: {path}" for kind, path in files))
 
 
 if __name__ == "__main__":

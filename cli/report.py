@@ -30,6 +30,7 @@ __all__ = [
     "ExperimentReport",
     "Report",
     "build_report",
+    "find_records",
     "format_csv",
     "format_markdown",
     "format_table",
@@ -77,6 +78,8 @@ class ExperimentReport:
     uploads: int
     upload_bytes: int | None
     tasks_shared: bool  # every client has the same task stream
+    seed: int | None  # random_seed
+    group: str  # the config without random_seed (and where files go): runs of one group differ only in seed
     clients: tuple[ClientSeries, ...]
 
 @dataclass(frozen=True)
@@ -103,6 +106,59 @@ def load_record(path: str | Path) -> dict[str, Any]:
     _check_record(record, str(path))
     return record
 
+TRACE_SUFFIX = ".trace.json"
+
+
+def find_records(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, dict[str, Any]]], list[str]]:
+    """The records among ``paths`` (files, or folders searched for ``*.json``), each with its path, and notes.
+
+    Perfetto traces (``*.trace.json``, or any JSON array of trace events) and dry-run records (no scores) are
+    left out with a note saying so; any other file that is not a record is a ConfigError. A folder holding
+    no record is one too.
+    """
+    found: list[tuple[Path, dict[str, Any]]] = []
+    notes: list[str] = []
+    for given in map(Path, paths):
+        if given.is_dir():
+            candidates = sorted(p for p in given.rglob("*.json") if p.is_file() and not p.name.endswith(TRACE_SUFFIX))
+            kept = [_keep(path, found, notes) for path in candidates]  # every one, for its note
+            if not any(kept):
+                raise ConfigError(f"report: {given}: expected a folder holding fedevents JSON records, found none")
+        elif given.name.endswith(TRACE_SUFFIX):
+            notes.append(f"report: left out {given}: a Perfetto trace, not a record")
+        else:
+            _keep(given, found, notes)
+    if not found:
+        raise ConfigError(f"report: expected at least one record to report on, found only {len(notes)} left out")
+    return found, notes
+
+
+def _keep(path: Path, found: list[tuple[Path, dict[str, Any]]], notes: list[str]) -> bool:
+    """Add the record at ``path`` to ``found``, or a note on why it is left out; say whether it was added."""
+    try:
+        record = load_record(path)
+    except ConfigError:
+        if _is_trace(path):
+            notes.append(f"report: left out {path}: a Perfetto trace, not a record")
+            return False
+        raise
+    if record.get("dry_run") is True:
+        notes.append(f"report: left out {path}: a dry-run record (no scores)")
+        return False
+    found.append((path, record))
+    return True
+
+
+def _is_trace(path: Path) -> bool:
+    """Whether ``path`` starts as a Chrome/Perfetto trace: a JSON array of events with a ``ph`` (phase) key."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+    except OSError:
+        return False
+    return head.startswith(b"[") and b'"ph"' in head
+
+
 def build_report(records: Sequence[Mapping[str, Any]], *, metric: str | None = None) -> Report:
     """Summarise each record on ``metric`` (default: ``val_rank_1`` where recorded, else ``val_acc``)."""
     for i, record in enumerate(records):
@@ -120,7 +176,8 @@ def _experiment(record: Mapping[str, Any], metric: str | None) -> dict[str, Any]
     metric = metric or _primary_metric(record["data"])
     clients = _clients(config, record["data"], record.get("failures"), metric)
     sustain = _positive_int(_get(config, "task_opts", "sustain_rounds")) or 1
-    per_client = [_client_summary(client, sustain) for client in clients]
+    last = max((max(c.scores) for c in clients if c.scores), default=None)
+    per_client = [_client_summary(client, sustain, last) for client in clients]
     return {
         "label": "",
         "exp_name": _text(config.get("exp_name")) or _text(record.get("run_id")) or "experiment",
@@ -135,8 +192,19 @@ def _experiment(record: Mapping[str, Any], metric: str | None) -> dict[str, Any]
         "uploads": sum(len(c.trained) for c in clients),
         "upload_bytes": _whole(_get(record, "comm", "upload_bytes")),
         "tasks_shared": len({c.tasks for c in clients}) <= 1,
+        "seed": _whole(config.get("random_seed")),
+        "group": _group(config),
         "clients": tuple(clients),
     }
+
+#: Keys that say where a run's files go or which seed it drew, not what experiment it is.
+_NOT_THE_EXPERIMENT = ("random_seed", "logs_dir", "checkpoints_dir", "datasets_dir", "handlers", "outputs")
+
+
+def _group(config: Mapping[str, Any]) -> str:
+    kept = {k: v for k, v in config.items() if k not in _NOT_THE_EXPERIMENT}
+    return json.dumps(kept, sort_keys=True, default=str)
+
 
 def _primary_metric(data: Mapping[str, Any]) -> str | None:
     recorded = _recorded_metrics(data)
@@ -213,11 +281,13 @@ def _task_spans(participations: Sequence[int], tasks: Sequence[str], sustain_rou
         spans[task] = (spans.get(task, (rnd, rnd))[0], rnd)
     return spans
 
-def _client_summary(client: ClientSeries, sustain: int) -> dict[str, float | None]:
-    """The continual summaries of one client, over the tasks it has started training so far.
+def _client_summary(client: ClientSeries, sustain: int, last: int | None) -> dict[str, float | None]:
+    """The continual summaries of one client; ``last`` is the run's last validated round.
 
-    Every validation scores all of a client's tasks, but the summaries are about tasks already learnt: a
+    Average accuracy and FedSTIL forgetting follow FedSTIL's analysis scripts at round ``last``: every task
+    of the client's stream counts, trained yet or not. The other two are about tasks already learnt: a
     task's scores count from the round its training started (validation follows training in a round).
+    A client with one task has no forgetting and no BWT.
     """
     spans = _task_spans(client.participations, client.tasks, sustain) if client.tasks else {}
     started = [t for t in client.tasks if t in spans]  # in stream order, so the last is the current task
@@ -229,12 +299,14 @@ def _client_summary(client: ClientSeries, sustain: int) -> dict[str, float | Non
     # A task's end is scored at the first validation from its last training round on: validation runs
     # every val_interval rounds, so the end round itself may have none.
     ends = {t: _first_scored(seen, t, spans[t][1]) for t in started[:-1]}
+    several = len(client.tasks) > 1
     return {
-        "average_accuracy": _safe(continual.average_accuracy, seen, started),
-        "forgetting_fedstil": _safe(continual.forgetting_fedstil, seen, started),
-        "forgetting_max_final": _safe(continual.forgetting_max_final, seen, started),
+        "average_accuracy": continual.accuracy_on_round(client.scores, last) if last is not None else None,
+        "forgetting_fedstil": (_safe(continual.forgetting_fedstil, client.scores, client.tasks, last)
+                               if several and last is not None else None),
+        "forgetting_max_final": _safe(continual.forgetting_max_final, seen, started) if several else None,
         "backward_transfer": (_safe(continual.backward_transfer, seen, started, ends)
-                              if None not in ends.values() else None),
+                              if several and None not in ends.values() else None),
     }
 
 def _first_scored(scores: Scores, task: str, since: int) -> int | None:
@@ -269,8 +341,10 @@ _COLUMNS = (
 _COLUMN_NOTES = (
     ("final", "the primary metric in each client's last validated round, averaged over its tasks"),
     ("mAP", "the same for val_map (ReID records)"),
-    ("avg acc", "average accuracy: the mean final score over the tasks each client has started training"),
-    ("forget FedSTIL", "mean fall of each task below its first peak (FedSTIL's definition)"),
+    ("avg acc", "average accuracy at the last validated round over every task of each client's stream "
+                "(FedSTIL's accuracy_on_round)"),
+    ("forget FedSTIL", "mean fall below each task's peak over the later rounds, pooled over a client's tasks "
+                       "(FedSTIL's forgetting_on_round); n/a with one task"),
     ("forget max-final", "best earlier score minus final score, last trained task left out"),
     ("BWT", "backward transfer: final score minus the score when each task's training ended"),
     ("uploads", "client uploads, one per (client, round) with training metrics"),

@@ -1,4 +1,4 @@
-"""The report's plots: score curves and accuracy matrices of each run, and a comparison of the runs.
+"""The report's plots: curves, task groups and accuracy matrices of each run; comparisons of the runs.
 
 Figures are drawn on matplotlib's Agg canvas directly, never through pyplot, so plotting needs no display
 and leaves a user's pyplot state (backend, open figures) alone.
@@ -39,17 +39,34 @@ _NAMES = {"val_acc": "val accuracy", "val_loss": "val loss", "tr_acc": "train ac
           MAP_METRIC: "mAP"}
 
 
-def plot_report(report: Report, out_dir: str | Path) -> list[Path]:
-    """Write ``<label>-curves.png`` and ``<label>-matrix.png`` per run, and ``comparison.png`` for several."""
+#: Every figure is written in each of these formats; the first is the one report.md shows.
+FORMATS = ("png", "pdf")
+
+
+def plot_report(report: Report, out_dir: str | Path, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Write the report's figures in each of ``formats``; give the paths in the first format.
+
+    Per run: ``<label>-curves``, ``<label>-matrix`` and, with more than one task, ``<label>-task-groups``.
+    For several runs: ``comparison`` (a panel per metric), ``forgetting`` (bars), and ``seeds`` where runs
+    differ only in their random seed (their mean with a band of one standard deviation).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    figures: list[tuple[str, Figure]] = []
     for exp in report.experiments:
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", exp.label)
-        written.append(_save(_curves(exp), out / f"{stem}-curves.png"))
-        written.append(_save(_matrix(exp), out / f"{stem}-matrix.png"))
+        figures += [(f"{stem}-curves", _curves(exp)), (f"{stem}-matrix", _matrix(exp))]
+        if max((len(c.tasks) for c in exp.clients), default=0) > 1:
+            figures.append((f"{stem}-task-groups", _task_groups(exp)))
     if len(report.experiments) > 1:
-        written.append(_save(_comparison(report.experiments), out / "comparison.png"))
+        figures += [("comparison", _comparison(report.experiments)), ("forgetting", _forgetting(report.experiments))]
+        groups = _seed_groups(report.experiments)
+        if groups:
+            figures.append(("seeds", _seeds(groups)))
+    written = []
+    for name, fig in figures:
+        paths = [_save(fig, out / f"{name}.{fmt}", fmt) for fmt in formats]
+        written.append(paths[0])
     return written
 
 
@@ -119,23 +136,112 @@ def _matrix(exp: ExperimentReport) -> Figure:
 
 
 def _comparison(exps: Sequence[ExperimentReport]) -> Figure:
-    fig = _figure(8.8, 4.8)
-    ax = fig.subplots()
+    panels = [("primary", lambda c: c.scores)]
+    if any(c.maps for e in exps for c in e.clients) and any(e.metric != MAP_METRIC for e in exps):
+        panels.append(("map", lambda c: c.maps))
+    fig = _figure(6.4 * len(panels) + 2.4, 4.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     metrics = {e.metric for e in exps if e.metric is not None}
     only = next(iter(metrics)) if len(metrics) == 1 else None  # else the legend names each run's metric
     colors = _cmap("tab10" if len(exps) <= 10 else "tab20")
-    for i, exp in enumerate(exps):
-        label = exp.label if only else f"{exp.label} ({metric_name(exp.metric)})"
-        # Marker and dash vary too, so runs with equal scores stay visible on top of each other.
-        _mean_line(ax, [c.scores for c in exp.clients], label, color=colors(i % colors.N), linewidth=2.0,
-                   marker="osD^v"[i % 5], markersize=5, linestyle=("-", "--", ":", "-.")[i % 4])
-    name = metric_name(only) if only else "score"
-    _label_score_axes(ax, f"mean {name} over clients", [c.scores for e in exps for c in e.clients], only)
+    for ax, (kind, pick) in zip(axes, panels):
+        for i, exp in enumerate(exps):
+            label = exp.label if only or kind == "map" else f"{exp.label} ({metric_name(exp.metric)})"
+            # Marker and dash vary too, so runs with equal scores stay visible on top of each other.
+            _mean_line(ax, [pick(c) for c in exp.clients], label, color=colors(i % colors.N), linewidth=2.0,
+                       marker="osD^v"[i % 5], markersize=5, linestyle=("-", "--", ":", "-.")[i % 4])
+        name = metric_name(MAP_METRIC) if kind == "map" else (metric_name(only) if only else "score")
+        _label_score_axes(ax, f"mean {name} over clients", [pick(c) for e in exps for c in e.clients],
+                          MAP_METRIC if kind == "map" else only)
+        ax.set_title(name)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        _legend_outside(axes[-1], handles, labels, "experiment")
+    fig.suptitle("Comparison of the runs: mean over clients by round")
+    return fig
+
+
+def _task_groups(exp: ExperimentReport) -> Figure:
+    """FedSTIL's task-group curves: task k of every client's stream, averaged over the clients, by round."""
+    fig = _figure(8.4, 4.6)
+    ax = fig.subplots()
+    colors = _cmap("tab10")
+    longest = max(len(c.tasks) for c in exp.clients)
+    for k in range(longest):
+        per_client = [{r: {c.tasks[k]: row[c.tasks[k]]} for r, row in c.scores.items() if c.tasks[k] in row}
+                      for c in exp.clients if k < len(c.tasks)]
+        _mean_line(ax, per_client, f"task {k + 1}", color=colors(k % colors.N), linewidth=1.8,
+                   marker="osD^v"[k % 5], markersize=4, linestyle=("-", "--", ":", "-.")[k % 4])
+    _label_score_axes(ax, f"mean {metric_name(exp.metric)} over clients", [c.scores for c in exp.clients], exp.metric)
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        _legend_outside(ax, handles, labels, "experiment")
-    fig.suptitle(f"Comparison: mean {name} over clients by round")
+        _legend_outside(ax, handles, labels, "k-th task of\neach client")
+    fig.suptitle(f"{exp.label}: {metric_name(exp.metric)} of each task group by round")
     return fig
+
+
+def _forgetting(exps: Sequence[ExperimentReport]) -> Figure:
+    fig = _figure(max(6.0, 1.2 * len(exps) + 3.0), 4.6)
+    ax = fig.subplots()
+    kinds = (("forgetting_fedstil", "FedSTIL (mean drop after the peak)"),
+             ("forgetting_max_final", "max-final (best earlier − final)"))
+    width = 0.38
+    for j, (field, label) in enumerate(kinds):
+        xs = [i + (j - 0.5) * width for i in range(len(exps))]
+        values = [getattr(e, field) for e in exps]
+        ax.bar([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None], width,
+               label=label, color=("tab:red", "tab:gray")[j])
+        for x, v in zip(xs, values):
+            ax.annotate("n/a" if v is None else f"{v:.3f}", (x, 0.0 if v is None else v), ha="center",
+                        va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(exps)), [e.label for e in exps], rotation=30 if len(exps) > 3 else 0,
+                  ha="right" if len(exps) > 3 else "center")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_ylabel(f"forgetting ({', '.join(sorted({metric_name(e.metric) for e in exps}))})")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.suptitle("Forgetting per run (mean over clients; n/a: one task or too few rounds)")
+    return fig
+
+
+def _seed_groups(exps: Sequence[ExperimentReport]) -> list[list[ExperimentReport]]:
+    """Runs that differ only in their random seed, two or more to a group, in report order."""
+    groups: dict[str, list[ExperimentReport]] = {}
+    for exp in exps:
+        groups.setdefault(exp.group, []).append(exp)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _seeds(groups: Sequence[Sequence[ExperimentReport]]) -> Figure:
+    fig = _figure(9.2, 4.8)
+    ax = fig.subplots()
+    colors = _cmap("tab10")
+    for i, group in enumerate(groups):
+        runs = [dict(zip(*_run_means(e))) for e in group]
+        rounds = sorted(set().union(*runs))
+        stats = [np.array([r[rnd] for r in runs if rnd in r]) for rnd in rounds]
+        mean = np.array([v.mean() for v in stats])
+        spread = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in stats])
+        color = colors(i % colors.N)
+        seeds = ", ".join(str(e.seed) for e in group)
+        ax.plot(rounds, mean, color=color, linewidth=2.0, marker="osD^v"[i % 5], markersize=4,
+                label=f"{group[0].exp_name} ({group[0].method}), seeds {seeds}")
+        ax.fill_between(rounds, mean - spread, mean + spread, color=color, alpha=0.2, linewidth=0)
+    metrics = sorted({metric_name(e.metric) for g in groups for e in g})
+    _label_score_axes(ax, f"mean {', '.join(metrics)} over clients",
+                      [c.scores for g in groups for e in g for c in e.clients], None)
+    _legend_outside(ax, *ax.get_legend_handles_labels(), "mean ± 1 sd over seeds")
+    fig.suptitle(f"Runs that differ only in random_seed: mean over seeds with a band of ±1 standard deviation")
+    return fig
+
+
+def _run_means(exp: ExperimentReport) -> tuple[list[int], list[float]]:
+    by_round: dict[int, list[float]] = {}
+    for c in exp.clients:
+        for rnd, value in zip(*_task_means(c.scores)):
+            by_round.setdefault(rnd, []).append(value)
+    rounds = sorted(by_round)
+    return rounds, [sum(by_round[r]) / len(by_round[r]) for r in rounds]
 
 
 # --- pieces ------------------------------------------------------------------------------------------------
@@ -261,6 +367,6 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
+def _save(fig: Figure, path: Path, fmt: str = "png") -> Path:
+    write_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=DPI))
     return path

@@ -37,12 +37,14 @@ from .schema import (
 )
 
 __all__ = ["ExperimentConfig", "ClientSet", "load_experiments", "load_experiment", "load_mapping", "parse_override",
-           "COMMON_KEYS", "EXECUTORS"]
+           "COMMON_KEYS", "EXECUTORS", "OUTPUTS"]
 
 #: Keys a common file holds at its top level (besides ``defaults``).
 COMMON_KEYS = ("datasets_dir", "checkpoints_dir", "logs_dir", "parallel", "device", "executor", "ray")
 #: Where client work runs (docs/executors.md); fedevents.handlers.executors holds one class per name.
 EXECUTORS = ("process", "ray", "thread")
+#: The files a run may write besides its record (``outputs:``); ``.gz`` writes that stream gzip-compressed.
+OUTPUTS = ("events", "events.gz", "log", "log.gz", "trace")
 DEVICE_NAME = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 #: Most bytes an experiment file may have; a real one has a few kilobytes.
 MAX_FILE_BYTES = 16 << 20
@@ -197,6 +199,7 @@ def _schema() -> Section:
                 )
             ),
             "handlers": Field(ListOf(handler), []),
+            "outputs": Field(ListOf(Str(choices=OUTPUTS)), ["log", "events", "trace"]),
             "dry_run_opts": Field(
                 Section(
                     {
@@ -488,6 +491,11 @@ def _cross_check(data: dict[str, Any], clients: ClientSet) -> None:
     if least > (online or len(clients)):
         raise SpecError("exp_opts.min_clients",
                         f"exp_opts.min_clients = {least}, but only {online or len(clients)} clients train per round")
+    stems = [name.removesuffix(".gz") for name in data["outputs"]]
+    twice = next((stem for stem in stems if stems.count(stem) > 1), None)
+    if twice is not None:
+        both = [name for name in data["outputs"] if name.removesuffix(".gz") == twice]
+        raise SpecError("outputs", f"expected {twice} at most once, found {', '.join(both)}")
     for i, device in enumerate(data["device"]):
         if not DEVICE_NAME.match(device):
             raise SpecError(f"device[{i}]", f"expected 'cpu', 'cuda' or 'cuda:N', found {device!r}")

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 __all__ = [
     "accuracy_matrix",
+    "accuracy_on_round",
     "average_accuracy",
     "backward_transfer",
     "forgetting_fedstil",
@@ -57,25 +58,48 @@ def average_accuracy(
     return _mean([row[t] for t in seen])
 
 
-def forgetting_fedstil(scores: Scores, tasks: Sequence[str]) -> float | None:
-    """Give forgetting as FedSTIL measures it: how far each task falls below its first peak, on average.
+def forgetting_fedstil(scores: Scores, tasks: Sequence[str], round: int | None = None) -> float | None:
+    """Give one client's forgetting as FedSTIL's ``forgetting_on_round`` measures it, up to ``round``.
 
-    For one task, take its scores in round order, v_0 .. v_n (rounds where it has none are skipped). Its
-    first peak is v_k, where k is the first index with v_{k+1} < v_k: the maximum over rounds up to and
-    including the first round after which the score decreases (the scores never decrease before it, so it
-    is also their maximum). The task's forgetting is the mean of v_k - v_j over the later values j > k;
-    a later value above the peak counts negative, it is not clipped. A task that never decreases has no
-    later values and is left out. The result is the mean over the tasks that have later values.
+    ``round`` defaults to the last scored round; rounds after it are ignored. For each task, its peak is
+    the best score over the rounds up to ``round`` and the peak round the *first* round reaching it (the
+    peak may come before the task is trained). Every later round up to ``round`` that scores the task gives
+    a sample, peak minus that score (negative when it is higher, never clipped). The samples of all the
+    client's tasks are pooled and averaged, so a task scored in more rounds weighs more. A client with no
+    sample gives None; FedSTIL's total is the mean over the clients that have a value.
+
+    FedSTIL raises KeyError where a round in (peak round, ``round``] has no record for the client; here
+    that round gives no sample.
     """
     _check_tasks(scores, tasks)
-    per_task = []
+    if not scores:
+        return None
+    last = max(scores) if round is None else round
+    upto = [r for r in sorted(scores) if r <= last]
+    samples = []
     for task in tasks:
-        values = _series(scores, task)
-        k = next((i for i in range(len(values) - 1) if values[i + 1] < values[i]), len(values) - 1)
-        later = values[k + 1 :]
-        if later:
-            per_task.append(_mean([values[k] - v for v in later]))
-    return _mean(per_task)
+        series = [(r, scores[r][task]) for r in upto if task in scores[r]]
+        if not series:
+            continue
+        peak_round, peak = series[0]
+        for r, value in series[1:]:
+            if value > peak:  # strictly greater: the first round reaching the peak keeps it
+                peak_round, peak = r, value
+        samples += [peak - value for r, value in series if r > peak_round]
+    return _mean(samples)
+
+
+def accuracy_on_round(scores: Scores, round: int | None = None) -> float | None:
+    """Give one client's accuracy as FedSTIL's ``accuracy_on_round`` does: its mean over the tasks scored at ``round``.
+
+    ``round`` defaults to the last scored round. Every task scored that round counts, trained yet or not,
+    since FedSTIL validates each client's whole stream. A client not scored that round gives None (FedSTIL
+    raises KeyError); FedSTIL's total is the mean over the clients that have a value.
+    """
+    if not scores:
+        return None
+    at = max(scores) if round is None else round
+    return _mean(list(scores.get(at, {}).values()))
 
 
 def forgetting_max_final(scores: Scores, tasks: Sequence[str]) -> float | None:

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, StepLR
 
 from .registry import Catalogue, Component, is_target, load_target
+from .progress import report_epoch
 
 __all__ = [
     "OPTIMIZERS",
@@ -184,6 +185,7 @@ def train_local(
             scheduler.step()
         epoch_loss, epoch_correct = loss_sum.item(), correct.item()
         _log.info("epoch finished", epoch=epoch, loss=epoch_loss / count, acc=epoch_correct / count)
+        report_epoch(epoch + 1, epochs)
         total_loss += epoch_loss
         total_correct += epoch_correct
     # Gradients would otherwise keep a model-sized buffer alive in a model that is reused.

@@ -36,9 +36,14 @@ from fedevents.engine.events import (
     ValStarted,
 )
 
+from fedevents.federated.progress import reporting_to
+
 from .executors import Executor
 
-__all__ = ["ClientWork", "ClientTimeout"]
+__all__ = ["ClientWork", "ClientTimeout", "EpochNote"]
+
+#: ``listener(client, device, slot, done, total)``: ``done`` of ``total`` local epochs of ``client`` finished.
+EpochNote = Callable[[str, str, int, int, int], None]
 
 
 class ClientTimeout(Exception):
@@ -82,6 +87,27 @@ class ClientWork:
         self.bus = bus
         self.context = context
         self.timeout_s = timeout_s
+        self._epoch_listeners: list[EpochNote] = []
+
+    def on_epoch(self, listener: EpochNote) -> Callable[[], None]:
+        """Have ``listener(client, device, slot, done, total)`` called after each local epoch; give its remover.
+
+        It is called from the training thread (so it must be thread-safe and quick), for work that runs in
+        this process: the thread executor's, not that of worker processes or a Ray cluster.
+        """
+        self._epoch_listeners.append(listener)
+        return lambda: self._epoch_listeners.remove(listener)
+
+    def _epoch_reporter(self, client: str, slot: Slot) -> Callable[[int, int], None] | None:
+        listeners = tuple(self._epoch_listeners)
+        if not listeners:
+            return None
+
+        def report(done: int, total: int) -> None:
+            for listener in listeners:
+                listener(client, slot.device, slot.index, done, total)
+
+        return report
 
     def subscribe(self, bus: EventBus) -> list[Subscription]:
         return [
@@ -104,7 +130,8 @@ class ClientWork:
         def compute() -> tuple[float, Any]:
             job = fed.train_job(**ids, device=slot.device, state=ev.state)
             began = time.monotonic()
-            outcome = executor.train(job, slot)
+            with reporting_to(self._epoch_reporter(ev.client, slot)):
+                outcome = executor.train(job, slot)
             return time.monotonic() - began, outcome
 
         def finish(out: tuple[float, Any]) -> tuple[float, Any, Any]:

@@ -1,4 +1,4 @@
-"""The structlog sink: every log line and every bus event as JSON lines in a file, a readable console.
+"""The structlog sink: every log line as JSON lines in a file, a readable console.
 
 ``configure_logging`` sets structlog up for one run. Its processor chain merges the context variables
 (``round``, ``client``, … bound by the engine; they follow ``anyio.to_thread.run_sync`` into training
@@ -8,7 +8,9 @@ and then lets through to the console only the lines meant for a person: those ma
 is dropped with ``structlog.DropEvent`` after the file write.
 
 ``LogSink`` subscribes to the bus, configures structlog on ExperimentStarted (so a run refused before it
-starts leaves no file) and puts the previous configuration back on ``close()``.
+starts leaves no file) and puts the previous configuration back on ``close()``. The events themselves are
+written once, by the trace recorder's events stream; the log holds what was logged, by the engine, the
+handlers and the training threads, and the run's summary lines.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from fedevents.engine.events import (
     to_dict,
 )
 
+from .streams import LineStream
+
 __all__ = ["LEVELS", "LogSink", "LoggingSetup", "SINK_PRIORITY", "configure_logging", "event_json"]
 
 #: Sinks run before work handlers (priority 0), so they see every event as soon as it is emitted, in
@@ -52,7 +56,6 @@ _LEVEL_NO.update(warn=30, exception=40, fatal=50, failure=40, msg=20, log=20)
 _CONSOLE_KEYS = ("timestamp", "level", "event")
 # One encoder for every line: json.dumps with options builds a new encoder on each call.
 _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
-_RAW_FIELDS = "_fields_json"
 
 
 _last_event: tuple[Event | None, str] = (None, "")
@@ -85,14 +88,11 @@ class _JsonlWriter:
         self._lock = threading.Lock()
 
     def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        raw = event_dict.pop(_RAW_FIELDS, None)
         if self._stream is not None:
             record = event_dict
             if "_console" in record:
                 record = {k: v for k, v in record.items() if k != "_console"}
             line = _encode(record)
-            if raw is not None:  # a bus event's fields, already JSON: splice them in as "fields"
-                line = f'{line[:-1]},"fields":{raw}}}' if len(line) > 2 else f'{{"fields":{raw}}}'
             urgent = _LEVEL_NO.get(method, 20) >= 30
             with self._lock:
                 if self._stream is not None:
@@ -290,30 +290,31 @@ class _RoundStats:
 
 
 class LogSink:
-    """Logs every event to ``jsonl_path`` and a human summary of the run to ``console``.
+    """Writes the run's log lines to ``jsonl_path`` and a human summary of the run to ``console``.
 
-    ``level`` is the least level shown on the console (the file keeps ``info`` and up regardless, so
-    every event is in it); ``pretty`` defaults to whether ``console`` is a terminal; ``record_path``, when
-    given, is named in the console line at the end of a finished run.
+    ``level`` is the least level shown on the console (the file keeps ``info`` and up regardless);
+    ``pretty`` defaults to whether ``console`` is a terminal; ``record_path``, when given, is named in the
+    console line at the end of a finished run; ``compress`` writes the file as a gzip stream.
     """
 
     def __init__(
         self,
-        jsonl_path: Path,
+        jsonl_path: Path | None,
         *,
         console: TextIO | None = sys.stderr,
         pretty: bool | None = None,
         level: str = "info",
         record_path: Path | None = None,
+        compress: bool = False,
     ) -> None:
-        self.jsonl_path = Path(jsonl_path)
+        self.jsonl_path = None if jsonl_path is None else Path(jsonl_path)
+        self.compress = compress
         self.console = console
         self.pretty = pretty
         self.level = check_level(level)
         self.record_path = Path(record_path) if record_path is not None else None
-        self._file: IO[str] | None = None
+        self._file: LineStream | None = None
         self._logging: LoggingSetup | None = None
-        self._events: Any = None
         self._person: Any = None
         self._rounds = 0
         self._subs: list[Subscription] = []
@@ -325,11 +326,10 @@ class LogSink:
         return self._subs[-1:]
 
     def handle(self, event: Event) -> None:
-        if self._file is None and isinstance(event, ExperimentStarted) and not self._closed:
+        if self._person is None and isinstance(event, ExperimentStarted) and not self._closed:
             self._open(event)
-        if self._events is None:
+        if self._person is None:
             return
-        self._events.info(type(event).__name__, **{_RAW_FIELDS: event_json(event)})
         kind = type(event)
         if kind is TrainDone:
             _RoundStats.add(self._stats[event.round].train, event.metrics)
@@ -368,17 +368,17 @@ class LogSink:
         if self._file is not None:
             self._file.close()
             self._file = None
-        self._events = self._person = None
+        self._person = None
 
     def _open(self, event: ExperimentStarted) -> None:
-        self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-        # A resumed run continues the log of the run it resumes.
-        mode = "a" if event.resumed else "w"
-        self._file = open(self.jsonl_path, mode, encoding="utf-8", buffering=1 << 16)
+        if self.jsonl_path is not None:  # None: the console alone
+            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            # A resumed run continues the log of the run it resumes.
+            self._file = LineStream(self.jsonl_path, keep=event.resumed, compress=self.compress)
         self._logging = configure_logging(
-            self._file, console=self.console, pretty=self.pretty, level=self.level, bind={"run_id": event.run_id}
+            self._file,  # type: ignore[arg-type]  # a LineStream writes and flushes as a text file does
+            console=self.console, pretty=self.pretty, level=self.level, bind={"run_id": event.run_id},
         )
-        self._events = structlog.get_logger("fedevents.events").bind()
         self._person = structlog.get_logger("fedevents.run").bind()
         self._rounds = event.rounds
 
@@ -435,7 +435,7 @@ class LogSink:
         )
 
     def _finished(self, ev: ExperimentFinished) -> None:
-        where = self.record_path if self.record_path is not None else self.jsonl_path.parent
+        where = self.record_path if self.record_path is not None else self.jsonl_path
         ended = f"stopped after {ev.rounds} rounds ({ev.stopped})" if ev.stopped else f"finished  {ev.rounds} rounds"
         self._person.info(
             f"experiment {ev.exp_name} {ended} in {ev.seconds:.2f}s  record {where}",

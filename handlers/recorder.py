@@ -153,6 +153,8 @@ class JsonRecorder:
 
     def _start(self, ev: ExperimentStarted) -> None:
         self.record = {"config": json_safe(self.config), "run_id": ev.run_id, "status": "running"}
+        if ev.dry_run:  # no scores in it: the report leaves such a record out
+            self.record["dry_run"] = True
         if ev.resumed and self._restored is not None:
             self._data, self._comm, self._failures, self._global = _restored_rounds(self._restored, ev.first_round)
         elif ev.resumed:

@@ -10,16 +10,18 @@ configured list plus one and ``tid`` is the slot index plus one; the names ("cud
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from fedevents.engine.bus import ALL, EventBus, Subscription
 from fedevents.engine.events import (
     Aggregated,
     ClientFailed,
     Event,
+    ExperimentFailed,
+    ExperimentFinished,
+    ExperimentInterrupted,
     ExperimentStarted,
     RoundFinished,
     RoundStarted,
@@ -29,24 +31,32 @@ from fedevents.engine.events import (
     ValStarted,
 )
 
+from .jsonarray import AppendArray
 from .logsink import SINK_PRIORITY, event_json
+from .streams import LineStream
 
 __all__ = ["TraceRecorder"]
 
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_ENDS = (ExperimentFinished, ExperimentFailed, ExperimentInterrupted)
 
 
 class TraceRecorder:
-    """Writes ``events_path`` (JSON lines) and ``chrome_path`` (Chrome trace event format)."""
+    """Writes ``events_path`` (JSON lines) and ``chrome_path`` (Chrome trace event format).
 
-    def __init__(self, events_path: Path, chrome_path: Path) -> None:
-        self.events_path = Path(events_path)
-        self.chrome_path = Path(chrome_path)
-        self._file: IO[str] | None = None
+    Either path may be None to leave that file out; ``summary()`` counts the same either way.
+    ``compress_events`` writes the events as a gzip stream (name the path ``….jsonl.gz``).
+    """
+
+    def __init__(self, events_path: Path | None, chrome_path: Path | None, *,
+                 compress_events: bool = False) -> None:
+        self.events_path = None if events_path is None else Path(events_path)
+        self.chrome_path = None if chrome_path is None else Path(chrome_path)
+        self.compress_events = compress_events
+        self._opened = False
+        self._file: LineStream | None = None
         self._t0: float | None = None
         self._last_mono = 0.0
-        self._chrome: IO[str] | None = None
-        self._first_chrome_event = True
+        self._chrome: AppendArray | None = None
         self._offset_us = 0.0
         self._pids: dict[str, int] = {}
         self._threads: set[tuple[int, int]] = set()
@@ -62,11 +72,12 @@ class TraceRecorder:
         return self._subs[-1:]
 
     def handle(self, event: Event) -> None:
-        if self._file is None:
+        if not self._opened:
             if not isinstance(event, ExperimentStarted) or self._closed:
                 return
             self._open(event)
-        self._file.write(event_json(event) + "\n")  # type: ignore[union-attr]
+        if self._file is not None:
+            self._file.write(event_json(event) + "\n")
         self._last_mono = event.mono_time
         kind = type(event)
         if kind is TrainStarted:
@@ -84,10 +95,9 @@ class TraceRecorder:
                           {"clients": len(event.clients), "samples": event.samples, "ran_s": event.ran_s})
         elif kind is ClientFailed:
             self._client_failed(event)  # type: ignore[arg-type]
-        elif kind is RoundFinished:
+        elif kind is RoundFinished or kind in _ENDS:
             self._close_validations()  # a round's validations are over when it finishes
-            self._file.flush()  # type: ignore[union-attr]
-            self._chrome.flush()  # type: ignore[union-attr]
+            self._flush()  # at the end too, so a tracker that attaches the files finds them whole
 
     def summary(self) -> dict[str, Any]:
         """Trainings and busy seconds per (device, slot), their totals, and the makespan seen so far."""
@@ -99,57 +109,55 @@ class TraceRecorder:
         }
 
     def close(self) -> None:
-        """Finish both files (the Chrome trace gets its closing bracket); safe to call more than once."""
+        """Flush and close both files; safe to call more than once."""
         for sub in self._subs:
             sub.unsubscribe()
         self._closed = True
-        if self._file is None:
+        if not self._opened:
             return
         try:
             self._close_validations()
-            self._file.close()
-            self._chrome.write("\n]\n")  # type: ignore[union-attr]
-            self._chrome.close()  # type: ignore[union-attr]
+            for stream in (self._file, self._chrome):
+                if stream is not None:
+                    stream.close()
         finally:
             self._file = self._chrome = None
+            self._opened = False
+
+    def _flush(self) -> None:
+        for stream in (self._file, self._chrome):
+            if stream is not None:
+                stream.flush()
 
     def _open(self, ev: ExperimentStarted) -> None:
-        self.events_path.parent.mkdir(parents=True, exist_ok=True)
+        self._opened = True
         # A resumed run continues the events and the trace of the run it resumes.
-        mode = "a" if ev.resumed else "w"
-        self._file = open(self.events_path, mode, encoding="utf-8", buffering=1 << 16)
+        if self.events_path is not None:
+            self.events_path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = LineStream(self.events_path, keep=ev.resumed, compress=self.compress_events)
         self._t0 = ev.mono_time
-        self._chrome = self._open_chrome(ev.resumed)
+        if self.chrome_path is not None:
+            self.chrome_path.parent.mkdir(parents=True, exist_ok=True)
+            self._chrome = self._open_chrome(ev.resumed)
         for device in ev.devices:
             self._pid(device)
 
-    def _open_chrome(self, resumed: bool) -> IO[str]:
-        """The trace as a JSON array, appended to as spans end, so a long run keeps none of it in memory.
+    def _open_chrome(self, resumed: bool) -> AppendArray:
+        """The trace as a JSON array that parses after every write; spans are appended as they end.
 
-        The trace event format allows the closing ``]`` to be missing, so the trace of a run that died
-        still opens. A resumed run appends after the spans it finds, its clock shifted to start after them.
+        A resumed run continues the trace it finds (never rewriting what is there; a tail cut short by a
+        kill is cut back to its last whole span), its clock shifted to start one second after those spans.
         """
-        if resumed and self.chrome_path.exists():
-            text = self.chrome_path.read_text(encoding="utf-8").rstrip()
-            text = text[:-1].rstrip() if text.endswith("]") else text.rstrip(",")
-            try:
-                earlier = json.loads(text + "]") if text.startswith("[") else []
-            except ValueError:
-                earlier = None
-            if earlier is not None:
-                ends = [e.get("ts", 0) + e.get("dur", 0) for e in earlier if isinstance(e, dict)]
-                self._offset_us = max(ends, default=0.0) + 1e6  # a one-second gap marks the restart
-                self._first_chrome_event = not earlier
-                chrome = open(self.chrome_path, "w", encoding="utf-8", buffering=1 << 16)
-                chrome.write(text)
-                return chrome
-        chrome = open(self.chrome_path, "w", encoding="utf-8", buffering=1 << 16)
-        chrome.write("[")
+        chrome = AppendArray(self.chrome_path, keep=resumed)  # type: ignore[arg-type]
+        if chrome.earlier:
+            ends = [e.get("ts", 0) + e.get("dur", 0) for e in chrome.earlier if isinstance(e, dict)]
+            self._offset_us = max(ends, default=0.0) + 1e6  # a one-second gap marks the restart
+        chrome.earlier = []  # read once for the offset; a long run keeps none of its trace in memory
         return chrome
 
     def _put(self, event: dict[str, Any]) -> None:
-        self._chrome.write(("\n" if self._first_chrome_event else ",\n") + _encode(event))  # type: ignore[union-attr]
-        self._first_chrome_event = False
+        if self._chrome is not None:
+            self._chrome.add(event)
 
     def _close_validations(self) -> None:
         for _, span in self._open_val.values():

@@ -15,6 +15,7 @@ from fedevents.engine.errors import ConfigError
 from fedevents.cli.main import report_main
 from fedevents.cli.report import (
     build_report,
+    find_records,
     format_csv,
     format_markdown,
     format_table,
@@ -47,9 +48,10 @@ def classification_record() -> dict[str, Any]:
         3           .375* .875*        .5*   .8125
 
     final   c0 (.375 + .875) / 2 = .625      c1 (.5 + .8125) / 2 = .65625    mean .640625
-    avg acc c0 over a, b: .625               c1 over a only: .5              mean .5625
-    FedSTIL c0 a: .75 .5 .375, peak .75: (.25 + .375) / 2 = .3125; b never falls
-            c1 a: .875 .5: .375                                              mean .34375
+    avg acc at round 3 over every task (FedSTIL's accuracy_on_round): as final                   mean .640625
+    FedSTIL c0 a: .125 .75 .5 .375, peak .75 (round 1): samples .25 .375; b peaks in round 3: none
+            pooled (.25 + .375) / 2 = .3125
+            c1 a: .25 .25 .875 .5, peak .875: .375; b peaks in round 3: none  mean .34375
     max-fin c0 a: .75 - .375 = .375 (b is the last trained task)
             c1: a is its last trained task: none                             mean .375
     BWT     c0 a ended in round 1: .375 - .75 = -.375;  c1: no earlier task  mean -.375
@@ -133,7 +135,7 @@ def test_a_classification_record_is_summarised_on_val_acc_per_client_then_averag
     assert (exp.label, exp.method, exp.status, exp.last_round, exp.metric) == ("cl", "fedavg", "finished", 3, "val_acc")
     assert exp.final == 0.640625
     assert exp.final_map is None
-    assert exp.average_accuracy == 0.5625
+    assert exp.average_accuracy == 0.640625
     assert exp.forgetting_fedstil == 0.34375
     assert exp.forgetting_max_final == 0.375
     assert exp.backward_transfer == -0.375
@@ -156,14 +158,70 @@ def test_a_chosen_metric_replaces_the_primary_one() -> None:
 
 
 def test_a_failed_training_still_moves_the_client_along_its_task_stream() -> None:
-    # Rounds 1 (a), 2 (b, failed), 3 (c): the engine counted round 2, so c, not b, trained in round 3.
-    # Seen in round 3: a, b and c: (.5 + .25 + .75) / 3 = .5. Without the failure it would be (.5 + .25) / 2.
+    """Rounds 1 (a), 2 (b, failed), 3 (c): the engine counted round 2, so c, not b, trained in round 3.
+
+    Started by round 3: a, b and c, so b is an earlier task. max-final: a max(.75, .5) - .5 = .25,
+    b .25 - .25 = 0, c is the last: (.25 + 0) / 2 = .125. Without the failure b would be the last task
+    started and only a would count: .25.
+    """
     record = {
         "config": {"exp_name": "f", "clients": [{"client_name": "c0", "tasks": ["a", "b", "c"]}]},
-        "data": {"c0": {"1": trained({}, "a"), "3": trained(val(a=0.5, b=0.25, c=0.75), "c")}},
+        "data": {"c0": {"1": trained(val(a=0.75), "a"), "2": val(a=0.5, b=0.25, c=0.0),
+                        "3": trained(val(a=0.5, b=0.25, c=0.75), "c")}},
         "failures": [{"round": 2, "client": "c0", "task": "b", "phase": "train", "error": "OSError: disk"}],
     }
-    assert row(build_report([record])).average_accuracy == 0.5
+    assert row(build_report([record])).forgetting_max_final == 0.125
+
+
+def fedstil_record() -> dict[str, Any]:
+    """Two clients, tasks t0 then t1, validated every round on both; mAP by round (training adds tr_ metrics):
+
+        round   c0: t0    t1        c1: t0    t1
+        0           .25   .125          .5    .5
+        1           .625  .375          .375  .5
+        2           .5    .25           .625  .25
+        3           .75   .125          .25   .5
+
+    FedSTIL's forgetting_on_round(R=3): per task the best value and the first round reaching it, then
+    best - value for every later round, pooled over the client's tasks:
+        c0  t0 best .75 in round 3: no later round;  t1 best .375 in round 1: .125, .25
+            (.125 + .25) / 2 = .1875
+        c1  t0 best .625 in round 2: .375;           t1 best .5 first in round 0: 0, .25, 0
+            (.375 + 0 + .25 + 0) / 4 = .15625
+        total (.1875 + .15625) / 2 = .171875
+    (A first-local-peak, per-task mean would give c0 t0 (.125 - .125) / 2 = 0, t1 .1875 -> .09375.)
+    FedSTIL's accuracy_on_round(R=3): c0 (.75 + .125) / 2 = .4375, c1 (.25 + .5) / 2 = .375; total .40625
+    """
+    maps = {"c0": ([.25, .625, .5, .75], [.125, .375, .25, .125]),
+            "c1": ([.5, .375, .625, .25], [.5, .5, .25, .5])}
+    data = {client: {str(r): {"t0": {"val_map": t0[r], "val_rank_1": 0.5},
+                              "t1": {"val_map": t1[r], "val_rank_1": 0.5}} for r in range(4)}
+            for client, (t0, t1) in maps.items()}
+    for client, rnd, task in (("c0", 1, "t0"), ("c0", 2, "t1"), ("c1", 1, "t0"), ("c1", 3, "t1")):
+        data[client][str(rnd)][task].update(tr_acc=0.5, tr_loss=1.0)
+    return {
+        "config": {"exp_name": "fs", "exp_method": "fedstil",
+                   "clients": [{"client_name": c, "tasks": ["t0", "t1"]} for c in ("c0", "c1")]},
+        "status": "finished", "last_round": 3, "data": data,
+    }
+
+
+def test_forgetting_and_average_accuracy_equal_fedstils_analysis_scripts() -> None:
+    exp = row(build_report([fedstil_record()], metric="val_map"))
+    assert exp.forgetting_fedstil == 0.171875
+    assert exp.average_accuracy == 0.40625
+
+
+def test_a_run_with_one_task_has_no_forgetting_and_no_bwt() -> None:
+    record = fedstil_record()
+    record["config"]["clients"] = [{"client_name": c, "tasks": ["t0"]} for c in ("c0", "c1")]
+    for rounds in record["data"].values():
+        for tasks in rounds.values():
+            del tasks["t1"]
+    exp = row(build_report([record], metric="val_map"))
+    assert (exp.forgetting_fedstil, exp.forgetting_max_final, exp.backward_transfer) == (None, None, None)
+    assert exp.average_accuracy == 0.5  # round 3: c0 .75, c1 .25
+    assert "n/a" in format_table(build_report([record], metric="val_map")).splitlines()[2].split()
 
 
 def test_what_a_record_cannot_give_is_none_and_nothing_crashes() -> None:
@@ -197,7 +255,7 @@ def test_the_terminal_table_has_fixed_width_columns_and_n_a_for_missing_values()
         "  forget max-final      BWT  uploads  upload bytes",
         "----------  ------  -----------  ------  ----------  ------  ------  -------  --------------"
         "  ----------------  -------  -------  ------------",
-        "cl          fedavg  finished          3  val_acc     0.6406     n/a   0.5625          0.3438"
+        "cl          fedavg  finished          3  val_acc     0.6406     n/a   0.6406          0.3438"
         "            0.3750  -0.3750        4           n/a",
         "reid        fedavg  interrupted       6  val_rank_1  0.5000  0.3125   0.5000          0.2500"
         "            0.2500  -0.2500        4           n/a",
@@ -212,7 +270,7 @@ def test_markdown_holds_the_table_and_links_the_plots() -> None:
     assert lines[2] == ("| experiment | method | status | rounds | metric | final | mAP | avg acc | forget FedSTIL "
                         "| forget max-final | BWT | uploads | upload bytes |")
     assert lines[3].startswith("| :--- | :--- | :--- | ---: | :--- | ---: |")
-    assert lines[4] == ("| cl | fedavg | finished | 3 | val_acc | 0.6406 | n/a | 0.5625 | 0.3438 | 0.3750 | -0.3750 "
+    assert lines[4] == ("| cl | fedavg | finished | 3 | val_acc | 0.6406 | n/a | 0.6406 | 0.3438 | 0.3750 | -0.3750 "
                         "| 4 | 1,234,567 |")
     assert "![cl-curves](cl-curves.png)" in lines
 
@@ -221,7 +279,7 @@ def test_csv_keeps_full_precision_and_the_run_id() -> None:
     rows = list(csv.DictReader(io.StringIO(format_csv(build_report([classification_record()])))))
     assert rows == [{
         "experiment": "cl", "method": "fedavg", "status": "finished", "rounds": "3", "metric": "val_acc",
-        "final": "0.640625", "final_map": "n/a", "average_accuracy": "0.5625", "forgetting_fedstil": "0.34375",
+        "final": "0.640625", "final_map": "n/a", "average_accuracy": "0.640625", "forgetting_fedstil": "0.34375",
         "forgetting_max_final": "0.375", "bwt": "-0.375", "uploads": "4", "upload_bytes": "n/a", "run_id": "cl-1",
     }]
 
@@ -241,13 +299,16 @@ def test_report_main_prints_the_table_and_writes_tables_and_plots(tmp_path: Path
     assert report_main(argparse.Namespace(records=paths, out=str(out), metric=None)) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("experiment  method  status")
-    assert printed.splitlines()[-1] == f"report: wrote report.md, report.csv and 5 plot(s) to {out}"
-    pngs = ["cl-curves.png", "cl-matrix.png", "comparison.png", "reid-curves.png", "reid-matrix.png"]
-    assert sorted(p.name for p in out.glob("*.png")) == pngs
-    for name in pngs:
-        data = (out / name).read_bytes()
-        assert data[:8] == PNG_SIGNATURE and len(data) > 1000, name
-    assert sorted(p.name for p in out.iterdir()) == sorted(pngs + ["report.csv", "report.md"])
+    assert printed.splitlines()[-1] == f"report: wrote report.md, report.csv and 8 plot(s) to {out}"
+    stems = ["cl-curves", "cl-matrix", "cl-task-groups", "comparison", "forgetting", "reid-curves", "reid-matrix",
+             "reid-task-groups"]
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{s}.png" for s in stems]
+    for stem in stems:
+        data = (out / f"{stem}.png").read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 1000, stem
+        assert (out / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-", stem  # for a paper
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{s}.{ext}" for s in stems for ext in ("png", "pdf")] + ["report.csv", "report.md"])
     assert "![comparison](comparison.png)" in (out / "report.md").read_text()
 
 
@@ -256,7 +317,26 @@ def test_one_record_gets_no_comparison_plot(tmp_path: Path) -> None:
     from fedevents.cli.report_plots import plot_report
 
     written = plot_report(build_report([reid_record()]), tmp_path)
-    assert [p.name for p in written] == ["reid-curves.png", "reid-matrix.png"]
+    assert [p.name for p in written] == ["reid-curves.png", "reid-matrix.png", "reid-task-groups.png"]
+
+
+def test_runs_that_differ_only_in_their_seed_get_a_band_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from fedevents.cli.report_plots import plot_report
+
+    runs = []
+    for seed in (1, 2):
+        record = classification_record()
+        record["config"]["random_seed"], record["run_id"] = seed, f"cl-{seed}"
+        record["config"]["logs_dir"] = f"logs-{seed}"  # where files go does not split a group
+        runs.append(record)
+    other = reid_record()
+    report = build_report([*runs, other])
+    assert [e.seed for e in report.experiments] == [1, 2, None]
+    assert report.experiments[0].group == report.experiments[1].group != report.experiments[2].group
+    written = [p.name for p in plot_report(report, tmp_path, formats=("png", "svg"))]
+    assert written[-3:] == ["comparison.png", "forgetting.png", "seeds.png"]
+    assert (tmp_path / "seeds.svg").read_text().lstrip().startswith("<?xml")
 
 
 # --- bad input ---------------------------------------------------------------------------------------------
@@ -328,3 +408,45 @@ def test_without_matplotlib_the_tables_are_still_written_and_the_plots_named_as_
         "report: plots skipped: matplotlib is not installed (pip install 'matplotlib>=3.8' to get them)\n"
     )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.csv", "report.md"]
+
+
+# --- finding records ---------------------------------------------------------------------------------------
+
+
+def logs_folder(tmp_path: Path) -> Path:
+    """A logs folder as runs leave it: two records, a trace and an events stream each, and a dry run's record."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    write_json(logs / "cl-1.json", classification_record())
+    write_json(logs / "reid-1.json", reid_record())
+    write_json(logs / "cl-1.trace.json", [{"ph": "M", "name": "process_name", "pid": 1, "tid": 0}])
+    (logs / "cl-1.events.jsonl").write_text('{"event": "ExperimentStarted"}\n')
+    write_json(logs / "dry-1.json", {"config": {"exp_name": "dry"}, "run_id": "dry-1", "dry_run": True,
+                                     "status": "finished", "data": {"c0": {"0": {"t0": {}}}}})
+    return logs
+
+
+def test_a_logs_folder_gives_its_records_and_leaves_out_the_dry_run_with_a_note(tmp_path: Path) -> None:
+    logs = logs_folder(tmp_path)
+    found, notes = find_records([logs])
+    assert [path.name for path, _ in found] == ["cl-1.json", "reid-1.json"]
+    assert notes == [f"report: left out {logs / 'dry-1.json'}: a dry-run record (no scores)"]
+
+
+def test_a_shell_glob_over_records_and_traces_leaves_the_traces_out(tmp_path: Path) -> None:
+    """Regression: `fedevents report logs/*.json` failed with "expected a fedevents JSON record, found a JSON array"."""
+    logs = logs_folder(tmp_path)
+    (logs / "old-trace.json").write_text('[\n{"ph":"M","name":"process_name","pid":1,"tid":0}')  # killed, older form
+    found, notes = find_records(sorted(logs.glob("*.json")))
+    assert [path.name for path, _ in found] == ["cl-1.json", "reid-1.json"]
+    assert notes == [
+        f"report: left out {logs / 'cl-1.trace.json'}: a Perfetto trace, not a record",
+        f"report: left out {logs / 'dry-1.json'}: a dry-run record (no scores)",
+        f"report: left out {logs / 'old-trace.json'}: a Perfetto trace, not a record",
+    ]
+
+
+def test_a_folder_without_records_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        find_records([tmp_path])
+    assert str(info.value) == f"report: {tmp_path}: expected a folder holding fedevents JSON records, found none"

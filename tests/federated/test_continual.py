@@ -4,6 +4,7 @@ import pytest
 
 from fedevents.federated.continual import (
     accuracy_matrix,
+    accuracy_on_round,
     average_accuracy,
     backward_transfer,
     forgetting_fedstil,
@@ -67,24 +68,36 @@ def test_average_accuracy_at_an_unscored_round_is_named() -> None:
     assert str(info.value) == "round: expected one of the scored rounds [0, 1, 2, 3, 4], found 7"
 
 
-def test_fedstil_forgetting_is_the_mean_fall_below_each_tasks_first_peak() -> None:
-    # a: 50 80 60 70 50 -> first decrease after 80; (80-60 + 80-70 + 80-50) / 3 = 60 / 3 = 20
-    # b: 40 90 75       -> first decrease after 90; (90-75) / 1 = 15
-    # c: 55             -> no later value, left out
-    # (20 + 15) / 2 = 17.5
-    assert forgetting_fedstil(SCORES, TASKS) == 17.5
+def test_fedstil_forgetting_pools_the_falls_below_each_tasks_peak_over_all_tasks() -> None:
+    # a: 50 80 60 70 50 -> peak 80 (round 1); samples 80-60, 80-70, 80-50 = 20, 10, 30
+    # b: 40 90 75       -> peak 90 (round 3); sample 90-75 = 15
+    # c: 55             -> no later round, no sample
+    # pooled: (20 + 10 + 30 + 15) / 4 = 18.75 (a mean of task means would give 17.5)
+    assert forgetting_fedstil(SCORES, TASKS) == 18.75
 
 
-def test_fedstil_forgetting_keeps_the_first_peak_even_when_a_later_one_is_higher() -> None:
-    # 50 80 60 90 70: first peak 80; (80-60 + 80-90 + 80-70) / 3 = (20 - 10 + 10) / 3 = 20 / 3
+def test_fedstil_forgetting_takes_the_best_score_not_the_first_local_peak() -> None:
+    # 50 80 60 90 70: the peak is 90 (round 3); one later round: 90 - 70 = 20
     scores = {r: {"a": v} for r, v in enumerate([50.0, 80.0, 60.0, 90.0, 70.0])}
-    assert forgetting_fedstil(scores, ["a"]) == 20 / 3
+    assert forgetting_fedstil(scores, ["a"]) == 20.0
 
 
-def test_fedstil_forgetting_takes_the_peak_at_the_end_of_a_plateau() -> None:
-    # 50 50 40: the score first decreases after round 1; (50 - 40) / 1 = 10
+def test_fedstil_forgetting_counts_from_the_first_round_reaching_the_peak() -> None:
+    # 50 50 40: the peak 50 is first reached in round 0; samples 50-50, 50-40 = 0, 10; mean 5
     scores = {0: {"a": 50.0}, 1: {"a": 50.0}, 2: {"a": 40.0}}
-    assert forgetting_fedstil(scores, ["a"]) == 10.0
+    assert forgetting_fedstil(scores, ["a"]) == 5.0
+
+
+def test_fedstil_forgetting_ignores_rounds_after_the_one_asked_for() -> None:
+    # Up to round 3: a: 50 80 60 70 -> 20, 10;  b: 40 90 -> none. (20 + 10) / 2 = 15
+    assert forgetting_fedstil(SCORES, TASKS, 3) == 15.0
+
+
+def test_fedstil_accuracy_on_round_is_the_mean_over_the_tasks_scored_that_round() -> None:
+    # round 4: (50 + 75 + 55) / 3 = 60;  round 2: (60 + 40) / 2 = 50;  round 9 scores nothing
+    assert accuracy_on_round(SCORES) == 60.0
+    assert accuracy_on_round(SCORES, 2) == 50.0
+    assert accuracy_on_round(SCORES, 9) is None
 
 
 def test_fedstil_forgetting_of_scores_that_never_fall_is_undefined() -> None:

@@ -1,7 +1,8 @@
-"""LogSink: JSON lines for every event and log line, a person-sized console, structlog left as found."""
+"""LogSink: JSON lines for every log line (the events live in the events stream), a person-sized console."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import re
@@ -18,8 +19,6 @@ from fedevents.engine.events import (
     ExperimentFailed,
     RoundFinished,
     RoundStarted,
-    TrainDone,
-    to_dict,
 )
 from fedevents.handlers import LogSink, configure_logging
 
@@ -56,26 +55,41 @@ async def test_no_file_before_experiment_started(tmp_path: Path, bus, run) -> No
     assert not (tmp_path / "logs").exists()
 
 
-async def test_every_event_is_one_json_line_bound_to_the_run(sink, run) -> None:
+async def test_the_log_holds_log_lines_and_not_the_events_again(sink, run) -> None:
+    """Each event is written once, by the events stream; the log has the run's lines, bound to the run."""
     await run.start()
     await run.round_one()
     await run.finish()
     sink.close()
-    lines = [line for line in read_lines(sink.jsonl_path) if line["logger"] == "fedevents.events"]
-    assert [line["event"] for line in lines] == [type(e).__name__ for e in run.emitted]
-    assert [line["fields"] for line in lines] == [to_dict(e) for e in run.emitted]
+    lines = read_lines(sink.jsonl_path)
+    assert [(line["logger"], line["event"].split("  ")[0]) for line in lines] == [
+        ("fedevents.run", "experiment demo started"),
+        ("fedevents.run", "round 1/2"),
+        ("fedevents.run", "experiment demo finished"),
+    ]
     assert {line["run_id"] for line in lines} == {"demo-run"}
-    assert {line["level"] for line in lines} == {"info"}
 
 
-async def test_event_lines_carry_the_bound_round_and_client(sink, run) -> None:
+async def test_a_compressed_log_is_a_gzip_stream_that_standard_tools_read(tmp_path: Path, bus, run) -> None:
+    sink = LogSink(tmp_path / "run.log.jsonl.gz", console=None, compress=True)
+    sink.subscribe(bus)
     await run.start()
-    with bound_contextvars(round=1, client="c0", task="t0"):
-        await run.emit(TrainDone, 1.0, round=1, client="c0", task="t0", device="cpu", slot=0, waited_s=0.0,
-                       ran_s=1.0, samples=8, metrics={"tr_acc": 0.5})
+    await run.round_one()  # the round's end flushes: one gzip member
+    await run.finish()
     sink.close()
-    line = read_lines(sink.jsonl_path)[-1]
-    assert (line["event"], line["round"], line["client"], line["task"]) == ("TrainDone", 1, "c0", "t0")
+    with gzip.open(tmp_path / "run.log.jsonl.gz", "rt") as f:
+        lines = [json.loads(line) for line in f]
+    assert [line["event"].split("  ")[0] for line in lines] == [
+        "experiment demo started", "round 1/2", "experiment demo finished"]
+
+
+async def test_without_a_file_the_console_still_gets_the_summary(bus, run, console) -> None:
+    sink = LogSink(None, console=console, pretty=False)
+    sink.subscribe(bus)
+    await run.start()
+    await run.round_one()
+    sink.close()
+    assert console_messages(console)[-1].startswith("[info] round 1/2  clients 2 trained")
 
 
 async def test_a_worker_thread_line_carries_the_dispatching_task_context(sink, run) -> None:
@@ -167,7 +181,7 @@ async def test_pretty_console_uses_the_console_renderer(tmp_path: Path, bus, run
     assert "\x1b[" in console.getvalue()  # ConsoleRenderer colours
 
 
-async def test_level_warning_hides_summaries_but_the_file_keeps_everything(tmp_path: Path, bus, run, console) -> None:
+async def test_level_warning_hides_summaries_but_the_file_keeps_them(tmp_path: Path, bus, run, console) -> None:
     sink = LogSink(tmp_path / "run.jsonl", console=console, pretty=False, level="warning")
     sink.subscribe(bus)
     try:
@@ -176,7 +190,7 @@ async def test_level_warning_hides_summaries_but_the_file_keeps_everything(tmp_p
     finally:
         sink.close()
     assert console.getvalue() == ""
-    assert sum(line["logger"] == "fedevents.events" for line in read_lines(tmp_path / "run.jsonl")) == len(run.emitted)
+    assert sum(line["logger"] == "fedevents.run" for line in read_lines(tmp_path / "run.jsonl")) == 2
 
 
 async def test_close_restores_structlog_and_is_idempotent(sink, run) -> None:

@@ -1,0 +1,106 @@
+"""Append-only JSON-lines files, plain or gzip, written in whole lines so a kill never leaves half a line.
+
+Lines are buffered and written by ``flush()`` in one ``write`` of whole lines. A gzip stream is a series of
+complete gzip members, one per flush: ``zcat``, ``gzip -dc``, Python's ``gzip`` module and ``jq`` (through
+``zcat``) read the whole file, and a file cut after any member is still a valid stream. Only a kill inside
+one write can leave a broken tail; continuing the file (a resumed run) cuts it back to the last whole line
+or member first.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from pathlib import Path
+
+__all__ = ["LineStream", "trim_partial_tail"]
+
+_GZIP_WBITS = 31  # zlib's gzip container
+_GZIP_LEVEL = 6
+
+
+class LineStream:
+    """Appends text lines to ``path`` (gzip members when ``compress``); ``keep=True`` continues the file.
+
+    ``write`` takes text ending in newlines, as a text file does; it is thread-safe, since training
+    threads log too. Text waits in memory until ``flush()`` or until ``buffer_bytes`` are waiting.
+    """
+
+    def __init__(self, path: Path, *, keep: bool = False, compress: bool = False,
+                 buffer_bytes: int | None = None) -> None:
+        self.path = Path(path)
+        self.compress = compress
+        self._limit = buffer_bytes if buffer_bytes is not None else (1 << 20 if compress else 1 << 16)
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._lock = threading.Lock()
+        if keep and self.path.exists():
+            trim_partial_tail(self.path, compress=compress)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        else:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def write(self, text: str) -> int:
+        """Queue ``text`` (whole lines); write when the buffer is full."""
+        with self._lock:
+            self._pending.append(text)
+            self._pending_bytes += len(text)
+            if self._pending_bytes >= self._limit:
+                self._write_pending()
+        return len(text)
+
+    def flush(self) -> None:
+        """Write every queued line to the file."""
+        with self._lock:
+            self._write_pending()
+
+    def close(self) -> None:
+        """Flush and close; safe to repeat."""
+        with self._lock:
+            if self._fd < 0:
+                return
+            try:
+                self._write_pending()
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def _write_pending(self) -> None:
+        if not self._pending or self._fd < 0:
+            return
+        data = "".join(self._pending).encode("utf-8")
+        self._pending.clear()
+        self._pending_bytes = 0
+        if self.compress:
+            packer = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, _GZIP_WBITS)
+            data = packer.compress(data) + packer.flush()
+        os.write(self._fd, data)
+
+
+def trim_partial_tail(path: Path, *, compress: bool) -> None:
+    """Cut ``path`` back to its last whole line (plain) or its last whole gzip member (``compress``)."""
+    data = path.read_bytes()
+    keep = _whole_members(data) if compress else data.rfind(b"\n") + 1
+    if keep < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+
+
+def _whole_members(data: bytes) -> int:
+    """The length of the prefix of ``data`` made of complete gzip members."""
+    end = 0
+    while end < len(data):
+        unpacker = zlib.decompressobj(_GZIP_WBITS)
+        try:
+            unpacker.decompress(data[end:])
+        except zlib.error:
+            break
+        if not unpacker.eof:
+            break
+        end = len(data) - len(unpacker.unused_data)
+    return end

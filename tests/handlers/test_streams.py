@@ -1,0 +1,68 @@
+"""LineStream: whole lines, plain or as gzip members, and a tail cut by a kill trimmed when continued."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+from pathlib import Path
+
+from fedevents.handlers.streams import LineStream, trim_partial_tail
+
+
+def test_lines_wait_until_flushed_and_are_written_whole(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    stream = LineStream(path)
+    stream.write('{"i":1}\n')
+    assert path.read_text() == ""
+    stream.flush()
+    stream.write('{"i":2}\n')
+    stream.close()
+    assert path.read_text() == '{"i":1}\n{"i":2}\n'
+
+
+def test_a_full_buffer_is_written_without_waiting_for_a_flush(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    stream = LineStream(path, buffer_bytes=16)
+    stream.write('{"i":1}\n')
+    stream.write('{"i":2}\n')  # 16 bytes waiting: written
+    assert path.read_text() == '{"i":1}\n{"i":2}\n'
+    stream.close()
+
+
+def test_each_flush_of_a_compressed_stream_is_a_member_zcat_reads(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl.gz"
+    stream = LineStream(path, compress=True)
+    stream.write('{"i":1}\n')
+    stream.flush()
+    stream.write('{"i":2}\n')
+    stream.close()
+    assert gzip.decompress(path.read_bytes()) == b'{"i":1}\n{"i":2}\n'
+    assert subprocess.run(["zcat", str(path)], capture_output=True, check=True).stdout == b'{"i":1}\n{"i":2}\n'
+
+
+def test_continuing_a_plain_stream_drops_a_half_written_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(b'{"i":1}\n{"i":2}\n{"i":3,"cut')
+    stream = LineStream(path, keep=True)
+    stream.write('{"i":4}\n')
+    stream.close()
+    assert path.read_text() == '{"i":1}\n{"i":2}\n{"i":4}\n'
+
+
+def test_continuing_a_compressed_stream_drops_a_half_written_member(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl.gz"
+    whole = gzip.compress(b'{"i":1}\n') + gzip.compress(b'{"i":2}\n')
+    path.write_bytes(whole + gzip.compress(b'{"i":3}\n')[:-5])
+    trim_partial_tail(path, compress=True)
+    assert path.read_bytes() == whole
+    stream = LineStream(path, keep=True, compress=True)
+    stream.write('{"i":4}\n')
+    stream.close()
+    assert gzip.decompress(path.read_bytes()) == b'{"i":1}\n{"i":2}\n{"i":4}\n'
+
+
+def test_a_new_stream_replaces_an_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    path.write_text("old\n")
+    LineStream(path).close()
+    assert path.read_text() == ""
