@@ -34,6 +34,8 @@ class FedSTIL(Method):
     """FedSTIL as in its paper's code, with the anchors frozen and one-client dispatch defined."""
 
     name = "fedstil"
+    # FedSTIL's code keeps one checkpoint per task for a client without model_ckpt_name (FEDSTIL.md §3.12).
+    models_per_task = True
     defaults = {"lambda_l1": 1e-4, "lambda_k": 8000, "atten_default": 0.8,
                 "distance_calculate_step": 10, "distance_calculate_decay": 0.8}
 

@@ -34,6 +34,8 @@ class FedWeIT(Method):
     """FedWeIT as FedSTIL's code re-implements it, with the approximation loss made real."""
 
     name = "fedweit"
+    # FedSTIL's code keeps one checkpoint per task for a client without model_ckpt_name (FEDSTIL.md §3.12).
+    models_per_task = True
     defaults = {"lambda_l1": 1e-3, "lambda_l2": 1e-3, "lambda_mask": 0.0, "kb_cnt": 5}
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
