@@ -16,7 +16,7 @@ from .bus import EventBus
 from .config import ExperimentConfig
 from .context import RunContext, new_run_id
 from .devices import DevicePool
-from .errors import ConfigError
+from .errors import ConfigError, FedEventsError, RunFailed
 from .runner import Engine
 
 __all__ = ["Experiment", "ResumePoint", "RunPaths"]
@@ -71,6 +71,7 @@ class Experiment:
         self.dry_run = dry_run
         self.resume = resume
         self.bus = EventBus()
+        self.bus.time_limit_s = config.data.get("exp_opts", {}).get("handler_timeout_s")
         # ``devices`` replaces the config's list when an executor discovers them (the nodes of a cluster).
         self.pool = DevicePool(tuple(devices) if devices else config.devices, config.parallel)
         self.paths = RunPaths(config.logs_dir, run_id or _unused_run_id(config))
@@ -126,10 +127,25 @@ class Experiment:
                 await _run_with_signals(self.engine)
             else:
                 await self.engine.run()
-        finally:
-            for close in reversed(self._closers):
+        except BaseException:
+            self._close()  # the run's own error is the one to report; closing errors would only echo it
+            raise
+        failed = self._close()
+        if failed is not None:
+            raise failed
+
+    def _close(self) -> FedEventsError | None:
+        """Call every closer, even after one fails; give the first failure as a one-line error."""
+        first: FedEventsError | None = None
+        for close in reversed(self._closers):
+            try:
                 close()
-            self._closers.clear()
+            except Exception as exc:
+                if first is None:
+                    first = exc if isinstance(exc, FedEventsError) else RunFailed(
+                        f"closing the run failed: {type(exc).__name__}: {exc}")
+        self._closers.clear()
+        return first
 
 
 async def _run_with_signals(engine: Engine) -> None:

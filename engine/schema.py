@@ -6,6 +6,7 @@ Every check raises ``SpecError(path, message)``; the loader adds the file name i
 from __future__ import annotations
 
 import difflib
+import math
 import reprlib
 import re
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ class Float(Spec):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(value, path)
         value = float(value)
-        if value != value or (self.positive and value <= 0):
+        if not math.isfinite(value) or (self.positive and value <= 0):  # NaN and infinities too
             raise self.fail(value, path)
         if self.min is not None and value < self.min:
             raise self.fail(value, path)

@@ -13,7 +13,6 @@ starts leaves no file) and puts the previous configuration back on ``close()``.
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -36,8 +35,11 @@ from fedevents.engine.events import (
     RoundFinished,
     TrainDone,
     ValDone,
+    strict_json,
     to_dict,
 )
+
+from .atomic import close_quietly, output_failed, trim_partial_line
 
 __all__ = ["LEVELS", "LogSink", "LoggingSetup", "SINK_PRIORITY", "configure_logging", "event_json"]
 
@@ -50,7 +52,7 @@ _LEVEL_NO = {name: 10 * (i + 1) for i, name in enumerate(LEVELS)}
 _LEVEL_NO.update(warn=30, exception=40, fatal=50, failure=40, msg=20, log=20)
 _CONSOLE_KEYS = ("timestamp", "level", "event")
 # One encoder for every line: json.dumps with options builds a new encoder on each call.
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_encode = strict_json  # strict JSON: a NaN metric is written as "NaN", never as a bare token
 _RAW_FIELDS = "_fields_json"
 
 
@@ -82,6 +84,7 @@ class _JsonlWriter:
     def __init__(self, stream: IO[str] | None) -> None:
         self._stream = stream
         self._lock = threading.Lock()
+        self.error: OSError | None = None
 
     def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
         raw = event_dict.pop(_RAW_FIELDS, None)
@@ -95,15 +98,24 @@ class _JsonlWriter:
             urgent = _LEVEL_NO.get(method, 20) >= 30
             with self._lock:
                 if self._stream is not None:
-                    self._stream.write(line + "\n")
-                    if urgent:  # a warning should survive a crash that follows it
-                        self._stream.flush()
+                    try:
+                        self._stream.write(line + "\n")
+                        if urgent:  # a warning should survive a crash that follows it
+                            self._stream.flush()
+                    except OSError as exc:  # kept for the sink to raise: any thread may be logging here
+                        self._broke(exc)
         return event_dict
 
     def flush(self) -> None:
         with self._lock:
             if self._stream is not None:
-                self._stream.flush()
+                try:
+                    self._stream.flush()
+                except OSError as exc:
+                    self._broke(exc)
+
+    def _broke(self, exc: OSError) -> None:
+        self.error, self._stream = exc, None  # stop writing: a failed file gets nothing more
 
     def detach(self) -> None:
         """Stop writing; the caller closes the stream."""
@@ -211,6 +223,11 @@ class LoggingSetup:
     def flush(self) -> None:
         """Flush the JSONL file (under the writers' lock)."""
         self._writer.flush()
+
+    @property
+    def error(self) -> OSError | None:
+        """The error that stopped writes to the JSONL file, if one did."""
+        return self._writer.error
 
     def restore(self) -> None:
         """Flush, stop writing to the file and restore the previous configuration; safe to repeat."""
@@ -323,6 +340,25 @@ class LogSink:
         return self._subs[-1:]
 
     def handle(self, event: Event) -> None:
+        try:
+            self._handle(event)
+        except OSError as exc:
+            self._failed_write(exc)
+        if self._logging is not None and self._logging.error is not None:
+            self._failed_write(self._logging.error)
+
+    def _failed_write(self, exc: OSError) -> None:
+        """Give the file up without a half line at its end, and stop the run with one line."""
+        if self._logging is not None:
+            self._logging.restore()
+            self._logging = None
+        close_quietly(self._file)
+        self._file = self._events = self._person = None
+        self._closed = True
+        trim_partial_line(self.jsonl_path)
+        raise output_failed(self.jsonl_path, exc)
+
+    def _handle(self, event: Event) -> None:
         if self._file is None and isinstance(event, ExperimentStarted) and not self._closed:
             self._open(event)
         if self._events is None:
@@ -360,9 +396,15 @@ class LogSink:
             sub.unsubscribe()
         if self._logging is not None:
             self._logging.restore()
-            self._logging = None
+            failed, self._logging = self._logging.error, None
+            if failed is not None:
+                self._failed_write(failed)
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as exc:
+                self._file = None
+                self._failed_write(exc)
             self._file = None
         self._events = self._person = None
 
@@ -370,6 +412,8 @@ class LogSink:
         self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
         # A resumed run continues the log of the run it resumes.
         mode = "a" if event.resumed else "w"
+        if event.resumed:  # a run stopped by a full disk may have left half a line
+            trim_partial_line(self.jsonl_path)
         self._file = open(self.jsonl_path, mode, encoding="utf-8", buffering=1 << 16)
         self._logging = configure_logging(
             self._file, console=self.console, pretty=self.pretty, level=self.level, bind={"run_id": event.run_id}

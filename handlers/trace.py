@@ -27,13 +27,15 @@ from fedevents.engine.events import (
     TrainStarted,
     ValDone,
     ValStarted,
+    strict_json,
 )
 
+from .atomic import close_quietly, output_failed, trim_partial_line
 from .logsink import SINK_PRIORITY, event_json
 
 __all__ = ["TraceRecorder"]
 
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_encode = strict_json  # strict JSON: a NaN metric is written as "NaN", never as a bare token
 
 
 class TraceRecorder:
@@ -62,6 +64,22 @@ class TraceRecorder:
         return self._subs[-1:]
 
     def handle(self, event: Event) -> None:
+        try:
+            self._handle(event)
+        except OSError as exc:
+            self._failed_write(exc)
+
+    def _failed_write(self, exc: OSError) -> None:
+        """Give both files up without a half line at their ends, and stop the run with one line."""
+        close_quietly(self._file)
+        close_quietly(self._chrome)
+        self._file = self._chrome = None
+        self._closed = True
+        for path in (self.events_path, self.chrome_path):
+            trim_partial_line(path)
+        raise output_failed(getattr(exc, "filename", None) or self.events_path, exc)
+
+    def _handle(self, event: Event) -> None:
         if self._file is None:
             if not isinstance(event, ExperimentStarted) or self._closed:
                 return
@@ -110,6 +128,8 @@ class TraceRecorder:
             self._file.close()
             self._chrome.write("\n]\n")  # type: ignore[union-attr]
             self._chrome.close()  # type: ignore[union-attr]
+        except OSError as exc:
+            self._failed_write(exc)
         finally:
             self._file = self._chrome = None
 
@@ -117,6 +137,8 @@ class TraceRecorder:
         self.events_path.parent.mkdir(parents=True, exist_ok=True)
         # A resumed run continues the events and the trace of the run it resumes.
         mode = "a" if ev.resumed else "w"
+        if ev.resumed:  # a run stopped by a full disk may have left half a line
+            trim_partial_line(self.events_path)
         self._file = open(self.events_path, mode, encoding="utf-8", buffering=1 << 16)
         self._t0 = ev.mono_time
         self._chrome = self._open_chrome(ev.resumed)
