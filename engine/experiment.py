@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -83,8 +84,10 @@ class Experiment:
 
     @property
     def finished(self) -> bool:
-        """Whether a resumed run had already finished every round: running it then does nothing."""
-        return self.resume is not None and self.resume.round >= self.config.rounds
+        """Whether a resumed run had already finished every round and its record says so: running it then
+        does nothing. A record its run could not finish writing (a full disk) is completed instead."""
+        return (self.resume is not None and self.resume.round >= self.config.rounds
+                and _record_status(self.paths.record) == "finished")
 
     def add(self, component: Any) -> Any:
         """Attach a component with ``subscribe(bus)`` (and, optionally, ``close()``, called after the run)."""
@@ -186,6 +189,14 @@ def _exit_now(signum: int, frame: object) -> None:
     # Every file fedevents writes is replaced atomically, so ending here loses no finished output.
     os.write(2, f"fedevents: {signal.Signals(signum).name} again; exiting now\n".encode())
     os._exit(128 + signum)
+
+
+def _record_status(path: Path) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _unused_run_id(config: ExperimentConfig) -> str:

@@ -16,16 +16,17 @@ import subprocess
 from pathlib import Path
 
 class Spoil:
-    """On RoundStarted of `round`, fills the file system of `folder` to the last byte, or turns it read-only
+    """On the event `at` of `round`, fills the file system of `folder` to the last byte, or turns it read-only
     (a read-only bind mount over it: files opened before stay writable, as Linux allows nothing else)."""
-    def __init__(self, folder, round, how):
-        self.folder, self.round, self.how = Path(folder), round, how
+    def __init__(self, folder, round, how, at="RoundStarted"):
+        self.folder, self.round, self.how, self.at, self.done = Path(folder), round, how, at, False
     def subscribe(self, bus):
-        from fedevents.engine import RoundStarted
-        return [bus.subscribe(RoundStarted, self)]
+        from fedevents import engine
+        return [bus.subscribe(getattr(engine, self.at), self)]
     def __call__(self, ev):
-        if ev.round != self.round:
+        if self.done or ev.round != self.round:
             return
+        self.done = True
         if self.how == "read-only":
             subprocess.run(["mount", "--bind", "-o", "ro", str(self.folder), str(self.folder)], check=True)
             return
@@ -106,3 +107,26 @@ def test_a_logs_folder_that_cannot_be_written_stops_the_run_and_resume_completes
     assert (rec["data"], rec["comm"]) == (ref["data"], ref["comm"])
     for path in small_disk.iterdir():
         parses(path)
+
+
+def test_a_record_left_unfinished_by_a_full_disk_is_completed_by_resume(
+        tmp_path: Path, small_disk: Path, reference: Path) -> None:
+    exp = experiment(tmp_path)
+    (tmp_path / "spoil.py").write_text(FILLER)
+    # After round 7's record and before its checkpoint: the final "finished" cannot be written.
+    spoil = {"target": "spoil:Spoil", "kwargs": {"folder": str(small_disk), "round": 7, "how": "full",
+                                                  "at": "RoundFinished"}}
+    run = fedevents("run", str(exp), "--set", f"handlers=[{json.dumps(spoil)}]", cwd=tmp_path)
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    rec = record(tmp_path)
+    assert (rec["status"], rec["last_round"], checkpointed_rounds(tmp_path)[-1]) == ("running", 7, 7)
+    (small_disk / "filler").unlink()
+    resumed = fedevents("run", str(exp), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    rec, ref = record(tmp_path), record(reference)
+    assert rec["status"] == "finished"
+    assert (rec["data"], rec["comm"]) == (ref["data"], ref["comm"])
+    again = fedevents("run", str(exp), "--resume", cwd=tmp_path)  # now there is nothing left to do
+    assert again.returncode == 0 and "already finished" in again.stderr
+    assert record(tmp_path) == rec
