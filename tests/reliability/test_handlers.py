@@ -86,7 +86,7 @@ def test_one_signal_stops_a_run_whose_handler_never_returns(tmp_path: Path, at: 
     assert rec["status"] == "interrupted"
     assert rec["error"].startswith(f"stopped by {sig}; resume from round 2")
     # The documented grace, plus the final record and the interpreter's exit: never the hang's forever.
-    assert STOP_GRACE_S <= took < STOP_GRACE_S + 10
+    assert STOP_GRACE_S <= took < STOP_GRACE_S + 25
 
 
 def test_a_handler_over_its_time_limit_is_cancelled_and_named(tmp_path: Path) -> None:
