@@ -22,15 +22,16 @@ import os, signal, time
 import anyio
 
 class Hang:
-    """An async handler that never returns once it sees `at` in `round` (after sending `signal`, if any)."""
+    """An async handler that never returns once it sees `at` in `round` (after sending `signal` once, if any)."""
     def __init__(self, at, round, signal=None):
-        self.at, self.round, self.signal = at, round, signal
+        self.at, self.round, self.signal, self.fired = at, round, signal, False
     def subscribe(self, bus):
         from fedevents.engine import ALL
         return [bus.subscribe(ALL, self)]
     async def __call__(self, ev):
         if type(ev).__name__ == self.at and getattr(ev, "round", None) == self.round:
-            if self.signal:
+            if self.signal and not self.fired:
+                self.fired = True
                 with open("signalled_at", "w") as f:
                     f.write(repr(time.time()))
                 os.kill(os.getpid(), getattr(signal, self.signal))
