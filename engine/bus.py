@@ -6,20 +6,31 @@ after another, never concurrently, so a sync handler sees events one at a time o
 
 Two roles:
 - a *sink* (the default) observes. If it raises, the error is logged with the event, counted in
-  ``bus.sink_errors``, and the remaining handlers still run.
+  ``bus.sink_errors``, and the remaining handlers still run. ``SystemExit`` and ``KeyboardInterrupt``
+  raised by a sink are its failure too. An async sink that runs longer than ``bus.time_limit_s`` is
+  cancelled and reported by name, the same way.
 - a *work* handler (``work=True``) does the experiment's work. If it raises, ``emit`` raises too, and the
-  engine turns that into a failed client.
+  engine turns that into a failed client (a ``SystemExit`` or ``KeyboardInterrupt`` as ``HandlerFailed``).
+
+One failure is never isolated: a sink that cannot write one of the run's files raises ``OutputError``.
+``emit`` raises it at once (the handlers after it, such as the checkpoint, do not run), keeps it in
+``bus.output_error`` for the engine, and from then on skips that sink and ignores further write errors, so
+the end of the run is reported once and nothing tries to log it to the disk that failed.
 """
 
 from __future__ import annotations
 
 import inspect
 import itertools
+import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Union
 
+import anyio
 import structlog
 
+from .errors import HandlerFailed, OutputError
 from .events import Event
 
 __all__ = ["ALL", "EventBus", "Subscription", "Handler"]
@@ -53,6 +64,7 @@ class Subscription:
     filter: Predicate | None
     order: int
     is_async: bool
+    broken: bool = False  # the sink could not write its file; it gets no more events
     _bus: "EventBus | None" = field(default=None, repr=False)
 
     @property
@@ -89,6 +101,10 @@ class EventBus:
         self._cache: dict[type[Event], list[Subscription]] = {}
         self._counter = itertools.count()
         self.sink_errors = 0
+        #: The first OutputError a sink raised; the run must stop when it is set.
+        self.output_error: OutputError | None = None
+        #: Seconds a sink may take for one event (None: no limit); set from ``exp_opts.handler_timeout_s``.
+        self.time_limit_s: float | None = None
 
     def subscribe(
         self,
@@ -150,28 +166,58 @@ class EventBus:
     async def emit(self, event: Event) -> None:
         """Run every matching handler, in call order, and return when all are done."""
         for sub in self.handlers_for(type(event)):
-            if not sub.active or not sub.matches(event):
+            if not sub.active or sub.broken or not sub.matches(event):
                 continue
             if sub.once:
                 sub.unsubscribe()
             if sub.work:
-                result = sub.handler(event)
-                if sub.is_async:
-                    await result  # type: ignore[misc]
+                try:
+                    result = sub.handler(event)
+                    if sub.is_async:
+                        await result  # type: ignore[misc]
+                except (SystemExit, KeyboardInterrupt) as exc:
+                    if _real_interrupt(exc):
+                        raise
+                    raise HandlerFailed(_own_exit(sub, exc)) from None
                 continue
             try:
-                result = sub.handler(event)
-                if sub.is_async:
-                    await result  # type: ignore[misc]
-            except Exception as exc:  # a sink must never stop training
-                self.sink_errors += 1
-                _log.error(
-                    "sink failed",
-                    handler=_name(sub.handler),
-                    failed_event=type(event).__name__,
-                    failed_seq=event.seq,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
+                await self._call_sink(sub, event)
+            except OutputError as exc:
+                sub.broken = True
+                if self.output_error is None:  # the first one stops the run; later ones are its echoes
+                    self.output_error = exc
+                    raise
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a sink must never stop training
+                if _real_interrupt(exc):
+                    raise
+                self._sink_failed(sub, event, exc)
+
+    async def _call_sink(self, sub: Subscription, event: Event) -> None:
+        limit = self.time_limit_s
+        if limit is None:
+            result = sub.handler(event)
+            if sub.is_async:
+                await result  # type: ignore[misc]
+            return
+        began = time.monotonic()
+        result = sub.handler(event)
+        if sub.is_async:
+            with anyio.move_on_after(limit) as scope:
+                await result  # type: ignore[misc]
+            if scope.cancelled_caught:
+                raise TimeoutError(f"cancelled after exp_opts.handler_timeout_s = {limit:g}s")
+        elif time.monotonic() - began > limit:  # a sync handler cannot be stopped, only reported
+            raise TimeoutError(f"took {time.monotonic() - began:.1f}s, over exp_opts.handler_timeout_s = {limit:g}s")
+
+    def _sink_failed(self, sub: Subscription, event: Event, exc: BaseException) -> None:
+        self.sink_errors += 1
+        _log.error(
+            "sink failed",
+            handler=_name(sub.handler),
+            failed_event=type(event).__name__,
+            failed_seq=event.seq,
+            error=f"{type(exc).__name__}: {exc}",
+        )
 
     def _remove(self, sub: Subscription) -> None:
         self._subs.remove(sub)
@@ -202,3 +248,13 @@ def _is_async(handler: Handler) -> bool:
 
 def _name(handler: object) -> str:
     return getattr(handler, "__qualname__", None) or type(handler).__qualname__
+
+
+def _real_interrupt(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt may be the user's Ctrl-C rather than a handler's own: only while SIGINT
+    still raises it (the CLI's signal handling replaces that), since Python raises it wherever it lands."""
+    return isinstance(exc, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _own_exit(sub: Subscription, exc: BaseException) -> str:
+    return f"handler {_name(sub.handler)} raised {type(exc).__name__}({exc})"

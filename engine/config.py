@@ -105,6 +105,7 @@ def _schema() -> Section:
                         "failure_policy": Field(Str(choices=("fail", "tolerate")), "fail"),
                         "min_clients": Field(Int(min=1), 1),
                         "client_timeout_s": Field(Float(positive=True), None),
+                        "handler_timeout_s": Field(Float(positive=True), 300.0),
                         "checkpoint_interval": Field(Int(min=1), 1),
                         "checkpoint_keep": Field(Int(min=1), 2),
                         "clients_in_memory": Field(Int(min=1), 256),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["FedEventsError", "ConfigError", "DeviceError", "RunFailed", "HandlerLoadError", "Interrupted",
-           "CheckpointError"]
+           "CheckpointError", "OutputError", "HandlerFailed"]
 
 
 class FedEventsError(Exception):
@@ -35,6 +35,18 @@ class RunFailed(FedEventsError):
     """The experiment started but could not finish (a client failed under the ``fail`` policy)."""
 
     exit_status = 1
+
+
+class OutputError(RunFailed):
+    """A file of the run (record, log, events, trace) could not be written: a full disk, a read-only one.
+
+    The run stops at once, before the round's checkpoint, so ``--resume`` repeats what was not recorded.
+    """
+
+
+class HandlerFailed(RuntimeError):
+    """A handler raised ``SystemExit`` or ``KeyboardInterrupt`` of its own: that handler's failure, not the
+    process's end."""
 
 
 class Interrupted(FedEventsError):

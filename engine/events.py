@@ -2,14 +2,19 @@
 
 Every event carries where it comes from (run id, experiment name), when it happened (a per-run sequence
 number, wall-clock and monotonic time) and the ids it is about. Metrics are plain numbers; tensors never
-ride on events. ``to_dict`` turns any event into a JSON-safe dict; the layout is versioned by
-``SCHEMA_VERSION`` and documented in docs/events.md.
+ride on events. An event is frozen all the way down: mappings become read-only copies and sequences
+tuples, so what one handler receives no handler can change for the others. ``to_dict`` turns any event
+into a JSON-safe dict (strict JSON: a non-finite number becomes the string ``"NaN"``, ``"Infinity"`` or
+``"-Infinity"``); the layout is versioned by ``SCHEMA_VERSION`` and documented in docs/events.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Mapping
 
 __all__ = [
@@ -38,6 +43,8 @@ __all__ = [
     "EVENT_TYPES",
     "to_dict",
     "json_safe",
+    "strict_json",
+    "freeze",
 ]
 
 #: Bumped whenever a field is renamed or removed; adding a field keeps the version.
@@ -53,6 +60,14 @@ class Event:
     seq: int
     wall_time: float
     mono_time: float
+
+    def __post_init__(self) -> None:
+        # A handler must not change what the handlers after it receive: copy mappings read-only, and
+        # lists to tuples. Only the fields that can hold containers are looked at (events are many).
+        for name in _container_fields(type(self)):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, MappingProxyType)):
+                object.__setattr__(self, name, freeze(value))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -300,6 +315,25 @@ EVENT_TYPES: tuple[type[Event], ...] = (
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_CONTAINER_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _container_fields(cls: type) -> tuple[str, ...]:
+    names = _CONTAINER_FIELDS.get(cls)
+    if names is None:
+        names = _CONTAINER_FIELDS[cls] = tuple(
+            f.name for f in dataclasses.fields(cls) if "Mapping" in str(f.type) or "tuple" in str(f.type)
+        )
+    return names
+
+
+def freeze(value: Any) -> Any:
+    """A read-only deep copy: mappings as ``MappingProxyType`` over a new dict, lists and tuples as tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
 
 
 def to_dict(event: Event) -> dict[str, Any]:
@@ -315,15 +349,36 @@ def to_dict(event: Event) -> dict[str, Any]:
     return out
 
 
-_PLAIN = frozenset({str, int, float, bool, type(None)})
+_PLAIN = frozenset({str, int, bool, type(None)})
+#: How a number JSON cannot hold is written: the names JavaScript gives them.
+NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
 def json_safe(value: Any) -> Any:
-    """A JSON-safe deep copy: mappings (string keys) and lists of plain values; anything else as text."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
+    """A JSON-safe deep copy: mappings (string keys) and lists of plain values; anything else as text.
+
+    Strict JSON has no NaN or infinity: a non-finite float becomes ``"NaN"``, ``"Infinity"`` or
+    ``"-Infinity"``.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else NONFINITE[repr(value)]
+    if isinstance(value, (str, int, bool)) or value is None:
         return value
     if isinstance(value, Mapping):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
         return [json_safe(v) for v in value]
     return str(value)
+
+
+_strict = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str).encode
+
+
+def strict_json(value: Any, **options: Any) -> str:
+    """``value`` as strict JSON (``json.dumps`` ``options`` allowed): non-finite numbers as ``json_safe``
+    writes them, so ``JSON.parse`` and ``jq`` read every file fedevents writes."""
+    try:
+        return _strict(value) if not options else json.dumps(value, allow_nan=False, default=str, **options)
+    except ValueError:  # a NaN or an infinity somewhere: take the slower, safe copy
+        safe = json_safe(value)
+        return _strict(safe) if not options else json.dumps(safe, allow_nan=False, default=str, **options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -16,7 +17,7 @@ from .bus import EventBus
 from .config import ExperimentConfig
 from .context import RunContext, new_run_id
 from .devices import DevicePool
-from .errors import ConfigError
+from .errors import ConfigError, FedEventsError, RunFailed
 from .results import ResultTracker, RunResult
 from .runner import Engine
 
@@ -72,6 +73,7 @@ class Experiment:
         self.dry_run = dry_run
         self.resume = resume
         self.bus = EventBus()
+        self.bus.time_limit_s = config.data.get("exp_opts", {}).get("handler_timeout_s")
         # ``devices`` replaces the config's list when an executor discovers them (the nodes of a cluster).
         self.pool = DevicePool(tuple(devices) if devices else config.devices, config.parallel)
         self.paths = RunPaths(config.logs_dir, run_id or _unused_run_id(config))
@@ -87,8 +89,10 @@ class Experiment:
 
     @property
     def finished(self) -> bool:
-        """Whether a resumed run had already finished every round: running it then does nothing."""
-        return self.resume is not None and self.resume.round >= self.config.rounds
+        """Whether a resumed run had already finished every round and its record says so: running it then
+        does nothing. A record its run could not finish writing (a full disk) is completed instead."""
+        return (self.resume is not None and self.resume.round >= self.config.rounds
+                and _record_status(self.paths.record) == "finished")
 
     def add(self, component: Any) -> Any:
         """Attach a component with ``subscribe(bus)`` (and, optionally, ``close()``, called after the run,
@@ -155,11 +159,26 @@ class Experiment:
                 await _run_with_signals(self.engine)
             else:
                 await self.engine.run()
-        finally:
-            for close in reversed(self._closers):
-                close()
-            self._closers.clear()
+        except BaseException:
+            self._close()  # the run's own error is the one to report; closing errors would only echo it
+            raise
+        failed = self._close()
+        if failed is not None:
+            raise failed
         return self._results.result(self.paths.run_id, self.paths.record)
+
+    def _close(self) -> FedEventsError | None:
+        """Call every closer, even after one fails; give the first failure as a one-line error."""
+        first: FedEventsError | None = None
+        for close in reversed(self._closers):
+            try:
+                close()
+            except Exception as exc:
+                if first is None:
+                    first = exc if isinstance(exc, FedEventsError) else RunFailed(
+                        f"closing the run failed: {type(exc).__name__}: {exc}")
+        self._closers.clear()
+        return first
 
 
 async def _run_with_signals(engine: Engine) -> None:
@@ -200,6 +219,14 @@ def _exit_now(signum: int, frame: object) -> None:
     # Every file fedevents writes is replaced atomically, so ending here loses no finished output.
     os.write(2, f"fedevents: {signal.Signals(signum).name} again; exiting now\n".encode())
     os._exit(128 + signum)
+
+
+def _record_status(path: Path) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _unused_run_id(config: ExperimentConfig) -> str:

@@ -22,7 +22,7 @@ from structlog.contextvars import bound_contextvars
 from .bus import EventBus
 from .config import ExperimentConfig
 from .context import RunContext
-from .errors import ConfigError, FedEventsError, Interrupted, RunFailed
+from .errors import ConfigError, FedEventsError, Interrupted, OutputError, RunFailed
 from .events import (
     CheckpointSaved,
     ClientDispatched,
@@ -39,7 +39,11 @@ from .events import (
     ValScheduled,
 )
 
-__all__ = ["Engine", "due", "sample_seed", "task_index"]
+__all__ = ["Engine", "STOP_GRACE_S", "due", "sample_seed", "task_index"]
+
+#: After a signal, how long the run may take to reach a point where it stops by itself (the end of the
+#: handler it is in) before whatever it is awaiting is cancelled: a hung async handler cannot hold it.
+STOP_GRACE_S = 5.0
 
 
 def sample_seed(seed: int, round: int) -> int:
@@ -96,6 +100,7 @@ class Engine:
         self._stop: str | None = None
         self._finish: str = ""
         self._phase_scope: anyio.CancelScope | None = None
+        self._run_scope: anyio.CancelScope | None = None
         self._tolerate = config.data["exp_opts"]["failure_policy"] == "tolerate"
         val_model = config.data["exp_opts"]["val_model"]
         self._val_local = val_model in ("local", "both")
@@ -107,6 +112,8 @@ class Engine:
             self._stop = signal_name
             if self._phase_scope is not None:
                 self._phase_scope.cancel()
+            if self._run_scope is not None:  # whatever still runs then (a hung handler) is cancelled
+                self._run_scope.deadline = min(self._run_scope.deadline, anyio.current_time() + STOP_GRACE_S)
 
     def finish_after_round(self, reason: str) -> None:
         """End the run well after the current round (a handler's decision, e.g. early stopping): the round
@@ -134,6 +141,32 @@ class Engine:
         started = time.monotonic()
         first = self.first_round()
         watch = self.bus.subscribe(CheckpointSaved, self._checkpointed)
+        try:
+            with anyio.CancelScope() as self._run_scope:
+                await self._rounds(first)
+            if self._run_scope.cancelled_caught:  # the grace after a signal ran out
+                self._check_stop()
+            self._run_scope = None
+        except Interrupted as exc:
+            await self._last_word(ExperimentInterrupted, round=self.round, signal=exc.signal_name,
+                                  last_checkpoint=self.last_checkpoint)
+            raise
+        except RunFailed as exc:
+            cause = _format(exc.__cause__) if exc.__cause__ is not None else ""
+            await self._last_word(ExperimentFailed, round=self.round, reason=str(exc), error_type="RunFailed",
+                                  traceback=cause)
+            raise
+        except BaseException as exc:
+            await self._last_word(ExperimentFailed, round=self.round, reason=f"{type(exc).__name__}: {exc}",
+                                  error_type=type(exc).__name__, traceback=_format(exc))
+            raise
+        finally:
+            watch.unsubscribe()
+        rounds = self.round if self._finish else cfg.rounds
+        await self.emit(ExperimentFinished, rounds=rounds, seconds=time.monotonic() - started, stopped=self._finish)
+
+    async def _rounds(self, first: int) -> None:
+        cfg = self.config
         await self.emit(
             ExperimentStarted,
             method=cfg.method,
@@ -147,38 +180,30 @@ class Engine:
             first_round=first,
             resumed=self.resume_round is not None,
         )
-        try:
-            if first == 0:
-                await self._round_zero()
-            for rnd in range(max(first, 1), cfg.rounds + 1):
-                self._check_stop()
-                await self._round(rnd)
-                if self._finish:
-                    break
-        except Interrupted as exc:
-            with anyio.CancelScope(shield=True):
-                await self.emit(ExperimentInterrupted, round=self.round, signal=exc.signal_name,
-                                last_checkpoint=self.last_checkpoint)
-            raise
-        except RunFailed as exc:
-            cause = _format(exc.__cause__) if exc.__cause__ is not None else ""
-            await self.emit(ExperimentFailed, round=self.round, reason=str(exc), error_type="RunFailed",
-                            traceback=cause)
-            raise
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await self.emit(ExperimentFailed, round=self.round, reason=f"{type(exc).__name__}: {exc}",
-                                error_type=type(exc).__name__, traceback=_format(exc))
-            raise
-        finally:
-            watch.unsubscribe()
-        rounds = self.round if self._finish else cfg.rounds
-        await self.emit(ExperimentFinished, rounds=rounds, seconds=time.monotonic() - started, stopped=self._finish)
+        if first == 0:
+            await self._round_zero()
+        for rnd in range(max(first, 1), cfg.rounds + 1):
+            self._check_stop()
+            await self._round(rnd)
+            if self._finish:
+                break
+
+    async def _last_word(self, event_type: type, **fields: object) -> None:
+        """Emit the run's final event whatever happens around it, for at most ``STOP_GRACE_S`` (a hung
+        handler of it is cancelled then); a file that cannot be written then was reported already."""
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + STOP_GRACE_S
+            try:
+                await self.emit(event_type, **fields)
+            except OutputError:
+                pass
 
     def _checkpointed(self, ev: CheckpointSaved) -> None:
         self.last_checkpoint = ev.round
 
     def _check_stop(self) -> None:
+        if self.bus.output_error is not None:  # a run whose files cannot be written must not go on
+            raise self.bus.output_error
         if self._stop is not None:
             raise Interrupted(self._stop, self.round, self.last_checkpoint)
 
@@ -194,6 +219,8 @@ class Engine:
         try:
             await self.emit(RoundFinished, round=rnd, trained=trained, failed=failed, validated=validated,
                             seconds=time.monotonic() - started)
+        except OutputError:  # a sink could not write the round: its checkpoint was not saved
+            raise
         except Exception as exc:  # a work handler of RoundFinished (the checkpoint) failed
             reason = str(exc) if isinstance(exc, FedEventsError) else f"{type(exc).__name__}: {exc}"
             raise RunFailed(f"round {rnd}: {reason}") from exc
@@ -223,6 +250,8 @@ class Engine:
             validated = await self._validate(rnd, scope)
         try:
             await self.emit(UploadsClosed, round=rnd, clients=uploaded)
+        except OutputError:
+            raise
         except Exception as exc:
             raise RunFailed(f"round {rnd}: aggregation failed: {type(exc).__name__}: {exc}") from exc
         self._check_stop()
@@ -290,10 +319,17 @@ class Engine:
 
     async def _client_failed(self, rnd: int, client: str, task: str, phase_name: str, exc: Exception,
                              phase: _Phase, scope: anyio.CancelScope) -> None:
+        if self.bus.output_error is not None:  # not the client's fault: the run's files cannot be written
+            scope.cancel()
+            return
         phase.failed.append(client)
         with anyio.CancelScope(shield=True):
-            await self.emit(ClientFailed, round=rnd, client=client, task=task, phase=phase_name,
-                            error_type=type(exc).__name__, error=str(exc), traceback=_format(exc))
+            try:
+                await self.emit(ClientFailed, round=rnd, client=client, task=task, phase=phase_name,
+                                error_type=type(exc).__name__, error=str(exc), traceback=_format(exc))
+            except OutputError:
+                scope.cancel()
+                return
         if phase.first_error is None and not self._tolerate:
             verb = "training" if phase_name == "train" else "validating"
             phase.first_error = RunFailed(

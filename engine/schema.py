@@ -6,6 +6,7 @@ Every check raises ``SpecError(path, message)``; the loader adds the file name i
 from __future__ import annotations
 
 import difflib
+import math
 import reprlib
 import re
 from dataclasses import dataclass, field
@@ -108,7 +109,9 @@ class Float(Spec):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(value, path)
         value = float(value)
-        if value != value or (self.positive and value <= 0):
+        if not math.isfinite(value):  # NaN and infinities: numbers, but never a setting
+            raise SpecError(path, f"expected a finite {self.expected.removeprefix('a ')}, found {describe(value)}")
+        if self.positive and value <= 0:
             raise self.fail(value, path)
         if self.min is not None and value < self.min:
             raise self.fail(value, path)

@@ -9,6 +9,7 @@ from several threads at once. Randomness comes from ``(seed, round, client, task
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -24,7 +25,22 @@ from .tasks import DATASETS, build_task_source
 from .training import build_optimizer, build_scheduler
 from .worker import TrainJob, TrainOutcome, ValJob, ValResult, Worker, build_loss
 
-__all__ = ["METHODS", "DATASETS", "Federation", "TrainResult", "UploadResult", "ValResult", "build_loss"]
+__all__ = ["METHODS", "DATASETS", "ClientDiverged", "Federation", "TrainResult", "UploadResult", "ValResult", "build_loss"]
+
+
+class ClientDiverged(ArithmeticError):
+    """A client's training produced a non-finite loss or non-finite weights (its learning rate too high)."""
+
+
+def check_finite(client: str, outcome: TrainOutcome) -> None:
+    """Raise ``ClientDiverged`` when a metric or a floating-point weight of ``outcome`` is NaN or infinite."""
+    bad = sorted(name for name, value in outcome.metrics.items() if not math.isfinite(value))
+    if bad:
+        raise ClientDiverged(f"{client} diverged: {', '.join(f'{n} = {outcome.metrics[n]}' for n in bad)}")
+    for name, tensor in outcome.state.model.items():
+        # One isfinite per tensor; integer buffers (batch counts) cannot hold a NaN.
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ClientDiverged(f"{client} diverged: weight {name} is not finite")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +126,12 @@ class Federation:
                         payload=self._server.dispatch(client, joins), previous=previous)
 
     def commit(self, client: str, outcome: TrainOutcome) -> TrainResult:
-        """Store the state a local round produced as ``client``'s latest; give its samples and metrics."""
+        """Store the state a local round produced as ``client``'s latest; give its samples and metrics.
+
+        A client whose loss or weights are not finite raises ``ClientDiverged`` and stores nothing, so
+        its update can never reach the aggregate.
+        """
+        check_finite(client, outcome)
         self._store.put(client, outcome.state)
         if self._per_task(client):
             self._store.put(_task_key(client, outcome.state.task), outcome.state)

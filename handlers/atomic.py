@@ -1,4 +1,5 @@
-"""Writing a file so that a reader sees the old version or the new one, never half of one."""
+"""Writing a file so that a reader sees the old version or the new one, never half of one; and what a
+sink does when it cannot write at all."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import os
 from pathlib import Path
 from typing import IO, Any, Callable
 
-__all__ = ["write_atomic", "write_text_atomic"]
+from fedevents.engine.errors import OutputError
+
+__all__ = ["write_atomic", "write_text_atomic", "output_failed", "trim_partial_line", "close_quietly"]
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -36,3 +39,42 @@ def _no_follow(path: str, flags: int) -> int:
 def write_text_atomic(path: Path, text: str) -> None:
     """``write_atomic`` of UTF-8 text."""
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def output_failed(path: Path, exc: OSError) -> OutputError:
+    """The one-line error of a sink that could not write ``path``, telling the user how to go on."""
+    why = exc.strerror or str(exc)
+    return OutputError(f"cannot write {path}: {why}; the run stopped before the round's checkpoint: "
+                       f"make room (or make it writable) and run the same command with --resume")
+
+
+def close_quietly(stream: IO[Any] | None) -> None:
+    """Close a stream whose writes failed; the close's own flush fails the same way and is not news."""
+    if stream is None:
+        return
+    try:
+        stream.close()
+    except OSError:
+        pass
+
+
+def trim_partial_line(path: Path) -> None:
+    """Cut an appended-to file back to its last complete line, so a write cut short leaves no half line.
+
+    Does nothing where the file cannot be opened for writing (a read-only disk): a resume trims it later.
+    """
+    try:
+        with open(path, "rb+") as f:
+            size = end = f.seek(0, os.SEEK_END)
+            while end > 0:
+                step = min(end, 1 << 16)
+                f.seek(end - step)
+                newline = f.read(step).rfind(b"\n")
+                if newline >= 0:
+                    end = end - step + newline + 1
+                    break
+                end -= step
+            if end < size:
+                f.truncate(end)
+    except OSError:
+        pass

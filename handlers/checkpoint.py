@@ -61,6 +61,7 @@ SAFE_TO_CHANGE = (
     "exp_opts.clients_in_memory",
     "exp_opts.checkpoint_interval",
     "exp_opts.checkpoint_keep",
+    "exp_opts.handler_timeout_s",
     "device",
     "parallel",
     "executor",

@@ -67,6 +67,7 @@ class _Job:
     lock: threading.Lock = field(default_factory=threading.Lock)
     abandoned: bool = False
     done: bool = False
+    started: float | None = None  # when a worker thread began the work: the client's clock starts here
     result: Any = None
     error: BaseException | None = None
 
@@ -205,6 +206,7 @@ class ClientWork:
             await anyio.to_thread.run_sync(self.executor.prepare, slot)
 
         def in_thread() -> Any:
+            job.started = time.monotonic()
             try:
                 out = job.compute()
                 with job.lock:
@@ -223,8 +225,11 @@ class ClientWork:
 
         if limit is None:
             return await anyio.to_thread.run_sync(in_thread)
-        with anyio.move_on_after(limit):
-            return await anyio.to_thread.run_sync(in_thread, abandon_on_cancel=True)
+        box = await self._within_limit(in_thread, job, limit)
+        if "error" in box:
+            raise box["error"]
+        if "result" in box:
+            return box["result"]
         with job.lock:
             if job.done:  # finished just as the time ran out
                 if job.error is not None:
@@ -235,6 +240,36 @@ class ClientWork:
         self.executor.stop(slot)
         raise ClientTimeout(f"{what} took longer than exp_opts.client_timeout_s = {limit:g}s; "
                             f"its result is discarded")
+
+    async def _within_limit(self, in_thread: Callable[[], Any], job: _Job, limit: float) -> dict[str, Any]:
+        """Run ``in_thread`` until it ends or has run ``limit`` seconds since it began in its thread; give its
+        ``result`` or ``error``, or neither when its time ran out.
+
+        The limit counts from ``job.started``, not from the request: time the event loop spent in a slow
+        handler, or waiting for a free thread, is not the client's.
+        """
+        box: dict[str, Any] = {}
+        ended = anyio.Event()
+
+        async def run() -> None:
+            try:
+                box["result"] = await anyio.to_thread.run_sync(in_thread, abandon_on_cancel=True)
+            except Exception as exc:  # the client's own error
+                box["error"] = exc
+            finally:
+                ended.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            while not ended.is_set():
+                began = job.started
+                left = limit if began is None else began + limit - time.monotonic()
+                if left <= 0:
+                    break
+                with anyio.move_on_after(left):
+                    await ended.wait()
+            tg.cancel_scope.cancel()
+        return box
 
 
 class _SlotKeeper:

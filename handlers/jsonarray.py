@@ -13,10 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fedevents.engine.events import strict_json
+
 __all__ = ["AppendArray", "repair_array"]
 
 _CLOSE = b"\n]\n"
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_encode = strict_json  # a NaN in a span's args is written as "NaN", never as a bare token
 
 
 class AppendArray:

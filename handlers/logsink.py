@@ -15,7 +15,6 @@ handlers and the training threads, and the run's summary lines.
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -39,10 +38,12 @@ from fedevents.engine.events import (
     RoundFinished,
     TrainDone,
     ValDone,
+    strict_json,
     to_dict,
 )
 
-from .streams import LineStream
+from .streams import LineStream, trim_partial_tail
+from .atomic import close_quietly, output_failed
 
 __all__ = ["LEVELS", "LogSink", "LoggingSetup", "SINK_PRIORITY", "configure_logging", "event_json"]
 
@@ -55,7 +56,7 @@ _LEVEL_NO = {name: 10 * (i + 1) for i, name in enumerate(LEVELS)}
 _LEVEL_NO.update(warn=30, exception=40, fatal=50, failure=40, msg=20, log=20)
 _CONSOLE_KEYS = ("timestamp", "level", "event")
 # One encoder for every line: json.dumps with options builds a new encoder on each call.
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_encode = strict_json  # strict JSON: a NaN metric is written as "NaN", never as a bare token
 
 
 _last_event: tuple[Event | None, str] = (None, "")
@@ -86,6 +87,7 @@ class _JsonlWriter:
     def __init__(self, stream: IO[str] | None) -> None:
         self._stream = stream
         self._lock = threading.Lock()
+        self.error: OSError | None = None
 
     def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
         if self._stream is not None:
@@ -96,15 +98,24 @@ class _JsonlWriter:
             urgent = _LEVEL_NO.get(method, 20) >= 30
             with self._lock:
                 if self._stream is not None:
-                    self._stream.write(line + "\n")
-                    if urgent:  # a warning should survive a crash that follows it
-                        self._stream.flush()
+                    try:
+                        self._stream.write(line + "\n")
+                        if urgent:  # a warning should survive a crash that follows it
+                            self._stream.flush()
+                    except OSError as exc:  # kept for the sink to raise: any thread may be logging here
+                        self._broke(exc)
         return event_dict
 
     def flush(self) -> None:
         with self._lock:
             if self._stream is not None:
-                self._stream.flush()
+                try:
+                    self._stream.flush()
+                except OSError as exc:
+                    self._broke(exc)
+
+    def _broke(self, exc: OSError) -> None:
+        self.error, self._stream = exc, None  # stop writing: a failed file gets nothing more
 
     def detach(self) -> None:
         """Stop writing; the caller closes the stream."""
@@ -212,6 +223,11 @@ class LoggingSetup:
     def flush(self) -> None:
         """Flush the JSONL file (under the writers' lock)."""
         self._writer.flush()
+
+    @property
+    def error(self) -> OSError | None:
+        """The error that stopped writes to the JSONL file, if one did."""
+        return self._writer.error
 
     def restore(self) -> None:
         """Flush, stop writing to the file and restore the previous configuration; safe to repeat."""
@@ -326,6 +342,26 @@ class LogSink:
         return self._subs[-1:]
 
     def handle(self, event: Event) -> None:
+        try:
+            self._handle(event)
+        except OSError as exc:
+            self._failed_write(exc)
+        if self._logging is not None and self._logging.error is not None:
+            self._failed_write(self._logging.error)
+
+    def _failed_write(self, exc: OSError) -> None:
+        """Give the file up without a half line at its end, and stop the run with one line."""
+        if self._logging is not None:
+            self._logging.restore()
+            self._logging = None
+        close_quietly(self._file)
+        self._file = self._person = None
+        self._closed = True
+        if self.jsonl_path is not None:
+            trim_partial_tail(self.jsonl_path, compress=self.compress)
+        raise output_failed(self.jsonl_path, exc)
+
+    def _handle(self, event: Event) -> None:
         if self._person is None and isinstance(event, ExperimentStarted) and not self._closed:
             self._open(event)
         if self._person is None:
@@ -364,9 +400,15 @@ class LogSink:
             sub.unsubscribe()
         if self._logging is not None:
             self._logging.restore()
-            self._logging = None
+            failed, self._logging = self._logging.error, None
+            if failed is not None:
+                self._failed_write(failed)
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as exc:
+                self._file = None
+                self._failed_write(exc)
             self._file = None
         self._person = None
 

@@ -26,9 +26,10 @@ from fedevents.engine.events import (
     GlobalValDone,
     ValDone,
     json_safe,
+    strict_json,
 )
 
-from .atomic import write_text_atomic
+from .atomic import output_failed, write_text_atomic
 from .logsink import SINK_PRIORITY
 
 __all__ = ["JsonRecorder", "format_record", "write_json_atomic", "write_text_atomic"]
@@ -40,7 +41,7 @@ _EVENTS = (ExperimentStarted, TrainDone, ValDone, GlobalValDone, ClientUploaded,
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """``write_text_atomic`` of ``obj`` as compact JSON (the C encoder; ``indent`` would need the slow one)."""
-    write_text_atomic(path, json.dumps(obj, default=str, separators=(",", ":")))
+    write_text_atomic(path, strict_json(obj))
 
 
 def format_record(record: Mapping[str, Any]) -> str:
@@ -51,10 +52,10 @@ def format_record(record: Mapping[str, Any]) -> str:
     parts = []
     for key, value in record.items():
         if key == "data":
-            clients = ",\n".join(f"    {json.dumps(c)}: {json.dumps(r, default=str)}" for c, r in value.items())
+            clients = ",\n".join(f"    {json.dumps(c)}: {strict_json(r, separators=(', ', ': '))}" for c, r in value.items())
             body = "{\n" + clients + "\n  }" if clients else "{}"
         else:
-            body = json.dumps(value, indent=2, default=str).replace("\n", "\n  ")
+            body = strict_json(value, indent=2).replace("\n", "\n  ")
         parts.append(f"  {json.dumps(key)}: {body}")
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
@@ -134,8 +135,11 @@ class JsonRecorder:
         """Write the record now (atomically); does nothing before ExperimentStarted."""
         if self.record is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path, format_record(self._snapshot()))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, format_record(self._snapshot()))
+        except OSError as exc:  # the previous record stays whole; the run stops before its checkpoint
+            raise output_failed(self.path, exc) from None
         self._dirty = False
 
     def close(self) -> None:

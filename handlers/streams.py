@@ -14,6 +14,8 @@ import threading
 import zlib
 from pathlib import Path
 
+from .atomic import trim_partial_line
+
 __all__ = ["LineStream", "trim_partial_tail"]
 
 _GZIP_WBITS = 31  # zlib's gzip container
@@ -79,16 +81,25 @@ class LineStream:
         if self.compress:
             packer = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, _GZIP_WBITS)
             data = packer.compress(data) + packer.flush()
-        os.write(self._fd, data)
+        view = memoryview(data)
+        while view:  # a nearly full disk takes part of a write; the next part then fails with ENOSPC
+            view = view[os.write(self._fd, view):]
 
 
 def trim_partial_tail(path: Path, *, compress: bool) -> None:
-    """Cut ``path`` back to its last whole line (plain) or its last whole gzip member (``compress``)."""
-    data = path.read_bytes()
-    keep = _whole_members(data) if compress else data.rfind(b"\n") + 1
-    if keep < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(keep)
+    """Cut ``path`` back to its last whole line (plain) or its last whole gzip member (``compress``); does
+    nothing where the file cannot be written (a read-only disk: a resume trims it later)."""
+    if not compress:
+        trim_partial_line(path)
+        return
+    try:
+        data = path.read_bytes()
+        keep = _whole_members(data)
+        if keep < len(data):
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+    except OSError:
+        pass
 
 
 def _whole_members(data: bytes) -> int:

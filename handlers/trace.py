@@ -29,15 +29,18 @@ from fedevents.engine.events import (
     TrainStarted,
     ValDone,
     ValStarted,
+    strict_json,
 )
 
+from .atomic import close_quietly, output_failed
 from .jsonarray import AppendArray
 from .logsink import SINK_PRIORITY, event_json
-from .streams import LineStream
+from .streams import LineStream, trim_partial_tail
 
 __all__ = ["TraceRecorder"]
 
 _ENDS = (ExperimentFinished, ExperimentFailed, ExperimentInterrupted)
+_encode = strict_json  # strict JSON: a NaN metric is written as "NaN", never as a bare token
 
 
 class TraceRecorder:
@@ -72,6 +75,22 @@ class TraceRecorder:
         return self._subs[-1:]
 
     def handle(self, event: Event) -> None:
+        try:
+            self._handle(event)
+        except OSError as exc:
+            self._failed_write(exc)
+
+    def _failed_write(self, exc: OSError) -> None:
+        """Give both files up without a half line at their ends, and stop the run with one line."""
+        close_quietly(self._file)
+        close_quietly(self._chrome)
+        self._file = self._chrome = None
+        self._closed = True
+        if self.events_path is not None:  # the trace mends itself on resume
+            trim_partial_tail(self.events_path, compress=self.compress_events)
+        raise output_failed(getattr(exc, "filename", None) or self.events_path, exc)
+
+    def _handle(self, event: Event) -> None:
         if not self._opened:
             if not isinstance(event, ExperimentStarted) or self._closed:
                 return
@@ -120,6 +139,8 @@ class TraceRecorder:
             for stream in (self._file, self._chrome):
                 if stream is not None:
                     stream.close()
+        except OSError as exc:
+            self._failed_write(exc)
         finally:
             self._file = self._chrome = None
             self._opened = False

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fedevents.engine.errors import OutputError
 from fedevents.engine.events import (
     ClientFailed,
     ClientUploaded,
@@ -129,8 +130,9 @@ async def test_a_failed_write_leaves_the_previous_record_whole(recorder, bus, ru
 
     monkeypatch.setattr(os, "replace", no_replace)
     await train_done(run, "c0", 2, "t0", tr_acc=0.75)
-    await round_finished(run, 2)
-    assert bus.sink_errors == 1  # the bus isolated the failing sink
+    with pytest.raises(OutputError, match=r"^cannot write .*record\.json: No space left on device; the run stopped"):
+        await round_finished(run, 2)  # a record that cannot be written stops the run, before its checkpoint
+    assert bus.output_error is not None and bus.sink_errors == 0
     assert recorder.path.read_bytes() == before
     assert load(recorder.path)["data"] == {"c0": {"1": {"t0": {"tr_acc": 0.5}}}}
     assert sorted(p.name for p in recorder.path.parent.iterdir()) == ["record.json"]

@@ -1,0 +1,172 @@
+"""User handlers that misbehave: hang, overrun, block the loop, raise SystemExit, change what they get."""
+
+from __future__ import annotations
+
+import json
+import operator
+import time
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from fedevents.engine import EventBus, RoundStarted, TrainDone
+from fedevents.engine.errors import HandlerFailed
+from fedevents.engine.events import ClientsSampled, to_dict
+from fedevents.engine.runner import STOP_GRACE_S
+
+from .conftest import experiment, fedevents, record
+
+HANDLERS = '''
+import os, signal, time
+import anyio
+
+class Hang:
+    """An async handler that never returns once it sees `at` in `round` (after sending `signal` once, if any)."""
+    def __init__(self, at, round, signal=None):
+        self.at, self.round, self.signal, self.fired = at, round, signal, False
+    def subscribe(self, bus):
+        from fedevents.engine import ALL
+        return [bus.subscribe(ALL, self)]
+    async def __call__(self, ev):
+        if type(ev).__name__ == self.at and getattr(ev, "round", None) == self.round:
+            if self.signal and not self.fired:
+                self.fired = True
+                with open("signalled_at", "w") as f:
+                    f.write(repr(time.time()))
+                os.kill(os.getpid(), getattr(signal, self.signal))
+            await anyio.sleep_forever()
+
+class Exits:
+    """A sink that raises SystemExit on RoundFinished of round 2 and KeyboardInterrupt on RoundStarted of 3."""
+    events = ()
+    def __init__(self):
+        from fedevents.engine import RoundFinished, RoundStarted
+        self.events = (RoundFinished, RoundStarted)
+    def __call__(self, ev):
+        if type(ev).__name__ == "RoundFinished" and ev.round == 2:
+            raise SystemExit(3)
+        if type(ev).__name__ == "RoundStarted" and ev.round == 3:
+            raise KeyboardInterrupt
+
+class Blocks:
+    """Holds the event loop for `seconds` on the second TrainStarted of round 1 (a slow sync handler)."""
+    def __init__(self, seconds):
+        self.seconds, self.seen = seconds, 0
+    def subscribe(self, bus):
+        from fedevents.engine import TrainStarted
+        return [bus.subscribe(TrainStarted, self)]
+    def __call__(self, ev):
+        if ev.round == 1:
+            self.seen += 1
+            if self.seen == 2:
+                time.sleep(self.seconds)
+'''
+
+
+def _setup(folder: Path, **exp_opts) -> Path:
+    exp = experiment(folder, **exp_opts)
+    (folder / "hostile_handlers.py").write_text(HANDLERS)
+    return exp
+
+
+def _with(handler: dict) -> list[str]:
+    return ["--set", f"handlers=[{json.dumps(handler)}]"]
+
+
+@pytest.mark.parametrize(("at", "sig", "status"), [("RoundStarted", "SIGINT", 130), ("RoundFinished", "SIGTERM", 143)])
+def test_one_signal_stops_a_run_whose_handler_never_returns(tmp_path: Path, at: str, sig: str, status: int) -> None:
+    exp = _setup(tmp_path)
+    hang = {"target": "hostile_handlers:Hang", "kwargs": {"at": at, "round": 3, "signal": sig}}
+    run = fedevents("run", str(exp), *_with(hang), cwd=tmp_path, timeout=120)
+    took = time.time() - float((tmp_path / "signalled_at").read_text())
+    assert run.returncode == status, run.stderr
+    assert f"fedevents: interrupted: interrupted by {sig} in round 3" in run.stderr
+    assert "Traceback" not in run.stderr
+    rec = record(tmp_path)
+    assert rec["status"] == "interrupted"
+    assert rec["error"].startswith(f"stopped by {sig}; resume from round 2")
+    # The documented grace, plus the final record and the interpreter's exit: never the hang's forever.
+    assert STOP_GRACE_S <= took < STOP_GRACE_S + 25
+
+
+def test_a_handler_over_its_time_limit_is_cancelled_and_named(tmp_path: Path) -> None:
+    exp = _setup(tmp_path, handler_timeout_s=1)
+    hang = {"target": "hostile_handlers:Hang", "kwargs": {"at": "RoundStarted", "round": 2}}
+    run = fedevents("run", str(exp), *_with(hang), cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr
+    [line] = [line for line in run.stderr.splitlines() if "sink failed" in line]
+    assert "handler=Hang" in line and "failed_event=RoundStarted" in line
+    assert "error=TimeoutError: cancelled after exp_opts.handler_timeout_s = 1s" in line
+    assert record(tmp_path)["status"] == "finished"
+
+
+def test_a_handler_holding_the_loop_does_not_time_out_a_fast_client(tmp_path: Path) -> None:
+    exp = _setup(tmp_path, client_timeout_s=1, comm_rounds=2)
+    blocks = {"target": "hostile_handlers:Blocks", "kwargs": {"seconds": 3}}
+    run = fedevents("run", str(exp), "--parallel", "2", *_with(blocks), cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rec = record(tmp_path)
+    assert rec["status"] == "finished" and "failures" not in rec
+
+
+def test_systemexit_and_keyboardinterrupt_of_a_sink_are_its_failures(tmp_path: Path, reference: Path) -> None:
+    exp = _setup(tmp_path)
+    run = fedevents("run", str(exp), *_with({"target": "hostile_handlers:Exits"}), cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    failed = [line for line in run.stderr.splitlines() if "sink failed" in line]
+    assert len(failed) == 2
+    assert "handler=Exits" in failed[0] and "failed_event=RoundFinished" in failed[0] and "error=SystemExit: 3" in failed[0]
+    assert "handler=Exits" in failed[1] and "failed_event=RoundStarted" in failed[1] and "error=KeyboardInterrupt" in failed[1]
+    rec, ref = record(tmp_path), record(reference)
+    assert rec["status"] == "finished"
+    assert (rec["data"], rec["comm"]) == (ref["data"], ref["comm"])
+
+
+@pytest.mark.anyio
+async def test_a_work_handler_raising_systemexit_fails_as_that_handler() -> None:
+    bus = EventBus()
+
+    def quits(event) -> None:
+        raise SystemExit("bye")
+
+    bus.subscribe(RoundStarted, quits, work=True)
+    ev = RoundStarted(run_id="r", exp_name="e", seq=0, wall_time=0.0, mono_time=0.0, round=1)
+    with pytest.raises(HandlerFailed, match=r"^handler .*quits raised SystemExit\(bye\)$"):
+        await bus.emit(ev)
+
+
+@pytest.mark.anyio
+async def test_what_one_handler_receives_it_cannot_change_for_the_next() -> None:
+    bus = EventBus()
+    metrics = {"tr_acc": 0.5}
+    attempts, seen = [], []
+
+    def vandal(ev: TrainDone) -> None:
+        for change in (lambda: operator.setitem(ev.metrics, "tr_acc", 1.0), lambda: ev.metrics.pop("tr_acc"),
+                       lambda: setattr(ev, "samples", 0)):
+            try:
+                change()
+            except (TypeError, AttributeError) as exc:
+                attempts.append(type(exc).__name__)
+
+    bus.subscribe(TrainDone, vandal, priority=1)
+    bus.subscribe(TrainDone, lambda ev: seen.append((dict(ev.metrics), ev.samples)))
+    ev = TrainDone(run_id="r", exp_name="e", seq=3, wall_time=1.0, mono_time=2.0, round=1, client="c0", task="t0",
+                   device="cpu", slot=0, waited_s=0.0, ran_s=0.5, samples=8, metrics=metrics)
+    metrics["tr_acc"] = 0.0  # nor can whoever built the event, afterwards
+    await bus.emit(ev)
+    assert attempts == ["TypeError", "AttributeError", "FrozenInstanceError"]
+    assert seen == [({"tr_acc": 0.5}, 8)]
+    assert isinstance(ev.metrics, MappingProxyType)
+    assert to_dict(ev)["metrics"] == {"tr_acc": 0.5}
+
+
+def test_sequences_become_tuples_and_the_json_form_is_unchanged() -> None:
+    ev = ClientsSampled(run_id="r", exp_name="e", seq=1, wall_time=1.0, mono_time=2.0, round=1,
+                        clients=["c0", "c1"], sample_seed=7)  # type: ignore[arg-type]
+    assert ev.clients == ("c0", "c1")
+    assert to_dict(ev) == {"event": "ClientsSampled", "schema": 1, "run_id": "r", "exp_name": "e", "seq": 1,
+                           "wall_time": 1.0, "mono_time": 2.0, "round": 1, "clients": ["c0", "c1"],
+                           "sample_seed": 7}
