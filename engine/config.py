@@ -38,7 +38,10 @@ __all__ = ["ExperimentConfig", "ClientSet", "load_experiments", "load_experiment
 COMMON_KEYS = ("datasets_dir", "checkpoints_dir", "logs_dir", "parallel", "device", "executor", "ray")
 METHODS = ("fedavg",)
 #: Model names by task kind; tests check they match fedevents.federated's builders.
-MODELS = ("cnn", "mlp", "resnet18", "resnet34", "resnet50")
+MODELS = (
+    "cnn", "mlp", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "swin_transformer_tiny", "swin_transformer_small", "swin_transformer_base", "swin_transformer_large",
+)
 #: Where client work runs (docs/executors.md); fedevents.handlers.executors holds one class per name.
 EXECUTORS = ("process", "ray", "thread")
 DEVICE_NAME = re.compile(r"^(cpu|cuda|cuda:\d+)$")
