@@ -3,7 +3,9 @@
 A task lives at ``<datasets_dir>/<task_name>/{train,query,gallery}/<person_id>/<image files>``. Person ids
 are the numeric folder names; camera ids are read from Market-1501 style file names (``0001_c1s1_000151_01.jpg``
 is camera 1) and are -1 where a name carries none. Decoded splits are kept in a byte-bounded cache, so a
-client's task is decoded on its first round and reused afterwards.
+client's task is decoded on its first round and reused afterwards. They are kept as the 8-bit pixels the
+files hold (12 kB per image at 64x32, 24 kB at 128x64, a quarter of float32) and normalised a batch at a time
+by ``AugmentOpts.normalise``, with the same arithmetic, in the same order, as normalising the whole split.
 """
 
 from __future__ import annotations
@@ -98,16 +100,24 @@ class AugmentOpts:
         std = _triple(opts.get("norm_std", default.norm_std), f"{where}.norm_std", positive=True)
         return cls(level=level, img_size=(int(size[0]), int(size[1])), norm_mean=mean, norm_std=std)
 
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Give 8-bit images [N, 3, H, W] as float32 ``(pixels / 255 - mean) / std``, on their device."""
+        if pixels.dtype != torch.uint8:
+            raise ValueError(f"pixels: expected 8-bit images (torch.uint8), found {pixels.dtype}")
+        mean = torch.tensor(self.norm_mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.norm_std, device=pixels.device).view(1, 3, 1, 1)
+        return pixels.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ImageSet:
-    """One split decoded to normalised float images [N, 3, H, W]; shared through the cache, so never modify it.
+    """One split decoded to 8-bit images [N, 3, H, W]; shared through the cache, so never modify it.
 
     ``labels`` are the contiguous training labels of ``ReidTask.labels``, and -1 for a person the train
     split does not hold (every query and gallery person, under the ReID protocol).
     """
 
-    images: torch.Tensor
+    pixels: torch.Tensor
     pids: torch.Tensor
     camids: torch.Tensor
     labels: torch.Tensor
@@ -163,7 +173,7 @@ class ImageCache:
     def nbytes(self) -> int:
         """Bytes held by the cached images."""
         with self._lock:
-            return sum(entry.images.nbytes for entry in self._entries.values())
+            return sum(entry.pixels.nbytes for entry in self._entries.values())
 
     def clear(self) -> None:
         """Drop every cached split (for instance after the files on disk changed)."""
@@ -180,10 +190,10 @@ class ImageCache:
         return hit
 
     def _evict(self) -> None:
-        total = sum(entry.images.nbytes for entry in self._entries.values())
+        total = sum(entry.pixels.nbytes for entry in self._entries.values())
         while total > self.max_bytes and len(self._entries) > 1:
             _, dropped = self._entries.popitem(last=False)
-            total -= dropped.images.nbytes
+            total -= dropped.pixels.nbytes
 
 
 IMAGE_CACHE = ImageCache()
@@ -211,13 +221,13 @@ def load_reid_task(datasets_dir: str | Path, task_name: str) -> ReidTask:
 
 
 def load_image_set(task: ReidTask, split: str, opts: AugmentOpts, *, cache: ImageCache | None = None) -> ImageSet:
-    """Give ``split`` of ``task`` decoded and normalised, from ``cache`` (``IMAGE_CACHE`` by default) when there.
+    """Give ``split`` of ``task`` decoded to 8-bit pixels, from ``cache`` (``IMAGE_CACHE`` by default) when there.
 
-    The cache key is the split's file list and the image options, so files rewritten in place on disk need a
-    ``cache.clear()`` to be read again.
+    The cache key is the split's file list and image size (normalisation comes later, per batch), so files
+    rewritten in place on disk need a ``cache.clear()`` to be read again.
     """
     samples = task.split(split)
-    key = (samples, opts.img_size, opts.norm_mean, opts.norm_std)
+    key = (samples, opts.img_size)
     return (IMAGE_CACHE if cache is None else cache).get(key, lambda: _decode_set(samples, task.labels, opts))
 
 
@@ -283,11 +293,9 @@ def _decode_set(samples: Sequence[ReidSample], labels: Mapping[int, int], opts: 
     buffer = pixels.numpy()  # shares memory with ``pixels``
     for row, sample in enumerate(samples):
         buffer[row] = _read_image(sample.path, (width, height))
-    images = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-    mean = torch.tensor(opts.norm_mean).view(1, 3, 1, 1)
-    std = torch.tensor(opts.norm_std).view(1, 3, 1, 1)
     return ImageSet(
-        images=images.sub_(mean).div_(std),
+        # Channels first, as the networks take them; a batch's rows are then contiguous for normalising.
+        pixels=pixels.permute(0, 3, 1, 2).contiguous(),
         pids=torch.tensor([s.pid for s in samples], dtype=torch.int64),
         camids=torch.tensor([s.camid for s in samples], dtype=torch.int64),
         labels=torch.tensor([labels.get(s.pid, -1) for s in samples], dtype=torch.int64),

@@ -38,8 +38,15 @@ class TaskSource:
         raise NotImplementedError
 
     def train_data(self, client: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training samples and labels of ``client`` on ``task``, on the CPU."""
+        """The training samples and labels of ``client`` on ``task``, on the CPU, as the model takes them."""
         raise NotImplementedError
+
+    def train_inputs(self, client: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training samples in their stored form, which ``augment`` turns into model input a batch at a time.
+
+        The same as ``train_data`` unless a source keeps its samples more compactly than the model takes them.
+        """
+        return self.train_data(client, task)
 
     def score(self, model: nn.Module, client: str, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
         """How many samples were scored and the validation metrics of ``model`` on ``task``."""
@@ -91,8 +98,7 @@ class ReidTasks(TaskSource):
         if total > num_classes:
             raise ValueError(f"model_opts.num_classes = {num_classes}, but the tasks under {datasets_dir} have "
                              f"{total} training identities; expected at least {total}")
-        level = self.augment_opts.level
-        self.augment = None if level == "none" else (lambda x, gen: augment(x, level, generator=gen))
+        self.augment = self._prepare
 
     def _check(self, model_opts: Mapping[str, Any]) -> None:
         if model_opts["name"] not in REID_MODELS:
@@ -107,16 +113,28 @@ class ReidTasks(TaskSource):
         return empty_reid_model(model_opts, device=device)
 
     def train_data(self, client: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # A float copy of the whole split, for methods that look at a task as a whole (exemplars, importances).
+        pixels, labels = self.train_inputs(client, task)
+        return self.augment_opts.normalise(pixels), labels
+
+    def train_inputs(self, client: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
         images = load_image_set(self.tasks[task], "train", self.augment_opts, cache=IMAGE_CACHE)
-        return images.images, images.labels + self.offsets[task]
+        return images.pixels, images.labels + self.offsets[task]
+
+    def _prepare(self, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Normalise a batch of stored 8-bit images (a float batch is already normalised), then augment it."""
+        if batch.dtype == torch.uint8:
+            batch = self.augment_opts.normalise(batch)
+        level = self.augment_opts.level
+        return batch if level == "none" else augment(batch, level, generator=gen)
 
     def score(self, model: nn.Module, client: str, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
         query = load_image_set(self.tasks[task], "query", self.augment_opts, cache=IMAGE_CACHE)
         gallery = load_image_set(self.tasks[task], "gallery", self.augment_opts, cache=IMAGE_CACHE)
         model.eval()
         with torch.inference_mode():
-            q = torch.cat([model(b.to(device)) for b in query.images.split(256)])
-            g = torch.cat([model(b.to(device)) for b in gallery.images.split(256)])
+            q = torch.cat([model(self.augment_opts.normalise(b.to(device))) for b in query.pixels.split(256)])
+            g = torch.cat([model(self.augment_opts.normalise(b.to(device))) for b in gallery.pixels.split(256)])
         scores = reid_scores(q, query.pids, query.camids, g, gallery.pids, gallery.camids, map_mode=self.map_mode)
         metrics = {f"val_{key}": value for key, value in scores.items()}
         return len(query), metrics
