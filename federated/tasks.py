@@ -16,7 +16,7 @@ from torch import nn
 
 from .backbones import REID_MODELS, build_reid_model, empty_reid_model
 from .models import MODELS, build_model, empty_model
-from .reid_data import IMAGE_CACHE, AugmentOpts, augment, load_image_set, load_reid_task
+from .reid_data import IMAGE_CACHE, AugmentOpts, ImageDecoder, LoaderOpts, augment, load_image_set, load_reid_task
 from .reid_metrics import reid_scores
 from .synthetic import SyntheticSpec, client_data
 from .training import evaluate
@@ -87,6 +87,8 @@ class ReidTasks(TaskSource):
 
     def __init__(self, opts: Mapping[str, Any], datasets_dir: str, tasks: Sequence[str], num_classes: int) -> None:
         self.augment_opts = AugmentOpts.from_dict(opts["augment_opts"])
+        # Read defensively: configs from before task_opts.loader_opts existed have no such key.
+        self.decoder = ImageDecoder(LoaderOpts.from_dict(opts.get("loader_opts") or {}))
         # "standard" is the Market-1501 mAP over every correct match; reid_metrics calls it "true".
         self.map_mode = "true" if opts.get("map_mode", "standard") == "standard" else opts["map_mode"]
         self.tasks = {name: load_reid_task(datasets_dir, name) for name in sorted(set(tasks))}
@@ -118,7 +120,7 @@ class ReidTasks(TaskSource):
         return self.augment_opts.normalise(pixels), labels
 
     def train_inputs(self, client: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        images = load_image_set(self.tasks[task], "train", self.augment_opts, cache=IMAGE_CACHE)
+        images = load_image_set(self.tasks[task], "train", self.augment_opts, cache=IMAGE_CACHE, decoder=self.decoder)
         return images.pixels, images.labels + self.offsets[task]
 
     def _prepare(self, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -129,8 +131,8 @@ class ReidTasks(TaskSource):
         return batch if level == "none" else augment(batch, level, generator=gen)
 
     def score(self, model: nn.Module, client: str, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
-        query = load_image_set(self.tasks[task], "query", self.augment_opts, cache=IMAGE_CACHE)
-        gallery = load_image_set(self.tasks[task], "gallery", self.augment_opts, cache=IMAGE_CACHE)
+        query = load_image_set(self.tasks[task], "query", self.augment_opts, cache=IMAGE_CACHE, decoder=self.decoder)
+        gallery = load_image_set(self.tasks[task], "gallery", self.augment_opts, cache=IMAGE_CACHE, decoder=self.decoder)
         model.eval()
         with torch.inference_mode():
             q = torch.cat([model(self.augment_opts.normalise(b.to(device))) for b in query.pixels.split(256)])

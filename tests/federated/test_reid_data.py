@@ -9,7 +9,9 @@ from PIL import Image
 from fedevents.federated.reid_data import (
     AugmentOpts,
     ImageCache,
+    ImageDecoder,
     ImageSet,
+    LoaderOpts,
     ReidSample,
     augment,
     load_image_set,
@@ -278,3 +280,59 @@ def test_threads_asking_for_one_split_share_a_single_decode() -> None:
     first.join(timeout=10)
     second.join(timeout=10)
     assert loads == [1] and results == [value, value]
+
+
+def _many(root: Path, count: int) -> list[str]:
+    """``count`` images of different colours and sizes, so a mix-up between workers would show."""
+    paths = []
+    for i in range(count):
+        path = root / f"{i:03d}.png"
+        _image(path, (i * 7 % 256, i * 31 % 256, i * 53 % 256), size=(8 + i % 5, 16 + i % 3))
+        paths.append(str(path))
+    return paths
+
+
+def test_worker_processes_decode_the_same_pixels_in_the_same_order(tmp_path: Path) -> None:
+    # "fork" keeps this fast: a spawned worker imports torch afresh, seconds on a busy machine.
+    paths = _many(tmp_path, 23)
+    alone = ImageDecoder().decode(paths, (8, 16))
+    workers = ImageDecoder(LoaderOpts(num_workers=2, multiprocessing_context="fork")).decode(paths, (8, 16))
+    assert alone.shape == (23, 16, 8, 3) and workers.dtype == alone.dtype
+    assert (workers == alone).all()
+
+
+def test_a_persistent_pool_serves_several_splits_until_closed(tmp_path: Path) -> None:
+    paths = _many(tmp_path, 9)
+    decoder = ImageDecoder(LoaderOpts(num_workers=2, multiprocessing_context="fork", persistent_workers=True))
+    try:
+        first = decoder.decode(paths, (8, 16))
+        pool = decoder._pool
+        second = decoder.decode(paths[:4], (8, 16))
+        assert pool is not None and decoder._pool is pool
+        assert (second == first[:4]).all()
+    finally:
+        decoder.close()
+    assert decoder._pool is None
+
+
+def test_a_corrupt_image_found_by_a_worker_is_named_as_in_this_process(tmp_path: Path) -> None:
+    paths = _many(tmp_path, 6)
+    Path(paths[4]).write_bytes(b"definitely not a png")
+    decoder = ImageDecoder(LoaderOpts(num_workers=2, multiprocessing_context="fork"))
+    with pytest.raises(ValueError) as caught:
+        decoder.decode(paths, (8, 16))
+    assert str(caught.value) == f"{paths[4]}: expected a readable image, found a file of no known image format"
+
+
+def test_loader_opts_take_the_shipped_spawn_without_workers_and_name_bad_values() -> None:
+    shipped = {"batch_size": 32, "num_workers": 0, "pin_memory": False, "multiprocessing_context": "spawn"}
+    assert LoaderOpts.from_dict(shipped) == LoaderOpts(num_workers=0, multiprocessing_context="spawn")
+    assert LoaderOpts.from_dict({}) == LoaderOpts()
+    with pytest.raises(ValueError, match=r"^task_opts.loader_opts.num_workers: expected an int >= 0, found -1$"):
+        LoaderOpts.from_dict({"num_workers": -1})
+    with pytest.raises(ValueError, match=r"^task_opts.loader_opts.multiprocessing_context: expected one of .*spawn.*, "
+                                         r"found 'threads'$"):
+        LoaderOpts.from_dict({"multiprocessing_context": "threads"})
+    with pytest.raises(ValueError, match=r"^task_opts.loader_opts.persistent_workers: expected true or false, "
+                                         r"found 'yes'$"):
+        LoaderOpts.from_dict({"persistent_workers": "yes"})

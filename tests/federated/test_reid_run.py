@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedevents.engine.config import load_experiment
 from fedevents.federated import Federation
@@ -97,3 +98,21 @@ def test_training_on_stored_pixels_gives_the_bits_of_training_on_the_normalised_
     whole = trained(images, None if level == "none" else (lambda xb, gen: augment(xb, level, generator=gen)))
     compact = trained(pixels, tasks.augment)
     assert all(torch.equal(whole[k], v) for k, v in compact.items())
+
+
+def test_decoding_in_worker_processes_trains_the_same_model(dataset: Path) -> None:
+    """task_opts.loader_opts.num_workers moves decoding to worker processes; the round must not change by a bit."""
+    from fedevents.federated.reid_data import IMAGE_CACHE
+
+    results = {}
+    for workers in (0, 2):
+        data = config(dataset)
+        data["task_opts"] = {**data["task_opts"],
+                             "loader_opts": {"num_workers": workers, "multiprocessing_context": "fork"}}
+        IMAGE_CACHE.clear()  # decode afresh, not from the other run's cache
+        fed = Federation(data, seed=0)
+        assert fed.worker.tasks.decoder.opts.num_workers == workers
+        result = fed.train(client="client-0", task="client-0-task-0", round=1, device="cpu", state="integrated")
+        results[workers] = (result.metrics, fed.store.get("client-0").model)
+    assert results[0][0] == results[2][0]
+    assert all(torch.equal(results[0][1][k], v) for k, v in results[2][1].items())
