@@ -145,7 +145,7 @@ class LoaderOpts:
 
 
 class ImageDecoder:
-    """Decodes image files to 8-bit pixels [N, H, W, 3], in this process or in worker processes.
+    """Decodes image files to 8-bit pixels [N, 3, H, W], in this process or in worker processes.
 
     Safe to share between threads. With ``persistent_workers`` the pool lives until ``close``; otherwise each
     call starts and stops its own.
@@ -164,12 +164,16 @@ class ImageDecoder:
         # A few runs per worker evens out uneven file sizes without paying for a task per file.
         step = max(1, math.ceil(len(paths) / (4 * workers)))
         runs = [paths[i:i + step] for i in range(0, len(paths), step)]
+        out = np.empty((len(paths), 3, size[1], size[0]), dtype=np.uint8)
         pool = self._acquire()
         try:
-            return np.concatenate(list(pool.map(_read_images, runs, [size] * len(runs))))
+            # Each run is copied into place as it arrives, so at most a few runs exist twice at a time.
+            for index, pixels in enumerate(pool.map(_read_images, runs, [size] * len(runs))):
+                out[index * step:index * step + len(pixels)] = pixels
         finally:
             if not self.opts.persistent_workers:
                 pool.shutdown()
+        return out
 
     def close(self) -> None:
         """Stop the persistent worker processes, if any."""
@@ -374,10 +378,8 @@ def _decode_set(
     samples: Sequence[ReidSample], labels: Mapping[int, int], opts: AugmentOpts, decoder: ImageDecoder
 ) -> ImageSet:
     height, width = opts.img_size
-    pixels = torch.from_numpy(decoder.decode([s.path for s in samples], (width, height)))
     return ImageSet(
-        # Channels first, as the networks take them; a batch's rows are then contiguous for normalising.
-        pixels=pixels.permute(0, 3, 1, 2).contiguous(),
+        pixels=torch.from_numpy(decoder.decode([s.path for s in samples], (width, height))),
         pids=torch.tensor([s.pid for s in samples], dtype=torch.int64),
         camids=torch.tensor([s.camid for s in samples], dtype=torch.int64),
         labels=torch.tensor([labels.get(s.pid, -1) for s in samples], dtype=torch.int64),
@@ -386,11 +388,12 @@ def _decode_set(
 
 
 def _read_images(paths: Sequence[str], size: tuple[int, int]) -> np.ndarray:
-    """Decode ``paths`` into one [N, H, W, 3] array (a module-level function, so worker processes can run it)."""
+    """Decode ``paths`` into one [N, 3, H, W] array (a module-level function, so worker processes can run it)."""
     width, height = size
-    out = np.empty((len(paths), height, width, 3), dtype=np.uint8)
+    # Channels first, as the networks take them, written in place: no second copy of the split.
+    out = np.empty((len(paths), 3, height, width), dtype=np.uint8)
     for row, path in enumerate(paths):
-        out[row] = _read_image(path, size)
+        out[row] = _read_image(path, size).transpose(2, 0, 1)
     return out
 
 

@@ -297,7 +297,7 @@ def test_worker_processes_decode_the_same_pixels_in_the_same_order(tmp_path: Pat
     paths = _many(tmp_path, 23)
     alone = ImageDecoder().decode(paths, (8, 16))
     workers = ImageDecoder(LoaderOpts(num_workers=2, multiprocessing_context="fork")).decode(paths, (8, 16))
-    assert alone.shape == (23, 16, 8, 3) and workers.dtype == alone.dtype
+    assert alone.shape == (23, 3, 16, 8) and workers.dtype == alone.dtype
     assert (workers == alone).all()
 
 
