@@ -110,9 +110,11 @@ def experiment_opts() -> dict:
     }
 
 
-def run_fedevents(method: str, data: Path, work: Path) -> dict:
+def run_fedevents(method: str, data: Path, work: Path, threads: int | None) -> dict:
     # YAML, not JSON: the CLI reads values as YAML 1.1, where JSON's 1e-05 is a string.
     sets = [f"--set={key}={_flow(value)}" for key, value in experiment_opts().items()]
+    if threads is not None:
+        sets.append(f"--set=exp_opts.torch_threads={threads}")
     folder = work / f"fedevents-{method}"
     folder.mkdir()
     command = [sys.executable, "-m", "fedevents.cli", "run", str(data / "experiment.yaml"), f"--set=exp_method={method}",
@@ -125,7 +127,7 @@ def _flow(value: object) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).removesuffix("\n...\n").strip()
 
 
-def run_original(method: str, data: Path, work: Path, checkout: Path, shims: Path) -> dict:
+def run_original(method: str, data: Path, work: Path, checkout: Path, shims: Path, threads: int | None) -> dict:
     folder = work / f"original-{method}"
     (folder / "configs").mkdir(parents=True)
     for entry in checkout.iterdir():
@@ -134,6 +136,8 @@ def run_original(method: str, data: Path, work: Path, checkout: Path, shims: Pat
     (folder / "configs" / "common.yaml").write_text(yaml.safe_dump(_original_common(data)))
     (folder / "configs" / f"{method}.yaml").write_text(yaml.safe_dump(_original_experiment(method)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shims), *sys.path[1:]])}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)  # torch's intra-op pool at start
     command = [sys.executable, "main.py", "--experiments", f"configs/{method}.yaml"]
     return measure(command, folder, env, folder / "ckpts", folder / "run.log")
 
@@ -177,11 +181,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--original", type=Path, default=None, help="a checkout of the original runner")
     parser.add_argument("--shims", type=Path, default=None, help="folder of stand-ins put on its PYTHONPATH")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for both runners (default: each its own, fedevents 1, the original all)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if (args.original is None) != (args.shims is None):
         parser.error("--original and --shims go together")
-    results: dict = {"machine": describe(), "date": time.strftime("%Y-%m-%d"), "runs": []}
+    results: dict = {"machine": describe(), "date": time.strftime("%Y-%m-%d"), "threads": args.threads, "runs": []}
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         data = work / "data"
@@ -189,11 +195,13 @@ def main() -> None:
                         f"--tasks={TASKS}", f"--ids-per-task={IDS}", f"--images-per-id={PER_ID}",
                         "--img-size", str(SIZE[0]), str(SIZE[1]), f"--sustain-rounds={SUSTAIN}"],
                        check=True, capture_output=True)
+        print(f"load average before: {os.getloadavg()}", flush=True)
         for method in args.methods.split(","):
             for attempt in range(args.repeat):
-                runners = [("fedevents", lambda m, w: run_fedevents(m, data, w))]
+                runners = [("fedevents", lambda m, w: run_fedevents(m, data, w, args.threads))]
                 if args.original is not None:
-                    runners.append(("original", lambda m, w: run_original(m, data, w, args.original, args.shims)))
+                    runners.append(
+                        ("original", lambda m, w: run_original(m, data, w, args.original, args.shims, args.threads)))
                 for runner, run in runners:
                     if runner == "fedevents" and method not in known_methods():
                         row = {"runner": runner, "method": method, "skipped": "not in fedevents.federated.METHODS"}

@@ -11,8 +11,9 @@ peak RSS (``ru_maxrss`` of the process and of its worker processes) is its own:
   from ``--workers``: wall time and the bytes the cache holds;
 - ``float32``: the same splits held as normalised float32, as fedevents held them before splits stayed 8-bit;
 - ``train``: one epoch of the train split with ``batch_size`` 32, ``default`` augmentation and SGD, for a
-  resnet18 at width 64 (the standard one) and at width 16. On a CPU a full-width epoch takes many minutes,
-  so each timing is of ``--batches`` batches after two warm-up batches, scaled to the 405 batches of an epoch.
+  resnet18 at width 64 (the standard one) and at width 16, on ``--threads`` torch threads (default 1, as
+  fedevents trains). On a CPU a full-width epoch takes many minutes, so each timing is of ``--batches``
+  batches after two warm-up batches, scaled to the 405 batches of an epoch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import os
 import resource
 import sys
 import tempfile
@@ -103,9 +105,10 @@ def measure_float(root: str) -> dict:
     return {"held_mib": sum(t.nbytes for t in held) / 2**20, "peak_rss_mib": _peak_mib()}
 
 
-def measure_train(root: str, width: int, batches: int) -> dict:
+def measure_train(root: str, width: int, batches: int, threads: int) -> dict:
     import torch
 
+    torch.set_num_threads(threads)
     from fedevents.federated.backbones import build_reid_model
     from fedevents.federated.seeds import generator
     from fedevents.federated.tasks import ReidTasks
@@ -145,6 +148,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--workers", default="0,2")
     parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for training (fedevents' default: 1)")
+    parser.add_argument("--parts", default="decode,float32,train")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
@@ -152,14 +157,17 @@ def main() -> None:
         start = time.perf_counter()
         write_task(root)
         print(f"data: {root / TASK} ({time.perf_counter() - start:.0f} s to write)", flush=True)
-        results = {"machine": describe(), "date": time.strftime("%Y-%m-%d"), "decode": [], "train": []}
-        for workers in (int(w) for w in args.workers.split(",")):
+        parts = args.parts.split(",")
+        results = {"machine": describe(), "date": time.strftime("%Y-%m-%d"), "load": os.getloadavg(),
+                   "decode": [], "train": []}
+        for workers in (int(w) for w in args.workers.split(",")) if "decode" in parts else ():
             results["decode"].append(_isolated(measure_decode, str(root), workers))
             print(json.dumps(results["decode"][-1]), flush=True)
-        results["float32"] = _isolated(measure_float, str(root))
-        print(json.dumps(results["float32"]), flush=True)
-        for width in (64, 16):
-            results["train"].append(_isolated(measure_train, str(root), width, args.batches))
+        if "float32" in parts:
+            results["float32"] = _isolated(measure_float, str(root))
+            print(json.dumps(results["float32"]), flush=True)
+        for width in (64, 16) if "train" in parts else ():
+            results["train"].append(_isolated(measure_train, str(root), width, args.batches, args.threads))
             print(json.dumps(results["train"][-1]), flush=True)
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2))
