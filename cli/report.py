@@ -14,7 +14,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,9 @@ class ExperimentReport:
     seed: int | None  # random_seed
     group: str  # the config without random_seed (and where files go): runs of one group differ only in seed
     clients: tuple[ClientSeries, ...]
+    #: The global (aggregated) model's primary metric, {round: {task: score}} (exp_opts.val_model global/both).
+    global_scores: Scores = field(default_factory=dict)
+    global_final: float | None = None  # its last round's scores, averaged over tasks
 
 @dataclass(frozen=True)
 class Report:
@@ -173,7 +176,9 @@ def build_report(records: Sequence[Mapping[str, Any]], *, metric: str | None = N
 
 def _experiment(record: Mapping[str, Any], metric: str | None) -> dict[str, Any]:
     config = record["config"]
-    metric = metric or _primary_metric(record["data"])
+    scored = record.get("global") if isinstance(record.get("global"), Mapping) else {}
+    metric = metric or _primary_metric(record["data"]) or _primary_metric({"server": scored})
+    global_scores = _global_scores(scored, metric)
     clients = _clients(config, record["data"], record.get("failures"), metric)
     sustain = _positive_int(_get(config, "task_opts", "sustain_rounds")) or 1
     last = max((max(c.scores) for c in clients if c.scores), default=None)
@@ -195,10 +200,24 @@ def _experiment(record: Mapping[str, Any], metric: str | None) -> dict[str, Any]
         "seed": _whole(config.get("random_seed")),
         "group": _group(config),
         "clients": tuple(clients),
+        "global_scores": global_scores,
+        "global_final": _final(global_scores),
     }
 
+
+def _global_scores(scored: Mapping[str, Any], metric: str | None) -> dict[int, dict[str, float]]:
+    """``metric`` of the global model by round and task, from the record's ``global`` section."""
+    out: dict[int, dict[str, float]] = {}
+    for rnd, tasks in scored.items():
+        if _is_round(rnd) and isinstance(tasks, Mapping):
+            row = {t: m[metric] for t, m in tasks.items() if isinstance(m, Mapping) and _is_number(m.get(metric))}
+            if row:
+                out[int(rnd)] = row
+    return dict(sorted(out.items()))
+
 #: Keys that say where a run's files go or which seed it drew, not what experiment it is.
-_NOT_THE_EXPERIMENT = ("random_seed", "logs_dir", "checkpoints_dir", "datasets_dir", "handlers", "outputs")
+_NOT_THE_EXPERIMENT = ("random_seed", "exp_name", "group", "logs_dir", "checkpoints_dir", "datasets_dir", "handlers",
+                       "outputs")
 
 
 def _group(config: Mapping[str, Any]) -> str:
@@ -329,6 +348,7 @@ _COLUMNS = (
     ("rounds", "rounds", "last_round"),
     ("metric", "metric", "metric"),
     ("final", "final", "final"),
+    ("global final", "global_final", "global_final"),
     ("mAP", "final_map", "final_map"),
     ("avg acc", "average_accuracy", "average_accuracy"),
     ("forget FedSTIL", "forgetting_fedstil", "forgetting_fedstil"),
@@ -340,6 +360,8 @@ _COLUMNS = (
 
 _COLUMN_NOTES = (
     ("final", "the primary metric in each client's last validated round, averaged over its tasks"),
+    ("global final", "the global (aggregated) model's primary metric after the last validation round, averaged "
+                     "over tasks (exp_opts.val_model global or both); final is each client's own model"),
     ("mAP", "the same for val_map (ReID records)"),
     ("avg acc", "average accuracy at the last validated round over every task of each client's stream "
                 "(FedSTIL's accuracy_on_round)"),

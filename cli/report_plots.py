@@ -228,7 +228,8 @@ def _seeds(groups: Sequence[Sequence[ExperimentReport]]) -> Figure:
                 label=f"{group[0].exp_name} ({group[0].method}), seeds {seeds}")
         ax.fill_between(rounds, mean - spread, mean + spread, color=color, alpha=0.2, linewidth=0)
     metrics = sorted({metric_name(e.metric) for g in groups for e in g})
-    _label_score_axes(ax, f"mean {', '.join(metrics)} over clients",
+    whose = "of the global model" if all(e.global_scores for g in groups for e in g) else "over clients"
+    _label_score_axes(ax, f"mean {', '.join(metrics)} {whose}",
                       [c.scores for g in groups for e in g for c in e.clients], None)
     _legend_outside(ax, *ax.get_legend_handles_labels(), "mean ± 1 sd over seeds")
     fig.suptitle(f"Runs that differ only in random_seed: mean over seeds with a band of ±1 standard deviation")
@@ -236,6 +237,9 @@ def _seeds(groups: Sequence[Sequence[ExperimentReport]]) -> Figure:
 
 
 def _run_means(exp: ExperimentReport) -> tuple[list[int], list[float]]:
+    """The run's score per round: the global model's where it was scored, else the mean over clients."""
+    if exp.global_scores:
+        return _task_means(exp.global_scores)
     by_round: dict[int, list[float]] = {}
     for c in exp.clients:
         for rnd, value in zip(*_task_means(c.scores)):

@@ -1,14 +1,16 @@
-"""ResNet-style backbones for person re-identification: a residual trunk, a global feature, an identity head.
+"""Backbones for person re-identification: a ResNet or Swin trunk, a global feature, an identity head.
 
 The trunk follows the residual-network recipe (He et al., 2016): a strided 7x7 stem and max-pool, then four
 stages whose first block may halve the map and widen the channels, with BasicBlock (two 3x3 convs) for the
-18- and 34-layer nets and Bottleneck (1x1 reduce, 3x3, 1x1 expand by 4) for the 50-layer one. Two ReID
+18- and 34-layer nets and Bottleneck (1x1 reduce, 3x3, 1x1 expand by 4) for the 50-, 101- and 152-layer
+ones. The Swin trunks live in ``swin``; the head below is the same for both kinds. Two ReID
 habits sit on top (Luo et al., "Bag of Tricks and a Strong Baseline for Deep Person Re-identification",
 2019): the last stage may keep stride 1 for a larger final map, and a BatchNorm "neck" separates the
 feature a triplet loss sees from the one the identity classifier sees.
 
 Parameter names match the usual ResNet layout (``base.layer1.0.conv1.weight``,
-``base.layer2.0.downsample.0.weight``, ...), so a converted ImageNet state dict loads into ``base`` as is.
+``base.layer2.0.downsample.0.weight``, ...), so a converted ImageNet state dict loads into ``base`` as is;
+the Swin trunks keep the names of the Swin authors' release the same way.
 """
 
 from __future__ import annotations
@@ -22,9 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .swin import SWIN_DERIVED_KEYS, SWIN_LAYOUTS, SwinTrunk
+
 __all__ = ["NECKS", "REID_MODELS", "ReidNet", "build_reid_model", "empty_reid_model", "load_pretrained"]
 
-REID_MODELS = ("resnet18", "resnet34", "resnet50")
+REID_MODELS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "swin_transformer_tiny", "swin_transformer_small", "swin_transformer_base", "swin_transformer_large",
+)
 NECKS = ("bnneck", "no")
 
 # name -> (block kind, blocks per stage)
@@ -32,6 +39,8 @@ _LAYOUTS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
     "resnet34": ("basic", (3, 4, 6, 3)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    "resnet152": ("bottleneck", (3, 8, 36, 3)),
 }
 _EXPANSION = {"basic": 1, "bottleneck": 4}
 
@@ -127,7 +136,7 @@ class ReidNet(nn.Module):
     neck when there is one.
     """
 
-    def __init__(self, base: ResNetTrunk, num_classes: int, neck: str) -> None:
+    def __init__(self, base: ResNetTrunk | SwinTrunk, num_classes: int, neck: str) -> None:
         super().__init__()
         self.base = base
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -148,12 +157,14 @@ class ReidNet(nn.Module):
 def build_reid_model(model_opts: Mapping[str, Any], *, generator: torch.Generator | None = None) -> ReidNet:
     """Build the ReID network ``model_opts`` names on the CPU, its weights drawn from ``generator``.
 
-    Keys: ``name`` (one of ``REID_MODELS``), ``num_classes``, ``last_stride`` (1 or 2, default 1),
-    ``neck`` (``bnneck`` or ``no``, default ``bnneck``), ``fine_tuning`` (submodule paths left trainable;
-    empty or missing leaves all trainable), ``pretrained`` (a local weights file, see ``load_pretrained``)
-    and ``width`` (channels of the first stage, default 64). Convs get Kaiming-normal weights (fan-out,
-    for ReLU), BatchNorms scale 1 and shift 0, the classifier N(0, 0.001); all from ``generator``, never
-    from torch's global RNG.
+    Keys: ``name`` (one of ``REID_MODELS``), ``num_classes``, ``last_stride`` (1 or 2, default 1; a Swin
+    trunk has no strided last stage and ignores it), ``neck`` (``bnneck`` or ``no``, default ``bnneck``),
+    ``fine_tuning`` (submodule paths left trainable, such as ``base.layer4`` or ``base.layers.3``; empty or
+    missing leaves all trainable), ``pretrained`` (a local weights file, see ``load_pretrained``) and ``width``
+    (channels of the first stage: default 64 for a ResNet, the variant's 96, 128 or 192 for a Swin, whose
+    width must be a multiple of 32). ResNet convs get Kaiming-normal weights (fan-out, for ReLU); Swin linear
+    layers, its patch embedding and its position-bias tables truncated N(0, 0.02) with zero biases; norms scale
+    1 and shift 0; the classifier N(0, 0.001). All from ``generator``, never from torch's global RNG.
     """
     model = empty_reid_model(model_opts, device="cpu")
     _init_parameters(model, generator if generator is not None else torch.default_generator)
@@ -171,19 +182,28 @@ def empty_reid_model(model_opts: Mapping[str, Any], *, device: str | torch.devic
     if name not in REID_MODELS:
         raise ValueError(f"model_opts.name: expected one of {', '.join(REID_MODELS)}, found {name!r}")
     num_classes = _positive_int(model_opts, "num_classes", None)
-    width = _positive_int(model_opts, "width", 64)
+    width = _positive_int(model_opts, "width", SWIN_LAYOUTS[name][0] if name in SWIN_LAYOUTS else 64)
     last_stride = model_opts.get("last_stride", 1)
     if type(last_stride) is not int or last_stride not in (1, 2):
         raise ValueError(f"model_opts.last_stride: expected 1 or 2, found {last_stride!r}")
     neck = model_opts.get("neck", "bnneck")
     if neck not in NECKS:
         raise ValueError(f"model_opts.neck: expected one of {', '.join(NECKS)}, found {neck!r}")
-    kind, depths = _LAYOUTS[name]
     with torch.device("meta"):
-        model = ReidNet(ResNetTrunk(kind, depths, width, last_stride), num_classes, neck)
+        model = ReidNet(_trunk(name, width, last_stride), num_classes, neck)
     model = model.to_empty(device=device)
     _freeze(model, model_opts)
     return model
+
+
+def _trunk(name: str, width: int, last_stride: int) -> ResNetTrunk | SwinTrunk:
+    if name in SWIN_LAYOUTS:
+        try:
+            return SwinTrunk(width, SWIN_LAYOUTS[name][1])
+        except ValueError as error:
+            raise ValueError(f"{error} (for {name})") from None
+    kind, depths = _LAYOUTS[name]
+    return ResNetTrunk(kind, depths, width, last_stride)
 
 
 def load_pretrained(model: ReidNet, path: str | Path) -> None:
@@ -191,9 +211,11 @@ def load_pretrained(model: ReidNet, path: str | Path) -> None:
 
     The file holds either a whole ``ReidNet`` state dict (every key under ``base.``, ``bottleneck.`` or
     ``classifier.``), loaded into the whole model, or a trunk state dict (``conv1.weight``,
-    ``layer1.0.conv1.weight``, ...), loaded into ``base``. Both loads are strict: a missing key, an
-    unexpected key or a shape that differs is a ValueError naming the file. The one exception is an ImageNet
-    head (``fc.weight``, ``fc.bias``) in a trunk file, which a ReID network has no place for and is dropped.
+    ``layer1.0.conv1.weight``, ``patch_embed.proj.weight``, ...), loaded into ``base``. Both loads are strict:
+    a missing key, an unexpected key or a shape that differs is a ValueError naming the file. The exceptions
+    are in trunk files: an ImageNet head (``fc.*``, ``head.*``), which a ReID network has no place for, and
+    the Swin index buffers this project recomputes, are dropped; a Swin release file's ``{"model": ...}``
+    wrapper is opened.
     """
     if not Path(path).is_file():
         raise ValueError(f"model_opts.pretrained: expected a local weights file, found no file at {path}")
@@ -209,12 +231,18 @@ def load_pretrained(model: ReidNet, path: str | Path) -> None:
         raise ValueError(f"model_opts.pretrained: cannot read {path} as a weights file: {reason}") from error
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
         raise ValueError(f"model_opts.pretrained: expected {path} to hold a state dict, found {type(state).__name__}")
+    if set(state) == {"model"} and isinstance(state["model"], Mapping):
+        state = state["model"]  # the Swin authors' release format
     whole = all(k.split(".", 1)[0] in ("base", "bottleneck", "classifier") for k in state)
     target: nn.Module = model if whole else model.base
     if not whole:
-        state = {k: v for k, v in state.items() if k not in ("fc.weight", "fc.bias")}
+        state = {k: v for k, v in state.items() if k not in ("fc.weight", "fc.bias") and not _derived(k)}
     _check_state(target, state, path)
     target.load_state_dict(state, strict=True)
+
+
+def _derived(key: str) -> bool:
+    return key in SWIN_DERIVED_KEYS or key.rsplit(".", 1)[-1] in SWIN_DERIVED_KEYS
 
 
 def _check_state(target: nn.Module, state: Mapping[str, Any], path: str | Path) -> None:
@@ -252,13 +280,17 @@ def _freeze(model: ReidNet, model_opts: Mapping[str, Any]) -> None:
         if not isinstance(path, str) or path not in known:
             raise ValueError(
                 f"model_opts.fine_tuning[{index}]: expected a submodule path of {model_opts['name']} "
-                f"such as base.layer4 or classifier, found {path!r}"
+                f"such as {_example_path(model)} or classifier, found {path!r}"
             )
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(not paths or any(name == p or name.startswith(p + ".") for p in paths))
     if model.bottleneck is not None:
         # The BNNeck's shift stays at zero: the trick is a scale-only normalisation before the classifier.
         model.bottleneck.bias.requires_grad_(False)
+
+
+def _example_path(model: ReidNet) -> str:
+    return "base.layers.3" if isinstance(model.base, SwinTrunk) else "base.layer4"
 
 
 def _positive_int(model_opts: Mapping[str, Any], key: str, default: int | None) -> int:
@@ -279,7 +311,22 @@ def _init_parameters(model: ReidNet, gen: torch.Generator) -> None:
             module.weight.fill_(1.0)
             module.bias.zero_()
             module.reset_running_stats()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
         elif isinstance(module, nn.Linear):
             module.weight.normal_(0.0, 0.001, generator=gen)
             if module.bias is not None:
                 module.bias.zero_()
+    if isinstance(model.base, SwinTrunk):
+        _init_swin(model.base, gen)
+
+
+@torch.no_grad()
+def _init_swin(base: SwinTrunk, gen: torch.Generator) -> None:
+    # The Swin recipe: truncated N(0, 0.02) for every weight matrix and the relative-position bias tables.
+    for name, parameter in base.named_parameters():
+        if name.endswith("relative_position_bias_table") or (parameter.dim() > 1 and name.endswith("weight")):
+            nn.init.trunc_normal_(parameter, std=0.02, generator=gen)
+        elif name.endswith("bias"):
+            parameter.zero_()

@@ -3,15 +3,21 @@
 A task lives at ``<datasets_dir>/<task_name>/{train,query,gallery}/<person_id>/<image files>``. Person ids
 are the numeric folder names; camera ids are read from Market-1501 style file names (``0001_c1s1_000151_01.jpg``
 is camera 1) and are -1 where a name carries none. Decoded splits are kept in a byte-bounded cache, so a
-client's task is decoded on its first round and reused afterwards.
+client's task is decoded on its first round and reused afterwards. They are kept as the 8-bit pixels the
+files hold (12 kB per image at 64x32, 24 kB at 128x64, a quarter of float32) and normalised a batch at a time
+by ``AugmentOpts.normalise``, with the same arithmetic, in the same order, as normalising the whole split.
+Decoding may run in worker processes (``task_opts.loader_opts.num_workers``); each worker decodes a run of
+files in order, so the pixels are the same whatever the number of workers.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, NamedTuple, Sequence
@@ -27,6 +33,8 @@ __all__ = [
     "AugmentOpts",
     "ImageCache",
     "ImageSet",
+    "ImageDecoder",
+    "LoaderOpts",
     "ReidSample",
     "ReidTask",
     "augment",
@@ -98,16 +106,101 @@ class AugmentOpts:
         std = _triple(opts.get("norm_std", default.norm_std), f"{where}.norm_std", positive=True)
         return cls(level=level, img_size=(int(size[0]), int(size[1])), norm_mean=mean, norm_std=std)
 
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Give 8-bit images [N, 3, H, W] as float32 ``(pixels / 255 - mean) / std``, on their device."""
+        if pixels.dtype != torch.uint8:
+            raise ValueError(f"pixels: expected 8-bit images (torch.uint8), found {pixels.dtype}")
+        mean = torch.tensor(self.norm_mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.norm_std, device=pixels.device).view(1, 3, 1, 1)
+        return pixels.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+
+
+@dataclass(frozen=True, slots=True)
+class LoaderOpts:
+    """Where image files are decoded (the decoding keys of ``task_opts.loader_opts`` in a config).
+
+    ``num_workers`` 0 decodes in the calling thread; more decodes in that many worker processes, started with
+    ``multiprocessing_context`` (the platform's default when None; meaningless, and so accepted, without
+    workers) and kept between splits when ``persistent_workers`` is true.
+    """
+
+    num_workers: int = 0
+    multiprocessing_context: str | None = None
+    persistent_workers: bool = False
+
+    @classmethod
+    def from_dict(cls, opts: Mapping[str, Any], *, where: str = "task_opts.loader_opts") -> LoaderOpts:
+        """Read the decoding keys of ``opts``; the batch keys (``batch_size``, ``pin_memory``) are the trainer's."""
+        workers = opts.get("num_workers", 0)
+        if not _is_int(workers) or workers < 0:
+            raise ValueError(f"{where}.num_workers: expected an int >= 0, found {workers!r}")
+        context = opts.get("multiprocessing_context")
+        methods = multiprocessing.get_all_start_methods()
+        if context is not None and context not in methods:
+            raise ValueError(f"{where}.multiprocessing_context: expected one of {', '.join(methods)}, found {context!r}")
+        persistent = opts.get("persistent_workers", False)
+        if not isinstance(persistent, bool):
+            raise ValueError(f"{where}.persistent_workers: expected true or false, found {persistent!r}")
+        return cls(num_workers=workers, multiprocessing_context=context, persistent_workers=persistent)
+
+
+class ImageDecoder:
+    """Decodes image files to 8-bit pixels [N, 3, H, W], in this process or in worker processes.
+
+    Safe to share between threads. With ``persistent_workers`` the pool lives until ``close``; otherwise each
+    call starts and stops its own.
+    """
+
+    def __init__(self, opts: LoaderOpts | None = None) -> None:
+        self.opts = opts if opts is not None else LoaderOpts()
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def decode(self, paths: Sequence[str], size: tuple[int, int]) -> np.ndarray:
+        """Give the images at ``paths`` resized to ``size`` (width, height), in order."""
+        workers = self.opts.num_workers
+        if workers == 0 or len(paths) < 2:
+            return _read_images(paths, size)
+        # A few runs per worker evens out uneven file sizes without paying for a task per file.
+        step = max(1, math.ceil(len(paths) / (4 * workers)))
+        runs = [paths[i:i + step] for i in range(0, len(paths), step)]
+        out = np.empty((len(paths), 3, size[1], size[0]), dtype=np.uint8)
+        pool = self._acquire()
+        try:
+            # Each run is copied into place as it arrives, so at most a few runs exist twice at a time.
+            for index, pixels in enumerate(pool.map(_read_images, runs, [size] * len(runs))):
+                out[index * step:index * step + len(pixels)] = pixels
+        finally:
+            if not self.opts.persistent_workers:
+                pool.shutdown()
+        return out
+
+    def close(self) -> None:
+        """Stop the persistent worker processes, if any."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
+
+    def _acquire(self) -> ProcessPoolExecutor:
+        context = multiprocessing.get_context(self.opts.multiprocessing_context)
+        if not self.opts.persistent_workers:
+            return ProcessPoolExecutor(self.opts.num_workers, mp_context=context)
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self.opts.num_workers, mp_context=context)
+            return self._pool
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ImageSet:
-    """One split decoded to normalised float images [N, 3, H, W]; shared through the cache, so never modify it.
+    """One split decoded to 8-bit images [N, 3, H, W]; shared through the cache, so never modify it.
 
     ``labels`` are the contiguous training labels of ``ReidTask.labels``, and -1 for a person the train
     split does not hold (every query and gallery person, under the ReID protocol).
     """
 
-    images: torch.Tensor
+    pixels: torch.Tensor
     pids: torch.Tensor
     camids: torch.Tensor
     labels: torch.Tensor
@@ -163,7 +256,7 @@ class ImageCache:
     def nbytes(self) -> int:
         """Bytes held by the cached images."""
         with self._lock:
-            return sum(entry.images.nbytes for entry in self._entries.values())
+            return sum(entry.pixels.nbytes for entry in self._entries.values())
 
     def clear(self) -> None:
         """Drop every cached split (for instance after the files on disk changed)."""
@@ -180,10 +273,10 @@ class ImageCache:
         return hit
 
     def _evict(self) -> None:
-        total = sum(entry.images.nbytes for entry in self._entries.values())
+        total = sum(entry.pixels.nbytes for entry in self._entries.values())
         while total > self.max_bytes and len(self._entries) > 1:
             _, dropped = self._entries.popitem(last=False)
-            total -= dropped.images.nbytes
+            total -= dropped.pixels.nbytes
 
 
 IMAGE_CACHE = ImageCache()
@@ -210,15 +303,19 @@ def load_reid_task(datasets_dir: str | Path, task_name: str) -> ReidTask:
     )
 
 
-def load_image_set(task: ReidTask, split: str, opts: AugmentOpts, *, cache: ImageCache | None = None) -> ImageSet:
-    """Give ``split`` of ``task`` decoded and normalised, from ``cache`` (``IMAGE_CACHE`` by default) when there.
+def load_image_set(
+    task: ReidTask, split: str, opts: AugmentOpts, *, cache: ImageCache | None = None, decoder: ImageDecoder | None = None
+) -> ImageSet:
+    """Give ``split`` of ``task`` decoded to 8-bit pixels, from ``cache`` (``IMAGE_CACHE`` by default) when there.
 
-    The cache key is the split's file list and the image options, so files rewritten in place on disk need a
-    ``cache.clear()`` to be read again.
+    The cache key is the split's file list and image size (normalisation comes later, per batch), so files
+    rewritten in place on disk need a ``cache.clear()`` to be read again. ``decoder`` decodes a split that is
+    not cached (in this thread when None).
     """
     samples = task.split(split)
-    key = (samples, opts.img_size, opts.norm_mean, opts.norm_std)
-    return (IMAGE_CACHE if cache is None else cache).get(key, lambda: _decode_set(samples, task.labels, opts))
+    key = (samples, opts.img_size)
+    decoder = decoder if decoder is not None else ImageDecoder()
+    return (IMAGE_CACHE if cache is None else cache).get(key, lambda: _decode_set(samples, task.labels, opts, decoder))
 
 
 def augment(images: torch.Tensor, level: str, *, generator: torch.Generator) -> torch.Tensor:
@@ -277,22 +374,27 @@ def _camera(file_name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def _decode_set(samples: Sequence[ReidSample], labels: Mapping[int, int], opts: AugmentOpts) -> ImageSet:
+def _decode_set(
+    samples: Sequence[ReidSample], labels: Mapping[int, int], opts: AugmentOpts, decoder: ImageDecoder
+) -> ImageSet:
     height, width = opts.img_size
-    pixels = torch.empty((len(samples), height, width, 3), dtype=torch.uint8)
-    buffer = pixels.numpy()  # shares memory with ``pixels``
-    for row, sample in enumerate(samples):
-        buffer[row] = _read_image(sample.path, (width, height))
-    images = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-    mean = torch.tensor(opts.norm_mean).view(1, 3, 1, 1)
-    std = torch.tensor(opts.norm_std).view(1, 3, 1, 1)
     return ImageSet(
-        images=images.sub_(mean).div_(std),
+        pixels=torch.from_numpy(decoder.decode([s.path for s in samples], (width, height))),
         pids=torch.tensor([s.pid for s in samples], dtype=torch.int64),
         camids=torch.tensor([s.camid for s in samples], dtype=torch.int64),
         labels=torch.tensor([labels.get(s.pid, -1) for s in samples], dtype=torch.int64),
         paths=tuple(s.path for s in samples),
     )
+
+
+def _read_images(paths: Sequence[str], size: tuple[int, int]) -> np.ndarray:
+    """Decode ``paths`` into one [N, 3, H, W] array (a module-level function, so worker processes can run it)."""
+    width, height = size
+    # Channels first, as the networks take them, written in place: no second copy of the split.
+    out = np.empty((len(paths), 3, height, width), dtype=np.uint8)
+    for row, path in enumerate(paths):
+        out[row] = _read_image(path, size).transpose(2, 0, 1)
+    return out
 
 
 def _read_image(path: str, size: tuple[int, int]) -> np.ndarray:

@@ -17,7 +17,7 @@ from torch import nn
 from .datasets import IMAGE_DATASETS, build_image_tasks
 from .backbones import REID_MODELS, build_reid_model, empty_reid_model
 from .models import MODELS, build_model, empty_model
-from .reid_data import IMAGE_CACHE, AugmentOpts, augment, load_image_set, load_reid_task
+from .reid_data import IMAGE_CACHE, AugmentOpts, ImageDecoder, LoaderOpts, augment, load_image_set, load_reid_task
 from .registry import Catalogue, Component
 from .reid_metrics import reid_scores
 from .synthetic import SyntheticSpec, client_data, global_test_data
@@ -47,8 +47,15 @@ class TaskSource:
         raise NotImplementedError
 
     def train_data(self, client: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training samples and labels of ``client`` on ``task``, on the CPU."""
+        """The training samples and labels of ``client`` on ``task``, on the CPU, as the model takes them."""
         raise NotImplementedError
+
+    def train_inputs(self, client: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training samples in their stored form, which ``augment`` turns into model input a batch at a time.
+
+        The same as ``train_data`` unless a source keeps its samples more compactly than the model takes them.
+        """
+        return self.train_data(client, task)
 
     def score(self, model: nn.Module, client: str, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
         """How many samples were scored and the validation metrics of ``model`` on ``task``."""
@@ -99,6 +106,8 @@ class ReidTasks(TaskSource):
 
     def __init__(self, opts: Mapping[str, Any], datasets_dir: str, tasks: Sequence[str], num_classes: int) -> None:
         self.augment_opts = AugmentOpts.from_dict(opts["augment_opts"])
+        # Read defensively: configs from before task_opts.loader_opts existed have no such key.
+        self.decoder = ImageDecoder(LoaderOpts.from_dict(opts.get("loader_opts") or {}))
         # "standard" is the Market-1501 mAP over every correct match; reid_metrics calls it "true".
         self.map_mode = "true" if opts.get("map_mode", "standard") == "standard" else opts["map_mode"]
         self.tasks = {name: load_reid_task(datasets_dir, name) for name in sorted(set(tasks))}
@@ -110,8 +119,7 @@ class ReidTasks(TaskSource):
         if total > num_classes:
             raise ValueError(f"model_opts.num_classes = {num_classes}, but the tasks under {datasets_dir} have "
                              f"{total} training identities; expected at least {total}")
-        level = self.augment_opts.level
-        self.augment = None if level == "none" else (lambda x, gen: augment(x, level, generator=gen))
+        self.augment = self._prepare
 
     def _check(self, model_opts: Mapping[str, Any]) -> None:
         if model_opts["name"] not in REID_MODELS:
@@ -126,16 +134,28 @@ class ReidTasks(TaskSource):
         return empty_reid_model(model_opts, device=device)
 
     def train_data(self, client: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        images = load_image_set(self.tasks[task], "train", self.augment_opts, cache=IMAGE_CACHE)
-        return images.images, images.labels + self.offsets[task]
+        # A float copy of the whole split, for methods that look at a task as a whole (exemplars, importances).
+        pixels, labels = self.train_inputs(client, task)
+        return self.augment_opts.normalise(pixels), labels
+
+    def train_inputs(self, client: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images = load_image_set(self.tasks[task], "train", self.augment_opts, cache=IMAGE_CACHE, decoder=self.decoder)
+        return images.pixels, images.labels + self.offsets[task]
+
+    def _prepare(self, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Normalise a batch of stored 8-bit images (a float batch is already normalised), then augment it."""
+        if batch.dtype == torch.uint8:
+            batch = self.augment_opts.normalise(batch)
+        level = self.augment_opts.level
+        return batch if level == "none" else augment(batch, level, generator=gen)
 
     def score(self, model: nn.Module, client: str, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
-        query = load_image_set(self.tasks[task], "query", self.augment_opts, cache=IMAGE_CACHE)
-        gallery = load_image_set(self.tasks[task], "gallery", self.augment_opts, cache=IMAGE_CACHE)
+        query = load_image_set(self.tasks[task], "query", self.augment_opts, cache=IMAGE_CACHE, decoder=self.decoder)
+        gallery = load_image_set(self.tasks[task], "gallery", self.augment_opts, cache=IMAGE_CACHE, decoder=self.decoder)
         model.eval()
         with torch.inference_mode():
-            q = torch.cat([model(b.to(device)) for b in query.images.split(256)])
-            g = torch.cat([model(b.to(device)) for b in gallery.images.split(256)])
+            q = torch.cat([model(self.augment_opts.normalise(b.to(device))) for b in query.pixels.split(256)])
+            g = torch.cat([model(self.augment_opts.normalise(b.to(device))) for b in gallery.pixels.split(256)])
         scores = reid_scores(q, query.pids, query.camids, g, gallery.pids, gallery.camids, map_mode=self.map_mode)
         metrics = {f"val_{key}": value for key, value in scores.items()}
         return len(query), metrics

@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from .criteria import build_reid_criterion
-from .methods import LocalRound, ModelOutput, build_method
+from .methods import LocalRound, Method, ModelOutput, build_method
 from .seeds import generator
 from .store import ClientState
 from .tasks import TaskSource, build_task_source
@@ -117,8 +117,12 @@ class Worker:
             augment=self._tasks.augment,
         )
         self._method.start(rnd)
-        x, y = rnd.task_data(job.task)
-        x, y = self._method.training_data(rnd, x, y)
+        if type(self._method).training_data is Method.training_data:
+            # Samples stay in their stored form (ReID: 8-bit pixels) until augment prepares each batch.
+            x, y = (t.to(dev) for t in self._tasks.train_inputs(job.client, job.task))
+        else:
+            # A method that adds samples (exemplars) mixes them with the task's in the model's input form.
+            x, y = self._method.training_data(rnd, *rnd.task_data(job.task))
         optimizer, scheduler = self._optimizer_for(model, previous)
 
         def batch_loss(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,6 +95,10 @@ class ImageTasks:
                              f"{_span(self.tasks[task])}), found none in its {self.opts.partition['name']} share")
         return self._floats(self.data.train.images[index]), self.data.train.labels[index]
 
+    def train_inputs(self, client: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """What training batches are cut from: ``train_data`` (a client's share is small; ``augment`` is None)."""
+        return self.train_data(client, task)
+
     def score(self, model: nn.Module, client: str, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
         """Accuracy and mean cross-entropy on the held-out samples of ``task``'s classes (``val_acc``, ``val_loss``)."""
         part = self.test_parts[self._client(client)] if self.test_parts is not None else None

@@ -251,13 +251,13 @@ def test_runs_of_one_experiment_are_told_apart_by_method_then_by_run_id() -> Non
 def test_the_terminal_table_has_fixed_width_columns_and_n_a_for_missing_values() -> None:
     table = format_table(build_report([classification_record(), reid_record()]))
     assert table.splitlines() == [
-        "experiment  method  status       rounds  metric       final     mAP  avg acc  forget FedSTIL"
+        "experiment  method  status       rounds  metric       final  global final     mAP  avg acc  forget FedSTIL"
         "  forget max-final      BWT  uploads  upload bytes",
-        "----------  ------  -----------  ------  ----------  ------  ------  -------  --------------"
+        "----------  ------  -----------  ------  ----------  ------  ------------  ------  -------  --------------"
         "  ----------------  -------  -------  ------------",
-        "cl          fedavg  finished          3  val_acc     0.6406     n/a   0.6406          0.3438"
+        "cl          fedavg  finished          3  val_acc     0.6406           n/a     n/a   0.6406          0.3438"
         "            0.3750  -0.3750        4           n/a",
-        "reid        fedavg  interrupted       6  val_rank_1  0.5000  0.3125   0.5000          0.2500"
+        "reid        fedavg  interrupted       6  val_rank_1  0.5000           n/a  0.3125   0.5000          0.2500"
         "            0.2500  -0.2500        4           n/a",
     ]
 
@@ -267,10 +267,10 @@ def test_markdown_holds_the_table_and_links_the_plots() -> None:
     text = format_markdown(build_report([record]), plots=["out/cl-curves.png"])
     lines = text.splitlines()
     assert lines[0] == "# fedevents report"
-    assert lines[2] == ("| experiment | method | status | rounds | metric | final | mAP | avg acc | forget FedSTIL "
-                        "| forget max-final | BWT | uploads | upload bytes |")
+    assert lines[2] == ("| experiment | method | status | rounds | metric | final | global final | mAP | avg acc "
+                        "| forget FedSTIL | forget max-final | BWT | uploads | upload bytes |")
     assert lines[3].startswith("| :--- | :--- | :--- | ---: | :--- | ---: |")
-    assert lines[4] == ("| cl | fedavg | finished | 3 | val_acc | 0.6406 | n/a | 0.6406 | 0.3438 | 0.3750 | -0.3750 "
+    assert lines[4] == ("| cl | fedavg | finished | 3 | val_acc | 0.6406 | n/a | n/a | 0.6406 | 0.3438 | 0.3750 | -0.3750 "
                         "| 4 | 1,234,567 |")
     assert "![cl-curves](cl-curves.png)" in lines
 
@@ -279,9 +279,23 @@ def test_csv_keeps_full_precision_and_the_run_id() -> None:
     rows = list(csv.DictReader(io.StringIO(format_csv(build_report([classification_record()])))))
     assert rows == [{
         "experiment": "cl", "method": "fedavg", "status": "finished", "rounds": "3", "metric": "val_acc",
-        "final": "0.640625", "final_map": "n/a", "average_accuracy": "0.640625", "forgetting_fedstil": "0.34375",
+        "final": "0.640625", "global_final": "n/a", "final_map": "n/a", "average_accuracy": "0.640625", "forgetting_fedstil": "0.34375",
         "forgetting_max_final": "0.375", "bwt": "-0.375", "uploads": "4", "upload_bytes": "n/a", "run_id": "cl-1",
     }]
+
+
+def test_the_global_models_scores_are_read_and_runs_that_differ_in_seed_and_name_form_one_group() -> None:
+    runs = []
+    for seed, last in ((0, 0.5), (1, 0.75)):
+        record = classification_record()
+        record["config"] = {**record["config"], "random_seed": seed, "exp_name": f"cl-seed{seed}", "group": "g1"}
+        record["global"] = {"0": {"t0": {"val_acc": 0.25}, "t1": {"val_acc": 0.25}},
+                            "3": {"t0": {"val_acc": last}, "t1": {"val_acc": last - 0.25}}}
+        runs.append(record)
+    first, second = build_report(runs).experiments
+    assert first.global_scores == {0: {"t0": 0.25, "t1": 0.25}, 3: {"t0": 0.5, "t1": 0.25}}
+    assert (first.global_final, second.global_final) == (0.375, 0.625)
+    assert first.group == second.group
 
 
 def test_report_files_are_written_whole_with_no_temporary_file_left(tmp_path: Path) -> None:

@@ -27,9 +27,13 @@ def test_train_mode_gives_logits_and_the_pooled_feature_eval_mode_the_embedding(
     assert model.eval()(_images()).shape == (4, dim)
 
 
-@pytest.mark.parametrize(("name", "count"), [("resnet18", 11_176_512), ("resnet50", 23_508_032)])
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [("resnet18", 11_176_512), ("resnet50", 23_508_032), ("resnet101", 42_500_160), ("resnet152", 58_143_808)],
+)
 def test_the_trunk_at_width_64_has_the_standard_resnet_size_without_its_imagenet_head(name: str, count: int) -> None:
-    # The familiar totals 11,689,512 and 25,557,032 include a 1000-way head of 513,000 and 2,049,000.
+    # The familiar totals 11,689,512, 25,557,032, 44,549,160 and 60,192,808 include a 1000-way head of 513,000
+    # (resnet18) or 2,049,000 (the others).
     model = empty_reid_model({"name": name, "num_classes": 751}, device="meta")
     assert sum(p.numel() for p in model.base.parameters()) == count
     assert model.feature_dim == (512 if name == "resnet18" else 2048)
@@ -37,10 +41,13 @@ def test_the_trunk_at_width_64_has_the_standard_resnet_size_without_its_imagenet
 
 def test_the_stage_depths_are_the_standard_ones() -> None:
     depths = {}
-    for name in REID_MODELS:
+    for name in (n for n in REID_MODELS if n.startswith("resnet")):
         base = empty_reid_model(_opts(name), device="meta").base
         depths[name] = [len(getattr(base, f"layer{i}")) for i in range(1, 5)]
-    assert depths == {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3]}
+    assert depths == {
+        "resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3],
+        "resnet101": [3, 4, 23, 3], "resnet152": [3, 8, 36, 3],
+    }
 
 
 @pytest.mark.parametrize(("last_stride", "size"), [(1, (4, 2)), (2, (2, 1))])
@@ -121,16 +128,20 @@ def test_a_fine_tuning_path_that_names_nothing_is_named() -> None:
     ("opts", "message"),
     [
         (
-            {"name": "resnet101", "num_classes": 5},
-            "model_opts.name: expected one of resnet18, resnet34, resnet50, found 'resnet101'",
+            {"name": "resnet200", "num_classes": 5},
+            f"model_opts.name: expected one of {', '.join(REID_MODELS)}, found 'resnet200'",
         ),
         (_opts(last_stride=3), "model_opts.last_stride: expected 1 or 2, found 3"),
         (_opts(last_stride=1.0), "model_opts.last_stride: expected 1 or 2, found 1.0"),
-        (_opts(name=["resnet18"]), "model_opts.name: expected one of resnet18, resnet34, resnet50, found ['resnet18']"),
+        (_opts(name=["resnet18"]), f"model_opts.name: expected one of {', '.join(REID_MODELS)}, found ['resnet18']"),
         (_opts(neck="bn"), "model_opts.neck: expected one of bnneck, no, found 'bn'"),
         ({"name": "resnet18", "num_classes": 0}, "model_opts.num_classes: expected an int >= 1, found 0"),
         ({"name": "resnet18"}, "model_opts.num_classes: expected an int >= 1, found None"),
         (_opts(width=True), "model_opts.width: expected an int >= 1, found True"),
+        (
+            _opts("swin_transformer_tiny", width=48),
+            "model_opts.width: expected a multiple of 32 for a Swin trunk, found 48 (for swin_transformer_tiny)",
+        ),
         (
             _opts(fine_tuning="classifier"),
             "model_opts.fine_tuning: expected a list of submodule paths, found 'classifier'",

@@ -9,7 +9,9 @@ from PIL import Image
 from fedevents.federated.reid_data import (
     AugmentOpts,
     ImageCache,
+    ImageDecoder,
     ImageSet,
+    LoaderOpts,
     ReidSample,
     augment,
     load_image_set,
@@ -115,15 +117,33 @@ def test_images_are_decoded_resized_and_normalised(tmp_path: Path) -> None:
     _image(root / "train" / "2" / "0002_c1s1_000001_00.png", (0, 255, 0), size=(20, 50))  # other size, green
     task = load_reid_task(tmp_path, "t0")
     train = load_image_set(task, "train", OPTS, cache=ImageCache())
-    assert train.images.shape == (4, 3, 16, 8) and train.images.dtype == torch.float32
+    assert train.pixels.shape == (4, 3, 16, 8) and train.pixels.dtype == torch.uint8
+    assert train.pixels[0].flatten(1).tolist() == [[255] * 128, [0] * 128, [0] * 128]
+    images = OPTS.normalise(train.pixels)
+    assert images.dtype == torch.float32
     red = torch.tensor([(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0 - 0.406) / 0.225])
-    assert torch.allclose(train.images[0].mean((1, 2)), red, atol=1e-5)
+    assert torch.allclose(images[0].mean((1, 2)), red, atol=1e-5)
     green = torch.tensor([(0 - 0.485) / 0.229, (1 - 0.456) / 0.224, (0 - 0.406) / 0.225])
-    assert torch.allclose(train.images[2].mean((1, 2)), green, atol=1e-5)
+    assert torch.allclose(images[2].mean((1, 2)), green, atol=1e-5)
     assert train.pids.tolist() == [1, 1, 2, 2] and train.camids.tolist() == [1, 2, 1, 2]
     assert train.labels.tolist() == [0, 0, 1, 1]
     query = load_image_set(task, "query", OPTS, cache=ImageCache())
     assert query.labels.tolist() == [-1, -1] and len(query) == 2
+
+
+def test_normalising_a_batch_gives_the_bits_of_normalising_the_whole_split() -> None:
+    """Splits are stored as 8-bit pixels; a batch normalised on its own must equal its rows of the whole."""
+    opts = AugmentOpts(norm_mean=(0.5, 0.4, 0.3), norm_std=(0.2, 0.25, 0.3))
+    pixels = torch.randint(0, 256, (10, 3, 16, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    whole = pixels.to(torch.float32).div(255.0)
+    whole = (whole - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    batch = opts.normalise(pixels[3:7])
+    assert torch.equal(batch, whole[3:7]) and torch.equal(opts.normalise(pixels), whole)
+
+
+def test_normalising_refuses_images_that_are_not_8_bit() -> None:
+    with pytest.raises(ValueError, match=r"^pixels: expected 8-bit images \(torch.uint8\), found torch.float32$"):
+        OPTS.normalise(torch.zeros(1, 3, 16, 8))
 
 
 @pytest.mark.parametrize("content", [b"definitely not a png", None], ids=["garbage", "truncated"])
@@ -144,7 +164,7 @@ def test_the_cache_hands_back_the_same_decoded_split(tmp_path: Path) -> None:
     cache = ImageCache()
     first = load_image_set(load_reid_task(tmp_path, "t0"), "train", OPTS, cache=cache)
     again = load_image_set(load_reid_task(tmp_path, "t0"), "train", OPTS, cache=cache)
-    assert again is first and again.images is first.images
+    assert again is first and again.pixels is first.pixels
     other_size = load_image_set(load_reid_task(tmp_path, "t0"), "train", AugmentOpts(img_size=(8, 8)), cache=cache)
     assert other_size is not first and len(cache) == 2
 
@@ -152,13 +172,13 @@ def test_the_cache_hands_back_the_same_decoded_split(tmp_path: Path) -> None:
 def test_the_cache_drops_the_least_recently_used_split_past_its_budget(tmp_path: Path) -> None:
     _task(tmp_path)
     task = load_reid_task(tmp_path, "t0")
-    split_bytes = 4 * 3 * 16 * 8 * 4  # four train images, float32
-    cache = ImageCache(max_bytes=split_bytes + 2 * 3 * 16 * 8 * 4)  # room for train and one 2-image split
+    split_bytes = 4 * 3 * 16 * 8  # four train images, one byte per value
+    cache = ImageCache(max_bytes=split_bytes + 2 * 3 * 16 * 8)  # room for train and one 2-image split
     train = load_image_set(task, "train", OPTS, cache=cache)
     load_image_set(task, "query", OPTS, cache=cache)
     assert load_image_set(task, "train", OPTS, cache=cache) is train  # train is now the most recent
     load_image_set(task, "gallery", OPTS, cache=cache)  # over budget: query goes
-    assert len(cache) == 2 and cache.nbytes == split_bytes + 2 * 3 * 16 * 8 * 4
+    assert len(cache) == 2 and cache.nbytes == split_bytes + 2 * 3 * 16 * 8
     assert load_image_set(task, "train", OPTS, cache=cache) is train
 
 
@@ -242,7 +262,7 @@ def test_threads_asking_for_one_split_share_a_single_decode() -> None:
     started, release = threading.Event(), threading.Event()
     loads: list[int] = []
     none = torch.zeros(0, dtype=torch.long)
-    value = ImageSet(images=torch.zeros(0, 3, 16, 8), pids=none, camids=none, labels=none, paths=())
+    value = ImageSet(pixels=torch.zeros(0, 3, 16, 8, dtype=torch.uint8), pids=none, camids=none, labels=none, paths=())
 
     def slow_load():
         loads.append(1)
@@ -260,3 +280,59 @@ def test_threads_asking_for_one_split_share_a_single_decode() -> None:
     first.join(timeout=10)
     second.join(timeout=10)
     assert loads == [1] and results == [value, value]
+
+
+def _many(root: Path, count: int) -> list[str]:
+    """``count`` images of different colours and sizes, so a mix-up between workers would show."""
+    paths = []
+    for i in range(count):
+        path = root / f"{i:03d}.png"
+        _image(path, (i * 7 % 256, i * 31 % 256, i * 53 % 256), size=(8 + i % 5, 16 + i % 3))
+        paths.append(str(path))
+    return paths
+
+
+def test_worker_processes_decode_the_same_pixels_in_the_same_order(tmp_path: Path) -> None:
+    # "fork" keeps this fast: a spawned worker imports torch afresh, seconds on a busy machine.
+    paths = _many(tmp_path, 23)
+    alone = ImageDecoder().decode(paths, (8, 16))
+    workers = ImageDecoder(LoaderOpts(num_workers=2, multiprocessing_context="fork")).decode(paths, (8, 16))
+    assert alone.shape == (23, 3, 16, 8) and workers.dtype == alone.dtype
+    assert (workers == alone).all()
+
+
+def test_a_persistent_pool_serves_several_splits_until_closed(tmp_path: Path) -> None:
+    paths = _many(tmp_path, 9)
+    decoder = ImageDecoder(LoaderOpts(num_workers=2, multiprocessing_context="fork", persistent_workers=True))
+    try:
+        first = decoder.decode(paths, (8, 16))
+        pool = decoder._pool
+        second = decoder.decode(paths[:4], (8, 16))
+        assert pool is not None and decoder._pool is pool
+        assert (second == first[:4]).all()
+    finally:
+        decoder.close()
+    assert decoder._pool is None
+
+
+def test_a_corrupt_image_found_by_a_worker_is_named_as_in_this_process(tmp_path: Path) -> None:
+    paths = _many(tmp_path, 6)
+    Path(paths[4]).write_bytes(b"definitely not a png")
+    decoder = ImageDecoder(LoaderOpts(num_workers=2, multiprocessing_context="fork"))
+    with pytest.raises(ValueError) as caught:
+        decoder.decode(paths, (8, 16))
+    assert str(caught.value) == f"{paths[4]}: expected a readable image, found a file of no known image format"
+
+
+def test_loader_opts_take_the_shipped_spawn_without_workers_and_name_bad_values() -> None:
+    shipped = {"batch_size": 32, "num_workers": 0, "pin_memory": False, "multiprocessing_context": "spawn"}
+    assert LoaderOpts.from_dict(shipped) == LoaderOpts(num_workers=0, multiprocessing_context="spawn")
+    assert LoaderOpts.from_dict({}) == LoaderOpts()
+    with pytest.raises(ValueError, match=r"^task_opts.loader_opts.num_workers: expected an int >= 0, found -1$"):
+        LoaderOpts.from_dict({"num_workers": -1})
+    with pytest.raises(ValueError, match=r"^task_opts.loader_opts.multiprocessing_context: expected one of .*spawn.*, "
+                                         r"found 'threads'$"):
+        LoaderOpts.from_dict({"multiprocessing_context": "threads"})
+    with pytest.raises(ValueError, match=r"^task_opts.loader_opts.persistent_workers: expected true or false, "
+                                         r"found 'yes'$"):
+        LoaderOpts.from_dict({"persistent_workers": "yes"})
