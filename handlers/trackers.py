@@ -33,6 +33,7 @@ from fedevents.engine.events import (
     ExperimentFinished,
     ExperimentInterrupted,
     ExperimentStarted,
+    GlobalValDone,
     RoundFinished,
     TrainDone,
     ValDone,
@@ -58,6 +59,7 @@ class RoundScalars:
     def reset(self) -> None:
         self.train: dict[str, dict[str, float]] = {}
         self.val: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.glob: dict[str, list[float]] = defaultdict(list)  # the global model's scores, over tasks
         self.upload_bytes = 0
 
     def add_train(self, client: str, metrics: Mapping[str, float]) -> None:
@@ -67,11 +69,16 @@ class RoundScalars:
         for name, value in _numbers(metrics).items():
             self.val[client][name].append(value)
 
+    def add_global(self, metrics: Mapping[str, float]) -> None:
+        for name, value in _numbers(metrics).items():
+            self.glob[name].append(value)
+
     def scalars(self, round_seconds: float) -> dict[str, float]:
         """Every scalar of the round by its tag; then the collector is empty for the next round."""
         out: dict[str, float] = {}
         self._add("train", {c: dict(m) for c, m in self.train.items()}, out)
         self._add("val", {c: {m: sum(v) / len(v) for m, v in ms.items()} for c, ms in self.val.items()}, out)
+        out.update({f"global/{name}": sum(v) / len(v) for name, v in self.glob.items()})
         out["comm/upload_bytes"] = float(self.upload_bytes)
         out["time/round_s"] = float(round_seconds)
         self.reset()
@@ -109,6 +116,7 @@ class _Tracker(ABC):
 
     def subscribe(self, bus: EventBus, *, priority: int = TRACKER_PRIORITY) -> list[Subscription]:
         handlers = {ExperimentStarted: self._started, TrainDone: self._train_done, ValDone: self._val_done,
+                    GlobalValDone: lambda ev: self._scalars.add_global(ev.metrics),
                     ClientUploaded: self._uploaded, RoundFinished: self._round_finished,
                     **{kind: self._ended for kind in _END}}
         self._subs += [bus.subscribe(kind, handler, priority=priority) for kind, handler in handlers.items()]

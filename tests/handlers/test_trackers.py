@@ -25,10 +25,12 @@ def test_round_scalars_name_each_client_up_to_the_cap_and_always_the_means() -> 
     scalars.add_train("c1", {"tr_acc": 0.75})
     scalars.add_val("c0", {"val_acc": 0.25})
     scalars.add_val("c0", {"val_acc": 0.75})  # a second task
+    scalars.add_global({"val_acc": 0.5})
+    scalars.add_global({"val_acc": 1.0})  # the global model on a second task
     scalars.upload_bytes = 2048
     assert scalars.scalars(1.5) == {
         "train/tr_acc/c0": 0.5, "train/tr_acc/mean": 0.625,
-        "val/val_acc/c0": 0.5, "val/val_acc/mean": 0.5,
+        "val/val_acc/c0": 0.5, "val/val_acc/mean": 0.5, "global/val_acc": 0.75,
         "comm/upload_bytes": 2048.0, "time/round_s": 1.5,
     }
     assert scalars.scalars(2.0) == {"comm/upload_bytes": 0.0, "time/round_s": 2.0}  # emptied for the next round
@@ -56,6 +58,8 @@ def test_tensorboard_gets_per_round_scalars_and_the_config(tmp_path: Path) -> No
         f"client-{i}" for i in range(10)}
     assert [s.step for s in events.Scalars("train/tr_acc/mean")] == [1, 2]
     assert [s.step for s in events.Scalars("val/val_acc/mean")] == [0, 1, 2]
+    # the demo scores the global model too (val_model: both)
+    assert [s.step for s in events.Scalars("global/val_acc")] == [0, 1, 2]
     record = json.loads(exp.paths.record.read_text())
     uploads = record["comm"]["upload_bytes"]
     assert sum(s.value for s in events.Scalars("comm/upload_bytes")) == uploads
