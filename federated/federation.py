@@ -23,6 +23,7 @@ from .server import Server
 from .store import ClientStore, state_nbytes
 from .tasks import DATASETS, build_task_source
 from .training import build_optimizer, build_scheduler
+from .threads import in_threads
 from .worker import TrainJob, TrainOutcome, ValJob, ValResult, Worker, build_loss
 
 __all__ = ["METHODS", "DATASETS", "ClientDiverged", "Federation", "TrainResult", "UploadResult", "ValResult", "build_loss"]
@@ -72,6 +73,9 @@ class Federation:
     ) -> None:
         self._config = config
         self._seed = seed
+        #: torch's intra-op threads for the driver's own torch work (payloads, commits, aggregation), as the
+        #: workers use for theirs: a reduction split over another number of threads changes its last bits.
+        self.threads = int((config.get("exp_opts") or {}).get("torch_threads", 1))
         self._method = build_method(config["exp_method"], config.get("method_opts") or {}, seed=seed)
         self._worker: Worker | None = None
         self._worker_lock = threading.Lock()
@@ -111,6 +115,7 @@ class Federation:
                 self._worker = Worker(self._config, self._seed, tasks=self._tasks)
             return self._worker
 
+    @in_threads
     def train_job(self, *, client: str, task: str, round: int, device: str, state: str) -> TrainJob:
         """The job of ``client``'s local round on ``task``: the server's payload and the client's stored state.
 
@@ -125,6 +130,7 @@ class Federation:
         return TrainJob(client=client, task=task, round=round, device=device, seed=self._seed,
                         payload=self._server.dispatch(client, joins), previous=previous)
 
+    @in_threads
     def commit(self, client: str, outcome: TrainOutcome) -> TrainResult:
         """Store the state a local round produced as ``client``'s latest; give its samples and metrics.
 
@@ -137,11 +143,13 @@ class Federation:
             self._store.put(_task_key(client, outcome.state.task), outcome.state)
         return TrainResult(samples=outcome.samples, metrics=outcome.metrics)
 
+    @in_threads
     def train(self, *, client: str, task: str, round: int, device: str, state: str) -> TrainResult:
         """Train ``client`` here, in the calling thread, and commit its new state."""
         job = self.train_job(client=client, task=task, round=round, device=device, state=state)
         return self.commit(client, self.worker.train(job))
 
+    @in_threads
     def upload(self, *, client: str, round: int) -> UploadResult:
         """Put ``client``'s latest trained state (as its method packs it) in the server's inbox for ``round``."""
         stored = self._store.get(client)
@@ -154,6 +162,7 @@ class Federation:
         return UploadResult(samples=upload.samples,
                             nbytes=state_nbytes(upload.state) + state_nbytes(getattr(upload, "extras", {})))
 
+    @in_threads
     def val_job(self, *, client: str, tasks: Sequence[str], round: int, device: str) -> ValJob:
         """The job of scoring ``client``'s stored model on ``tasks``; a client that never trained is scored
         with the current global model, and stays unstored."""
@@ -164,10 +173,12 @@ class Federation:
             models = {task: getattr(self._store.get(_task_key(client, task)), "model", model) for task in tasks}
         return ValJob(client=client, tasks=tuple(tasks), round=round, device=device, model=model, models=models)
 
+    @in_threads
     def global_val_job(self, *, tasks: Sequence[str], round: int, device: str) -> ValJob:
         """The job of scoring the global model on each task's server-side test set."""
         return ValJob(client=None, tasks=tuple(tasks), round=round, device=device, model=self._server.state)
 
+    @in_threads
     def validate(self, *, client: str, tasks: Sequence[str], round: int, device: str) -> dict[str, ValResult]:
         """Score ``client``'s model on each task's held-out split, here, in the calling thread."""
         return self.worker.validate(self.val_job(client=client, tasks=tasks, round=round, device=device))
@@ -176,6 +187,7 @@ class Federation:
         """Whether ``client`` keeps a model per task: its method does so and it names no model (FedSTIL's rule)."""
         return self._method.models_per_task and client not in self._named
 
+    @in_threads
     def aggregate(self, *, round: int, clients: Sequence[str]) -> AggregateResult:
         """Combine ``round``'s uploads from ``clients`` into the server's new state."""
         return self._server.aggregate(round, clients)

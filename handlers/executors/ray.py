@@ -26,6 +26,7 @@ from typing import Any, Sequence
 from fedevents.engine.config import ExperimentConfig
 from fedevents.engine.devices import Slot
 from fedevents.engine.errors import ConfigError, DeviceError
+from fedevents.federated.threads import with_threads
 
 from . import ray_cluster
 from .base import Executor, WorkerLost
@@ -51,13 +52,9 @@ class _Host:
         return True
 
     def train(self, job: Any) -> Any:
-        from .thread import with_threads
-
         return with_threads(self._threads, lambda: self._worker.train(job))
 
     def validate(self, job: Any) -> Any:
-        from .thread import with_threads
-
         return with_threads(self._threads, lambda: self._worker.validate(job))
 
 

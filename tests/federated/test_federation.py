@@ -211,3 +211,31 @@ def test_a_client_with_nothing_stored_joins_as_new_even_when_called_incremental(
     fed = Federation(fed_config, seed=0)
     result = fed.train(client="a", task="t0", round=2, device="cpu", state="incremental")
     assert result.samples > 0 and fed.store.get("a").rounds_trained == 1
+
+
+def test_the_drivers_torch_work_runs_with_the_configured_threads_in_any_thread(
+    fed_config: dict[str, Any], quiet_logs: None
+) -> None:
+    """Regression: aggregation ran in a fresh worker thread with torch's default (machine-sized) thread
+    count, so under load a resumed or repeated run could differ from the reference in the last bits."""
+    fed = Federation({**fed_config, "exp_opts": {"torch_threads": 1}}, seed=3)
+    seen: list[int] = []
+    real = fed._server.aggregate
+
+    def aggregate(round: int, clients: Any) -> AggregateResult:
+        seen.append(torch.get_num_threads())
+        return real(round, clients)
+
+    fed._server.aggregate = aggregate  # type: ignore[method-assign]
+
+    for client in ("a", "b"):
+        _train(fed, client, 1)
+        fed.upload(client=client, round=1)
+
+    def in_a_fresh_thread() -> None:
+        torch.set_num_threads(2)  # what a new worker thread may start with
+        fed.aggregate(round=1, clients=["a", "b"])
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(in_a_fresh_thread).result(timeout=120)
+    assert seen == [1]
