@@ -86,7 +86,24 @@ class _WatchMetric:
         return gain > self.min_delta
 
 
-class EarlyStopping:
+class _Steering:
+    """A handler that watches one metric per validation round and may act on the run through its control."""
+
+    def __init__(self, metric: str, mode: str, scope: str, min_delta: float) -> None:
+        self.watch = _WatchMetric(metric, mode, scope, min_delta)
+        self.control: RunControl | None = None
+
+    def bind(self, control: RunControl) -> None:
+        self.control = control
+
+    def subscribe(self, bus: EventBus) -> list[Subscription]:
+        return self.watch.subscribe(bus, self._round)
+
+    def _round(self, ev: RoundFinished) -> None:
+        raise NotImplementedError
+
+
+class EarlyStopping(_Steering):
     """End the run when ``metric`` has not improved for ``patience`` validation rounds in a row.
 
     The metric is averaged over the tasks of the global model (``scope: global``, needs ``val_model`` global
@@ -98,16 +115,9 @@ class EarlyStopping:
                  min_delta: float = 0.0) -> None:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience: expected an int >= 1, found {patience!r}")
+        super().__init__(metric, mode, scope, min_delta)
         self.patience = patience
-        self.watch = _WatchMetric(metric, mode, scope, min_delta)
         self.stale = 0
-        self.control: RunControl | None = None
-
-    def bind(self, control: RunControl) -> None:
-        self.control = control
-
-    def subscribe(self, bus: EventBus) -> list[Subscription]:
-        return self.watch.subscribe(bus, self._round)
 
     def _round(self, ev: RoundFinished) -> None:
         value = self.watch.round_value(ev.round)
@@ -123,7 +133,7 @@ class EarlyStopping:
                 f"{self.watch.best_round}) for {self.patience} validation rounds")
 
 
-class BestModel:
+class BestModel(_Steering):
     """Save the global model to ``path`` whenever ``metric`` improves (atomically; ``torch.load`` reads it).
 
     The file holds ``{"round", "metric", "value", "model"}``; ``model`` is the global state dict after the
@@ -132,16 +142,9 @@ class BestModel:
 
     def __init__(self, path: str, metric: str = "val_acc", mode: str = "max", scope: str = "global",
                  min_delta: float = 0.0) -> None:
+        super().__init__(metric, mode, scope, min_delta)
         self.path = Path(path)
-        self.watch = _WatchMetric(metric, mode, scope, min_delta)
-        self.control: RunControl | None = None
         self.saved: list[int] = []
-
-    def bind(self, control: RunControl) -> None:
-        self.control = control
-
-    def subscribe(self, bus: EventBus) -> list[Subscription]:
-        return self.watch.subscribe(bus, self._round)
 
     def _round(self, ev: RoundFinished) -> None:
         value = self.watch.round_value(ev.round)
