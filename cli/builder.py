@@ -169,9 +169,14 @@ def build_experiment(
         exp = Experiment(config, dry_run=dry_run, run_id=run_id, resume=point,
                          devices=None if executor is None else executor.devices())
         if exp.finished:
+            _say(console, f"fedevents: {config.exp_name}: run {run_id} already finished its {config.rounds} "
+                          f"rounds; nothing to resume (raise exp_opts.comm_rounds to extend it)")
             if lock is not None:
                 lock.release()
             return exp
+        if finished:
+            _say(console, f"fedevents: {config.exp_name}: run {run_id} ran its {config.rounds} rounds but its "
+                          f"record was not completed; completing it")
         if lock is None and not dry_run:
             folder = config.checkpoints_dir / exp.paths.run_id
             created = _first_missing(folder)
@@ -292,10 +297,7 @@ def _run_to_resume(config: ExperimentConfig,
     except BaseException:
         lock.release()
         raise
-    if checkpoint.round >= config.rounds:
-        _say(console, f"fedevents: {config.exp_name}: run {checkpoint.run_id} already finished its {config.rounds} "
-                      f"rounds; nothing to resume (raise exp_opts.comm_rounds to extend it)")
-    else:
+    if checkpoint.round < config.rounds:  # a run past its last round is told about once its record is read
         _say(console, f"fedevents: {config.exp_name}: resuming run {checkpoint.run_id} after round "
                       f"{checkpoint.round} from {latest}")
     return checkpoint.run_id, lock, checkpoint

@@ -13,6 +13,11 @@ from fedevents.engine.errors import ConfigError, FedEventsError, Interrupted
 
 __all__ = ["main", "report_main"]
 
+# MKL picks its kernels by the memory alignment of each matrix unless told to keep one code path, so the same
+# training could differ in the last bits between two runs (seen as rare mismatches of a resumed record). Set
+# before torch loads MKL; a user's own setting wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one ``fedevents: error:`` line and exit status 2, like any bad input."""

@@ -124,6 +124,7 @@ def test_a_record_left_unfinished_by_a_full_disk_is_completed_by_resume(
     (small_disk / "filler").unlink()
     resumed = fedevents("run", str(exp), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
+    assert "record was not completed; completing it" in resumed.stderr and "already finished" not in resumed.stderr
     rec, ref = record(tmp_path), record(reference)
     assert rec["status"] == "finished"
     assert (rec["data"], rec["comm"]) == (ref["data"], ref["comm"])
