@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .registry import Catalogue, Component
+from .registry import Catalogue, Component, is_target, load_target
 
 __all__ = [
     "REID_CRITERIA",
@@ -32,9 +32,25 @@ CRITERION_OPTIONS: dict[str, dict[str, Any]] = {
 }
 CRITERION_OPTIONS["triplet"] = CRITERION_OPTIONS["triplet_loss"]
 REID_CRITERIA = tuple(sorted(CRITERION_OPTIONS))
-#: ``criterion_opts[].name``: the built-in losses (user losses are not supported yet).
-CATALOGUE = Catalogue("criteria", lambda: {n: Component(n, o) for n, o in CRITERION_OPTIONS.items()},
-                      lambda obj: "a built-in criterion name (user criteria are not supported yet)")
+
+
+def _user_loss(obj: Any) -> str | None:
+    return None if isinstance(obj, type) and issubclass(obj, nn.Module) else "a subclass of torch.nn.Module"
+
+
+class _UserCriterion(Catalogue):
+    """Criteria: a user's loss also takes ``weight``, which the sum reads, besides its own ``defaults``."""
+
+    def describe(self, name: str, config_dir: Any = None) -> Component:
+        found = super().describe(name, config_dir)
+        if found.target is None:
+            return found
+        return Component(found.name, {**found.options, "weight": 1.0}, found.aliases, found.tags, found.target)
+
+
+#: ``criterion_opts[].name``: the built-in losses, or a user's torch.nn.Module subclass as "package.module:Name",
+#: built as ``Name(**options)`` (less ``name`` and ``weight``) and called as ``loss(logits, features, targets)``.
+CATALOGUE = _UserCriterion("criteria", lambda: {n: Component(n, o) for n, o in CRITERION_OPTIONS.items()}, _user_loss)
 
 
 class ReidLoss(Protocol):
@@ -134,7 +150,12 @@ class ReidCriterion:
     def __call__(self, logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         total: torch.Tensor | None = None
         for name, weight, loss in self.terms:
-            value = loss(logits, targets) if name == "cross_entropy" else loss(features, targets)
+            if name == "cross_entropy":
+                value = loss(logits, targets)
+            elif name == "triplet":
+                value = loss(features, targets)
+            else:
+                value = loss(logits, features, targets)
             total = weight * value if total is None else total + weight * value
         assert total is not None  # build_reid_criterion never builds an empty sum
         return total
@@ -173,7 +194,22 @@ def _term(opts: Any, where: str, num_classes: int | None) -> tuple[str, float, n
         loss = TripletLoss(_number(opts, "margin", 0.0, where), hard_mining=_flag(opts, "hard_mining", True, where),
                            norm_feat=_flag(opts, "norm_feat", False, where))
         return "triplet", weight, loss
+    if isinstance(name, str) and is_target(name):
+        return name, weight, _build_user_loss(name, opts, where)
     raise ValueError(f"{where}.name: expected one of {', '.join(REID_CRITERIA)}, found {name!r}")
+
+
+def _build_user_loss(name: str, opts: Mapping[str, Any], where: str) -> nn.Module:
+    """A user's loss class (imported when the config was checked), built with its options."""
+    cls = load_target(name)
+    problem = _user_loss(cls)
+    if problem:
+        raise ValueError(f"{where}.name: expected {problem}, found {name}")
+    kwargs = {key: value for key, value in opts.items() if key not in ("name", "weight")}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {name}(**{kwargs!r}) failed: {type(exc).__name__}: {exc}") from None
 
 
 def _flag(opts: Mapping[str, Any], key: str, default: bool, where: str) -> bool:

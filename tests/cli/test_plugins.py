@@ -127,3 +127,56 @@ def test_a_bad_mapping_is_named_as_a_mapping() -> None:
         build_experiment({"exp_name": "api", "exp_method": "fedavgg", "clients": {"count": 1, "tasks": ["t"]}})
     assert str(info.value).startswith("<mapping>: exp_method: expected one of baseline, ")
     assert str(info.value).endswith("did you mean 'fedavg'?")
+
+
+SCALED_LOSS = '''
+import torch
+from torch.nn import functional as F
+
+
+class ScaledCE(torch.nn.Module):
+    """Cross-entropy times a factor; a user's loss sees logits, features and targets."""
+
+    defaults = {"scale": 1.0}
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, logits, features, targets):
+        return self.scale * F.cross_entropy(logits, targets)
+'''
+
+LOSS_EXPERIMENT = """\
+exp_name: NAME
+exp_method: fedavg
+exp_opts: {comm_rounds: 2}
+criterion_opts: CRITERION
+model_opts: {hidden: [8]}
+task_opts: {synthetic: {samples_per_client: 32, test_size: 16}}
+clients: {count: 2, tasks: [synth]}
+"""
+
+
+def test_a_loss_in_a_file_next_to_the_config_trains_like_the_built_in_it_matches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "scaled_loss.py").write_text(SCALED_LOSS)
+    user = LOSS_EXPERIMENT.replace("NAME", "user").replace("CRITERION", "{name: scaled_loss:ScaledCE, scale: 1.0}")
+    plain = LOSS_EXPERIMENT.replace("NAME", "plain").replace("CRITERION", "{name: cross_entropy}")
+    assert run(tmp_path, monkeypatch, user) == 0, capsys.readouterr().err
+    assert run(tmp_path, monkeypatch, plain) == 0, capsys.readouterr().err
+    user_data, plain_data = (
+        json.loads(next(p for p in (tmp_path / "logs").glob(f"{n}-*.json") if not p.name.endswith(".trace.json"))
+                   .read_text()) for n in ("user", "plain"))
+    assert user_data["config"]["criterion_opts"] == {"name": "scaled_loss:ScaledCE", "scale": 1.0, "weight": 1.0}
+    for rnd in ("1", "2"):
+        assert user_data["data"]["client-0"][rnd]["synth"]["tr_loss"] == plain_data["data"]["client-0"][rnd]["synth"]["tr_loss"]
+
+
+def test_a_typo_in_a_user_loss_option_gets_a_did_you_mean(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "scaled_loss.py").write_text(SCALED_LOSS)
+    text = LOSS_EXPERIMENT.replace("NAME", "typo").replace("CRITERION", "[{name: scaled_loss:ScaledCE, scal: 2.0}]")
+    assert run(tmp_path, monkeypatch, text) == 2
+    assert capsys.readouterr().err == ("fedevents: error: exp.yaml: criterion_opts[0].scal: unknown key; "
+                                       "did you mean 'scale'?\n")
