@@ -50,13 +50,6 @@ class ClientTimeout(Exception):
     """A client's work ran longer than ``exp_opts.client_timeout_s``."""
 
 
-class _Unset:
-    """Marker: no value given."""
-
-
-_UNSET = _Unset()
-
-
 @dataclass
 class _Job:
     """One client's work: ``compute`` runs in a worker thread (or inline), ``finish`` commits its result
@@ -178,9 +171,8 @@ class ClientWork:
         where = dict(device=slot.device, slot=slot.index)
         async with _SlotKeeper(self.pool, slot) as keep:
             began = time.monotonic()
-            # Not a client: exp_opts.client_timeout_s does not apply.
             results = await self._run(_Job(compute, lambda results: results), slot, keep, "validating the global model",
-                                      timeout_s=None)
+                                      client=False)
             ran = time.monotonic() - began
             for task in ev.tasks:
                 res = results[task]
@@ -194,11 +186,10 @@ class ClientWork:
         await self._emit(Aggregated, round=ev.round, clients=tuple(result.clients), samples=result.samples,
                          ran_s=time.monotonic() - began)
 
-    async def _run(self, job: _Job, slot: Slot, keep: "_SlotKeeper", what: str, *,
-                   timeout_s: float | None | _Unset = _UNSET) -> Any:
-        """Run ``job`` in a worker thread (inline for an inline executor), within the time limit if any
-        (``timeout_s``, by default the client time limit)."""
-        limit = self.timeout_s if isinstance(timeout_s, _Unset) else timeout_s
+    async def _run(self, job: _Job, slot: Slot, keep: "_SlotKeeper", what: str, *, client: bool = True) -> Any:
+        """Run ``job`` in a worker thread (inline for an inline executor), within the client time limit if
+        there is one; work that is not a client's (the global model's validation) has none."""
+        limit = self.timeout_s if client else None
         if self.executor.inline:
             await anyio.lowlevel.checkpoint()  # let concurrent clients take their slots, as real work would
             return job.finish(job.compute())
