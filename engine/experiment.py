@@ -19,9 +19,14 @@ from .context import RunContext, new_run_id
 from .devices import DevicePool
 from .errors import ConfigError, FedEventsError, RunFailed
 from .results import ResultTracker, RunResult
-from .runner import Engine
+from .runner import STOP_GRACE_S, Engine
 
-__all__ = ["Experiment", "ResumePoint", "RunPaths"]
+__all__ = ["Experiment", "ResumePoint", "RunPaths", "ABANDON_AFTER_S"]
+
+#: After one signal, how long the run may take to stop on its own (a hung handler is cancelled after
+#: ``STOP_GRACE_S``, the final event gets as long again) before the process ends without it: a sync handler
+#: that never returns holds the event loop itself, and only this watchdog thread can still act.
+ABANDON_AFTER_S = 3 * STOP_GRACE_S
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class Experiment:
         self.control: Any = None
         self.engine: Engine | None = None
         self._closers: list[Callable[[], None]] = []
+        self._abandoners: list[Callable[[str], None]] = []
         self._results = ResultTracker()
         self._results.subscribe(self.bus)
 
@@ -96,12 +102,16 @@ class Experiment:
 
     def add(self, component: Any) -> Any:
         """Attach a component with ``subscribe(bus)`` (and, optionally, ``close()``, called after the run,
-        and ``bind(control)``, called with the run's control so that it may steer the run)."""
+        ``bind(control)``, called with the run's control so that it may steer the run, and
+        ``abandon(reason)``, called from another thread when a signalled run cannot stop on its own)."""
         component.subscribe(self.bus)
         self.components.append(component)
         close = getattr(component, "close", None)
         if callable(close):
             self.on_close(close)
+        abandon = getattr(component, "abandon", None)
+        if callable(abandon):
+            self._abandoners.append(abandon)
         self._bind(component)
         return component
 
@@ -148,6 +158,7 @@ class Experiment:
         """
         if self.finished:
             return self._results.result(self.paths.run_id, self.paths.record)
+        watchdog: _Watchdog | None = None
         try:
             _check_writable(self.config.logs_dir, self.config.source)
             resume = self.resume
@@ -156,12 +167,16 @@ class Experiment:
                                  resume_round=None if resume is None else resume.round,
                                  participations=None if resume is None else resume.participations)
             if handle_signals and threading.current_thread() is threading.main_thread():
-                await _run_with_signals(self.engine)
+                watchdog = _Watchdog(self.engine, self._abandoners)
+                await _run_with_signals(self.engine, watchdog)
             else:
                 await self.engine.run()
         except BaseException:
             self._close()  # the run's own error is the one to report; closing errors would only echo it
             raise
+        finally:
+            if watchdog is not None:
+                watchdog.disarm()
         failed = self._close()
         if failed is not None:
             raise failed
@@ -181,7 +196,56 @@ class Experiment:
         return first
 
 
-async def _run_with_signals(engine: Engine) -> None:
+class _Watchdog:
+    """Ends the process if a signalled run has not stopped ``ABANDON_AFTER_S`` later.
+
+    Armed from the Python-level signal handler, which runs in the main thread between bytecodes even while
+    a sync handler holds the event loop; the wait runs in a thread of its own. It tells the components
+    (the record is marked interrupted) and exits with the signal's status.
+    """
+
+    def __init__(self, engine: Engine, abandoners: Sequence[Callable[[str], None]]) -> None:
+        self.engine = engine
+        self.abandoners = abandoners
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, signum: int) -> None:
+        if self._thread is None and not self._done.is_set():
+            self._thread = threading.Thread(target=self._wait, args=(signum,), name="fedevents-stop", daemon=True)
+            self._thread.start()
+
+    def disarm(self) -> None:
+        self._done.set()
+
+    def chain(self, sig: int) -> None:
+        """Arm on ``sig`` before calling the handler the event loop installed for it."""
+        installed = signal.getsignal(sig)
+
+        def handler(signum: int, frame: Any) -> None:
+            self.arm(signum)
+            if callable(installed):
+                installed(signum, frame)
+
+        signal.signal(sig, handler)
+
+    def _wait(self, signum: int) -> None:
+        if self._done.wait(ABANDON_AFTER_S):
+            return
+        name = signal.Signals(signum).name
+        reason = f"stopped by {name}; resume from round {self.engine.last_checkpoint}"
+        for abandon in self.abandoners:
+            try:
+                abandon(reason)
+            except Exception:  # noqa: BLE001 - exiting anyway: one component's failure must not keep the others
+                pass
+        os.write(2, (f"fedevents: interrupted: interrupted by {name} in round {self.engine.round}; a handler held "
+                     f"the event loop for {ABANDON_AFTER_S:g}s after the signal, so the run ended without its last "
+                     f"events; resume from round {self.engine.last_checkpoint} with --resume\n").encode())
+        os._exit(128 + signum)
+
+
+async def _run_with_signals(engine: Engine, watchdog: _Watchdog) -> None:
     failure: list[Exception] = []
     previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     try:
@@ -189,6 +253,8 @@ async def _run_with_signals(engine: Engine) -> None:
 
             async def watch() -> None:
                 with anyio.open_signal_receiver(*_SIGNALS) as received:
+                    for sig in _SIGNALS:
+                        watchdog.chain(sig)
                     async for signum in received:
                         engine.stop(signal.Signals(signum).name)
                         break
