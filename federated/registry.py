@@ -55,6 +55,9 @@ class Catalogue:
     kind: str
     entries: Callable[[], Mapping[str, Component]]
     check: Callable[[Any], str | None] = lambda obj: None
+    #: The tags of a user's class that declares none (a user's model and data set are "small": a model
+    #: built from a sample shape and a class count, and a data set that gives them).
+    user_tags: frozenset[str] = frozenset()
 
     def names(self) -> tuple[str, ...]:
         return tuple(sorted(self.entries()))
@@ -70,7 +73,7 @@ class Catalogue:
             if problem:
                 raise ValueError(f"expected {problem}, found {name} ({type(obj).__name__})")
             return Component(name, dict(getattr(obj, "defaults", {}) or {}), dict(getattr(obj, "aliases", {}) or {}),
-                             frozenset(getattr(obj, "tags", ()) or ()), obj)
+                             frozenset(getattr(obj, "tags", ()) or ()) or self.user_tags, obj)
         hint = difflib.get_close_matches(name, list(entries), n=1)
         extra = f"; did you mean {hint[0]!r}?" if hint else ""
         raise ValueError(f"expected one of {', '.join(sorted(entries))} or 'package.module:Name', "
