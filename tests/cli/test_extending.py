@@ -3,7 +3,7 @@
 Each example is a pair of marked code blocks (```python file=NAME.py and ```yaml file=NAME.yaml), so the page
 cannot drift from what is tested. The checks are the ones a user would make: FedAdam's first step against
 the arithmetic done by hand, SCAFFOLD's control variates after one round against the gradients written out
-by hand and a resumed run against an uninterrupted one, the user model's parameters in the checkpoint, the
+by hand and a run killed and resumed against an uninterrupted one, the user model's parameters in the checkpoint, the
 user data set's samples in the events clients trained on.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,25 +30,25 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
 BLOCK = re.compile(r"^```(python|yaml) file=(\S+)\n(.*?)^```$", re.S | re.M)
 EXAMPLES = ("fedadam", "scaffold", "two_layer", "blobs")
 
-STOPPER = '''
-from fedevents.engine.events import RoundFinished
+KILLER = '''
+import os
+import signal
+
+from fedevents.engine.events import TrainStarted
 
 
-class StopAfter:
-    """Ends the run cleanly after round ``round``, as an interrupted run would have ended there."""
+class KillAt:
+    """Kills this process with SIGKILL when round ``round``'s first training starts, as a crash would."""
 
     def __init__(self, round):
         self.round = round
 
-    def bind(self, control):
-        self.control = control
-
     def subscribe(self, bus):
-        return [bus.subscribe(RoundFinished, self.finished)]
+        return [bus.subscribe(TrainStarted, self.started)]
 
-    def finished(self, ev):
+    def started(self, ev):
         if ev.round == self.round:
-            self.control.finish_after_round("test: stop here")
+            os.kill(os.getpid(), signal.SIGKILL)
 '''
 
 
@@ -62,8 +64,8 @@ def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The page's files in a fresh folder, the working folder; each test imports its own copies."""
     for name, body in blocks().items():
         (tmp_path / name).write_text(body, encoding="utf-8")
-    (tmp_path / "stopper.py").write_text(STOPPER, encoding="utf-8")
-    for module in (*EXAMPLES, "stopper"):
+    (tmp_path / "killer.py").write_text(KILLER, encoding="utf-8")
+    for module in EXAMPLES:
         monkeypatch.delitem(sys.modules, module, raising=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -143,11 +145,13 @@ def test_scaffolds_control_variates_after_one_round_are_the_clients_gradients(fo
         torch.testing.assert_close(extras["control"][key].double(), mean, rtol=1e-5, atol=1e-6)
 
 
-def test_scaffold_stopped_after_round_one_and_resumed_ends_as_the_uninterrupted_run(folder: Path) -> None:
+def test_scaffold_killed_in_round_two_and_resumed_ends_as_the_uninterrupted_run(folder: Path) -> None:
     run("scaffold.yaml")
-    stop = '[{target: "stopper:StopAfter", kwargs: {round: 1}}]'
-    run("scaffold.yaml", "--set", "exp_name=resumed", "--set", f"handlers={stop}")
-    assert record(folder, "resumed")["status"] == "stopped"
+    kill = '[{target: "killer:KillAt", kwargs: {round: 2}}]'
+    killed = subprocess.run([sys.executable, "-m", "fedevents.cli", "run", "scaffold.yaml", "--set", "exp_name=resumed",
+                             "--set", f"handlers={kill}"], cwd=folder, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert record(folder, "resumed")["status"] == "running"
     run("scaffold.yaml", "--set", "exp_name=resumed", "--resume")
     resumed, whole = record(folder, "resumed"), record(folder, "scaffold")
     assert resumed["status"] == "finished"
@@ -181,14 +185,14 @@ def test_clients_train_on_the_user_data_sets_samples(folder: Path) -> None:
     assert set(data["global"]["2"]) == {"plane", "turned"}
 
 
-def test_user_model_and_data_set_give_worker_processes_the_threads_numbers(
+def test_user_method_model_and_data_set_give_worker_processes_the_threads_numbers(
         folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The config in a folder of its own, run from elsewhere: worker processes import its modules from there."""
     project = folder / "project"
     project.mkdir()
-    for name in ("blobs.py", "two_layer.py", "blobs.yaml"):
+    for name in ("blobs.py", "two_layer.py", "scaffold.py", "blobs.yaml"):
         (folder / name).rename(project / name)
-    model = "model_opts={name: two_layer:TwoLayer, hidden: 4}"
-    run("project/blobs.yaml", "--set", model)
-    run("project/blobs.yaml", "--set", model, "--set", "exp_name=spawned", "--executor", "process")
+    plugins = ("--set", "model_opts={name: two_layer:TwoLayer, hidden: 4}", "--set", "exp_method=scaffold:Scaffold")
+    run("project/blobs.yaml", *plugins)
+    run("project/blobs.yaml", *plugins, "--set", "exp_name=spawned", "--executor", "process")
     assert record(folder, "spawned")["data"] == record(folder, "blobs")["data"]
