@@ -3,8 +3,8 @@
 Each example is a pair of marked code blocks (```python file=NAME.py and ```yaml file=NAME.yaml), so the page
 cannot drift from what is tested. The checks are the ones a user would make: FedAdam's first step against
 the arithmetic done by hand, SCAFFOLD's control variates after one round against the gradients written out
-by hand and a run killed and resumed against an uninterrupted one, the user model's parameters in the checkpoint, the
-user data set's samples in the events clients trained on.
+by hand and a run killed and resumed against an uninterrupted one, the user model's parameters in the
+checkpoint, the user data set's samples in the events clients trained on, worker processes against threads.
 """
 
 from __future__ import annotations
