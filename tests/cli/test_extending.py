@@ -196,3 +196,12 @@ def test_user_method_model_and_data_set_give_worker_processes_the_threads_number
     run("project/blobs.yaml", *plugins)
     run("project/blobs.yaml", *plugins, "--set", "exp_name=spawned", "--executor", "process")
     assert record(folder, "spawned")["data"] == record(folder, "blobs")["data"]
+
+
+def test_a_typo_in_the_data_sets_option_gets_the_line_the_page_shows(
+        folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shown = re.search(r"^fedevents: error: .*$", DOC.read_text(encoding="utf-8"), re.M)
+    assert shown is not None
+    (folder / "blobs.yaml").write_text((folder / "blobs.yaml").read_text().replace("{samples: 8,", "{sampels: 8,"))
+    assert main(["run", "blobs.yaml"]) == 2
+    assert capsys.readouterr().err == shown.group(0) + "\n"
