@@ -147,6 +147,7 @@ def _dataset(data: dict[str, Any], vocabulary: Vocabulary, model: Plugin | None,
     dataset = _describe(vocabulary, "datasets", opts["dataset"], "task_opts.dataset", config_dir)
     if dataset is None:
         return
+    opts["dataset_opts"] = _options(opts["dataset_opts"], dataset, "task_opts.dataset_opts")
     if "reid" in dataset.tags and data["datasets_dir"] is None:
         raise SpecError("datasets_dir", f"expected the folder of the ReID tasks for task_opts.dataset "
                                         f"{opts['dataset']}, found none")

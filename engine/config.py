@@ -131,6 +131,8 @@ def _schema() -> Section:
                 Section(
                     {
                         "dataset": Field(Str(nullable=True), None),
+                        # A user data set's options, declared by the data set (components.py checks them).
+                        "dataset_opts": Field(AnyMapping(), {}),
                         "map_mode": Field(Str(choices=("standard", "first-match")), "standard"),
                         "augment_opts": Field(
                             Section(

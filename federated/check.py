@@ -16,8 +16,10 @@ import torch
 
 from .backbones import empty_reid_model
 from .datasets.registry import SHAPES
+from .datasets.user import class_shape
 from .methods import build_method
 from .models import empty_model
+from .registry import is_target
 from .synthetic import SyntheticSpec
 from .training import build_optimizer, build_scheduler
 from .worker import build_loss
@@ -46,6 +48,8 @@ def check_config(config: Mapping[str, Any], memory: int | None = None) -> None:
     dummy = [torch.nn.Parameter(torch.zeros(1))]
     build_scheduler(config["scheduler_opts"], build_optimizer(config["optimizer_opts"], dummy))
     build_loss(config["criterion_opts"], config["model_opts"].get("num_classes"))
+    if model is None:  # a user data set whose shapes are known once it is built (the Federation checks then)
+        return
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     params = sum(p.numel() for p in model.parameters())
     if memory is not None and weights * WEIGHT_COPIES > memory:
@@ -55,10 +59,13 @@ def check_config(config: Mapping[str, Any], memory: int | None = None) -> None:
     _check_inputs(config, memory)
 
 
-def _meta_model(config: Mapping[str, Any]) -> torch.nn.Module:
+def _meta_model(config: Mapping[str, Any]) -> torch.nn.Module | None:
     opts = config["model_opts"]
     try:
         dataset = config["task_opts"]["dataset"]
+        if is_target(str(dataset)):
+            declared = class_shape(dataset)
+            return None if declared is None else empty_model(opts, *declared, device="meta")
         if dataset == "synthetic":
             spec = SyntheticSpec.from_dict(config["task_opts"]["synthetic"])
             return empty_model(opts, spec.input_shape, spec.num_classes, device="meta")
@@ -73,9 +80,9 @@ def _meta_model(config: Mapping[str, Any]) -> torch.nn.Module:
 
 def _check_inputs(config: Mapping[str, Any], memory: int | None) -> None:
     """One client's synthetic data, or one batch of ReID images, must fit (image data sets are as large as
-    their files)."""
+    their files, and a user's data set is its own)."""
     opts = config["task_opts"]
-    if opts["dataset"] in SHAPES:
+    if opts["dataset"] in SHAPES or is_target(str(opts["dataset"])):
         return
     if opts["dataset"] == "synthetic":
         syn = opts["synthetic"]

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from .registry import is_target
 from .tasks import all_tasks
 
 __all__ = ["data_fingerprint", "describe_change"]
@@ -24,7 +25,9 @@ def data_fingerprint(config: Mapping[str, Any]) -> dict[str, Any]:
     if dataset == "reid":
         root = Path(config["datasets_dir"])
         return {"dataset": "reid", "tasks": {task: _folder(root / task) for task in sorted(set(all_tasks(config["clients"])))}}
-    return {"dataset": dataset, "spec": dict(opts.get(dataset) or {}), "seed": config.get("random_seed")}
+    # A user data set is what its options and the seed make of its files, which only it knows.
+    spec = opts.get("dataset_opts") if is_target(str(dataset)) else opts.get(dataset)
+    return {"dataset": dataset, "spec": dict(spec or {}), "seed": config.get("random_seed")}
 
 
 def describe_change(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:

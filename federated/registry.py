@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-__all__ = ["Component", "Catalogue", "load_target", "is_target", "importable"]
+__all__ = ["Component", "Catalogue", "load_target", "is_target", "importable", "plugin_folders", "remember_folders"]
+
+#: The folder each user module was imported from (module name -> folder), for the imports that name it
+#: again without a folder: a worker process is handed this map (``remember_folders``) before it builds
+#: anything, so a module next to the config file imports there too, whatever the process's working folder.
+_FOLDERS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,9 @@ class Catalogue:
     kind: str
     entries: Callable[[], Mapping[str, Component]]
     check: Callable[[Any], str | None] = lambda obj: None
+    #: The tags of a user's class that declares none (a user's model and data set are "small": a model
+    #: built from a sample shape and a class count, and a data set that gives them).
+    user_tags: frozenset[str] = frozenset()
 
     def names(self) -> tuple[str, ...]:
         return tuple(sorted(self.entries()))
@@ -65,7 +73,7 @@ class Catalogue:
             if problem:
                 raise ValueError(f"expected {problem}, found {name} ({type(obj).__name__})")
             return Component(name, dict(getattr(obj, "defaults", {}) or {}), dict(getattr(obj, "aliases", {}) or {}),
-                             frozenset(getattr(obj, "tags", ()) or ()), obj)
+                             frozenset(getattr(obj, "tags", ()) or ()) or self.user_tags, obj)
         hint = difflib.get_close_matches(name, list(entries), n=1)
         extra = f"; did you mean {hint[0]!r}?" if hint else ""
         raise ValueError(f"expected one of {', '.join(sorted(entries))} or 'package.module:Name', "
@@ -75,18 +83,41 @@ class Catalogue:
 def load_target(target: str, config_dir: Path | None = None) -> Any:
     """The object ``"package.module:Name"`` names; ValueError in one line when it cannot be imported."""
     module_name, _, attr = target.partition(":")
+    if config_dir is None and module_name in _FOLDERS:
+        config_dir = Path(_FOLDERS[module_name])
     try:
         with importable(config_dir):
             module = importlib.import_module(module_name)
     except Exception as exc:
         raise ValueError(f"expected an importable module, found {module_name!r} "
                          f"({type(exc).__name__}: {exc})") from None
+    _remember(module_name, module, config_dir)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"expected module {module_name!r} to define {attr!r}, found no such attribute")
         obj = getattr(obj, part)
     return obj
+
+
+def _remember(module_name: str, module: Any, folder: Path | None) -> None:
+    """Note ``folder`` for ``module_name`` if the module was found there (not in site-packages, say)."""
+    file = getattr(module, "__file__", None)
+    if folder is None or file is None:
+        return
+    folder = Path(folder).resolve()
+    if Path(file).resolve().is_relative_to(folder):
+        _FOLDERS[module_name] = str(folder)
+
+
+def plugin_folders() -> dict[str, str]:
+    """The folders user modules were imported from, by module name (what a worker process needs)."""
+    return dict(_FOLDERS)
+
+
+def remember_folders(folders: Mapping[str, str]) -> None:
+    """Import the modules ``folders`` names from those folders when a config names them (a worker process)."""
+    _FOLDERS.update(folders)
 
 
 @contextmanager

@@ -4,7 +4,8 @@
 ``val_loss``. ``reid`` reads the FedSTIL layout ``<datasets_dir>/<task>/{train,query,gallery}/<id>/``;
 scores are CMC rank-1/3/5/10 and mAP as ``val_rank_k`` and ``val_map``. Training labels of a ReID task are
 its identities numbered after those of every task before it (tasks in name order), so identities of
-different data sets never share a classifier row.
+different data sets never share a classifier row. A user's data set (``"package.module:Name"``) is
+wrapped by ``datasets.user``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import torch
 from torch import nn
 
 from .datasets import IMAGE_DATASETS, build_image_tasks
+from .datasets.user import build_user_tasks, not_a_dataset
 from .backbones import REID_MODELS, build_reid_model, empty_reid_model
-from .models import MODELS, build_model, empty_model
+from .models import MODELS, build_model, empty_model, fits_small
 from .reid_data import IMAGE_CACHE, AugmentOpts, ImageDecoder, LoaderOpts, augment, load_image_set, load_reid_task
-from .registry import Catalogue, Component
+from .registry import Catalogue, Component, is_target
 from .reid_metrics import reid_scores
 from .synthetic import SyntheticSpec, client_data, global_test_data
 from .training import evaluate
@@ -30,9 +32,10 @@ __all__ = ["TaskSource", "SyntheticTasks", "ReidTasks", "build_task_source", "DA
 DATASET_TAGS = {"reid": frozenset({"reid"}), "synthetic": frozenset({"small"}),
                 **{name: frozenset({"small"}) for name in IMAGE_DATASETS}}
 DATASETS = tuple(sorted(DATASET_TAGS))
-#: ``task_opts.dataset``: the built-in task sources (user data sets are not supported yet).
+#: ``task_opts.dataset``: the built-in task sources, and a user's data set class as "package.module:Name"
+#: (datasets/user.py says what it gives), which fits the models mlp and cnn fit.
 CATALOGUE = Catalogue("datasets", lambda: {n: Component(n, tags=t) for n, t in DATASET_TAGS.items()},
-                      lambda obj: "a built-in data set name (user data sets are not supported yet)")
+                      not_a_dataset, user_tags=frozenset({"small"}))
 
 
 class TaskSource:
@@ -75,7 +78,7 @@ class SyntheticTasks(TaskSource):
         self.seed = seed
 
     def _check(self, model_opts: Mapping[str, Any]) -> None:
-        if model_opts["name"] not in MODELS:
+        if not fits_small(model_opts["name"]):
             raise ValueError(f"model_opts.name: expected one of {', '.join(MODELS)} for task_opts.dataset "
                              f"synthetic, found {model_opts['name']!r}")
 
@@ -168,6 +171,8 @@ class ReidTasks(TaskSource):
 def build_task_source(config: Mapping[str, Any], seed: int) -> TaskSource:
     """The task source ``task_opts.dataset`` names, over every task the clients will learn."""
     opts = config["task_opts"]
+    if is_target(str(opts["dataset"])):
+        return build_user_tasks(config, seed)
     if opts["dataset"] == "synthetic":
         return SyntheticTasks(opts, seed)
     if opts["dataset"] in IMAGE_DATASETS:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..models import MODELS, build_model, empty_model
+from ..models import MODELS, build_model, empty_model, fits_small
 from ..partition import matching, partition
 from ..training import evaluate
 from .base import ImageData, ImageSet
@@ -200,7 +200,7 @@ def _channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_model(model_opts: Mapping[str, Any], dataset: str) -> None:
-    if model_opts.get("name") not in MODELS:
+    if not fits_small(model_opts.get("name")):
         raise ValueError(f"model_opts.name: expected one of {', '.join(MODELS)} for task_opts.dataset {dataset}, "
                          f"found {model_opts.get('name')!r}")
 

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import structlog
 from fedevents.engine.devices import Slot
+from fedevents.federated.registry import plugin_folders, remember_folders
 
 from .base import Executor, WorkerLost
 
@@ -116,8 +117,10 @@ class ProcessExecutor(Executor):
             proc = self._processes.get(key)
             if proc is None or not proc.process.is_alive():
                 ours, theirs = self._context.Pipe(duplex=True)
+                # The user modules the config names, imported here from the config's folder, import there
+                # from the same folder: a spawned process starts in no particular one.
                 process = self._context.Process(target=serve, args=(theirs, self.worker, self.config, self.seed,
-                                                                     self.threads),
+                                                                     self.threads, plugin_folders()),
                                                 name=f"fedevents-{slot.device}-{slot.index}", daemon=True)
                 process.start()
                 theirs.close()
@@ -147,8 +150,12 @@ class ProcessExecutor(Executor):
         proc.conn.close()
 
 
-def serve(conn: Connection, worker_class: str, config: Mapping[str, Any], seed: int, threads: int) -> None:
-    """A worker process's loop: answer jobs until told to stop or the driver goes away."""
+def serve(conn: Connection, worker_class: str, config: Mapping[str, Any], seed: int, threads: int,
+          folders: Mapping[str, str] | None = None) -> None:
+    """A worker process's loop: answer jobs until told to stop or the driver goes away.
+
+    ``folders`` maps the user modules the config names to the folders they were imported from.
+    """
     # Ctrl-C reaches every process of the terminal's group; the driver decides how the run ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import importlib
@@ -156,6 +163,7 @@ def serve(conn: Connection, worker_class: str, config: Mapping[str, Any], seed: 
     import torch
 
     torch.set_num_threads(threads)
+    remember_folders(folders or {})
     lines = _capture_logs()
     try:
         module, _, name = worker_class.partition(":")

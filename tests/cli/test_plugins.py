@@ -180,3 +180,155 @@ def test_a_typo_in_a_user_loss_option_gets_a_did_you_mean(
     assert run(tmp_path, monkeypatch, text) == 2
     assert capsys.readouterr().err == ("fedevents: error: exp.yaml: criterion_opts[0].scal: unknown key; "
                                        "did you mean 'scale'?\n")
+
+
+TINY_NET = '''
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """One linear layer over the flattened sample."""
+
+    defaults = {"bias": True}
+
+    def __init__(self, input_shape, num_classes, bias=True):
+        super().__init__()
+        size = 1
+        for s in input_shape:
+            size *= s
+        self.flat, self.linear = nn.Flatten(), nn.Linear(size, num_classes, bias=bias)
+
+    def forward(self, x):
+        return self.linear(self.flat(x))
+
+
+class NeedsDepth(TinyNet):
+    """Refuses to be built, as a user's model with a bad option would."""
+
+    defaults = {"depth": 1}
+
+    def __init__(self, input_shape, num_classes, depth=1):
+        raise ValueError(f"depth {depth} is not supported")
+
+
+class TakesClasses(TinyNet):
+    defaults = {"num_classes": 4}
+'''
+
+COUNTS = '''
+import torch
+
+
+class Counts:
+    """Client k holds k + 1 samples per task, all of class k % 2: features are (k, task index)."""
+
+    defaults = {"scale": 1.0}
+    input_shape = (2,)
+    num_classes = 2
+
+    def __init__(self, *, seed, clients, tasks, datasets_dir, scale=1.0):
+        self.clients, self.tasks, self.scale = list(clients), list(tasks), scale
+
+    def train(self, client, task):
+        k, t = self.clients.index(client), self.tasks.index(task)
+        x = torch.tensor([[k * self.scale, float(t)]] * (k + 1))
+        return x, torch.full((k + 1,), k % 2, dtype=torch.long)
+
+    def test(self, client, task):
+        return self.train(client, task)
+
+
+class NoTest:
+    def train(self, client, task):
+        return None
+
+
+class BadLabels(Counts):
+    def test(self, client, task):
+        x, y = self.train(client, task)
+        return x, y + 5
+
+
+class Failing(Counts):
+    def __init__(self, **given):
+        raise OSError("no files under the data folder")
+'''
+
+DATA_EXPERIMENT = """\
+exp_name: NAME
+exp_method: fedavg
+exp_opts: {comm_rounds: 1}
+model_opts: {name: tiny_net:TinyNet}
+task_opts: {dataset: counts:Counts, dataset_opts: {scale: 0.5}}
+clients: {count: 3, tasks: [a]}
+"""
+
+
+@pytest.fixture
+def data_folder(tmp_path: Path) -> Path:
+    (tmp_path / "tiny_net.py").write_text(TINY_NET)
+    (tmp_path / "counts.py").write_text(COUNTS)
+    (tmp_path / "broken.py").write_text("import no_such_dependency\n")
+    return tmp_path
+
+
+def test_a_user_model_on_a_user_data_set_trains_on_its_samples(
+        data_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(data_folder, monkeypatch, DATA_EXPERIMENT.replace("NAME", "counted")) == 0, capsys.readouterr().err
+    (events,) = (data_folder / "logs").glob("counted-*.events.jsonl")
+    done = [json.loads(line) for line in events.read_text().splitlines() if '"TrainDone"' in line]
+    assert sorted((e["client"], e["samples"]) for e in done) == [("client-0", 1), ("client-1", 2), ("client-2", 3)]
+    (record,) = (p for p in (data_folder / "logs").glob("counted-*.json") if not p.name.endswith(".trace.json"))
+    config = json.loads(record.read_text())["config"]
+    assert config["model_opts"] == {"name": "tiny_net:TinyNet", "bias": True}
+    assert config["task_opts"]["dataset_opts"] == {"scale": 0.5}
+
+
+def test_a_dry_run_checks_user_models_and_data_sets(
+        data_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(data_folder, monkeypatch, DATA_EXPERIMENT.replace("NAME", "planned"), "--dry-run") == 0
+    broken = DATA_EXPERIMENT.replace("NAME", "planned").replace("tiny_net:TinyNet}", "tiny_net:NeedsDepth, depth: 3}")
+    assert run(data_folder, monkeypatch, broken, "--dry-run") == 2
+    assert capsys.readouterr().err.endswith(
+        "exp.yaml: model_opts.name: expected tiny_net:NeedsDepth(input_shape=[2], num_classes=2, ...) to build a "
+        "model, found ValueError: depth 3 is not supported\n")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("{scale: 0.5}", "{scal: 0.5}"), "task_opts.dataset_opts.scal: unknown key; did you mean 'scale'?"),
+    (("tiny_net:TinyNet}", "tiny_net:TinyNet, bais: false}"), "model_opts.bais: unknown key; did you mean 'bias'?"),
+    (("tiny_net:TinyNet", "json:dumps"),
+     "model_opts.name: expected a subclass of torch.nn.Module, found json:dumps (function)"),
+    (("tiny_net:TinyNet", "tiny_net:TakesClasses"),
+     "model_opts.name: expected a model whose defaults leave out input_shape, num_classes (the data set gives "
+     "them), found tiny_net:TakesClasses (type)"),
+    (("counts:Counts", "counts:Missing"),
+     "task_opts.dataset: expected module 'counts' to define 'Missing', found no such attribute"),
+    (("counts:Counts", "broken:Counts"),
+     "task_opts.dataset: expected an importable module, found 'broken' (ModuleNotFoundError: No module named "
+     "'no_such_dependency')"),
+    (("counts:Counts", "counts:NoTest"),
+     "task_opts.dataset: expected a class with train(client, task) and test(client, task) methods, found "
+     "counts:NoTest (type)"),
+    (("counts:Counts, dataset_opts: {scale: 0.5}", "synthetic, dataset_opts: {scale: 0.5}"),
+     "task_opts.dataset_opts.scale: unknown key; known keys for synthetic: none"),
+    (("counts:Counts", "counts:Failing"),
+     "task_opts.dataset: expected counts:Failing(seed=..., clients=..., tasks=..., datasets_dir=..., ...) to build "
+     "a data set, found OSError: no files under the data folder"),
+    (("{comm_rounds: 1}", "{comm_rounds: 1, val_model: global}"),
+     "task_opts.dataset: expected counts:Counts to define global_test(task) for exp_opts.val_model global, "
+     "found none"),
+])
+def test_a_bad_user_model_or_data_set_is_refused_in_one_line(
+        data_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        change: tuple[str, str], message: str) -> None:
+    assert run(data_folder, monkeypatch, DATA_EXPERIMENT.replace("NAME", "bad").replace(*change)) == 2
+    assert capsys.readouterr().err == f"fedevents: error: exp.yaml: {message}\n"
+
+
+def test_a_data_set_giving_labels_out_of_range_fails_the_client_naming_the_call(
+        data_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    text = DATA_EXPERIMENT.replace("NAME", "labels").replace("counts:Counts", "counts:BadLabels")
+    assert run(data_folder, monkeypatch, text) == 1
+    assert ("ValueError: task_opts.dataset: expected counts:BadLabels.test('client-0', 'a') to give labels 0-1, "
+            "found 5-5") in capsys.readouterr().err
