@@ -26,6 +26,7 @@ from typing import Any, Sequence
 from fedevents.engine.config import ExperimentConfig
 from fedevents.engine.devices import Slot
 from fedevents.engine.errors import ConfigError, DeviceError
+from fedevents.federated.registry import plugin_folders
 from fedevents.federated.threads import with_threads
 
 from . import ray_cluster
@@ -42,9 +43,13 @@ class _Host:
     """An actor holding the experiment's ``Worker``: of one GPU (``parallel`` jobs at once, one per thread)
     or of one CPU slot (one job at a time)."""
 
-    def __init__(self, config: Any, seed: int, threads: int) -> None:
+    def __init__(self, config: Any, seed: int, threads: int, folders: Any = None) -> None:
+        from fedevents.federated.registry import remember_folders
         from fedevents.federated.worker import Worker
 
+        # User modules next to the config are found on a node that sees the same folder (a local cluster);
+        # elsewhere they must be importable there (installed on the nodes).
+        remember_folders(folders or {})
         self._worker = Worker(config, seed)
         self._threads = threads
 
@@ -92,7 +97,7 @@ class RayExecutor(Executor):
         self._timeout = float(opts["timeout_s"])
         self._grace = float(opts["stop_grace_s"])
         self._parallel = config.parallel
-        self._args = (dict(worker_config), seed, torch_threads)
+        self._args = (dict(worker_config), seed, torch_threads, plugin_folders())
         self._lock = threading.Lock()
         #: Signalled when a job leaves ``_call``: Ray must stay connected until every one has.
         self._left = threading.Condition(self._lock)
