@@ -106,8 +106,10 @@ def run_fedevents(preset: Preset, folder: Path, parallel: int) -> dict:
     first = min(e["wall_time"] for e in events if e["event"] == "TrainStarted")
     rounds = [(e["round"], e["wall_time"], e["metrics"]["val_acc"]) for e in events if e["event"] == "GlobalValDone"]
     trained = [e for e in events if e["event"] == "TrainDone"]
-    if any(e["samples"] != preset.samples * preset.epochs for e in trained):
-        raise RuntimeError(f"fedevents: expected {preset.samples * preset.epochs} samples per training")
+    # TrainDone.samples is the client's data set (FedAvg's weight); the epochs are the config's.
+    if any(e["samples"] != preset.samples for e in trained):
+        raise RuntimeError(f"fedevents: expected {preset.samples} samples per training, "
+                           f"found {sorted({e['samples'] for e in trained})}")
     return _summary(result, first, rounds, events[-1]["wall_time"], len(trained) * preset.steps_per_training)
 
 
@@ -216,6 +218,11 @@ def main() -> None:
     print(f"machine: {describe()}", flush=True)
     print(f"load average before: {os.getloadavg()}", flush=True)
     results: dict[str, dict[str, list[dict]]] = {}
+    document = {"machine": describe(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "command": " ".join(sys.argv), "load_average_before": os.getloadavg(), "repeat": repeat,
+                "presets": {p.name: {"clients": p.clients, "per_round": p.per_round, "rounds": p.rounds,
+                                     "epochs": p.epochs, "samples": p.samples, "steps": p.steps} for p in presets},
+                "runs": results}
     with tempfile.TemporaryDirectory() as scratch:
         for preset in presets:
             runs = results[preset.name] = {c: [] for c in contenders}
@@ -223,17 +230,14 @@ def main() -> None:
                 for contender in contenders:
                     run = run_once(contender, preset, Path(scratch) / f"{preset.name}-{contender}-{i}", args)
                     runs[contender].append(run)
+                    args.out.write_text(json.dumps(document, indent=1))  # a long run's results survive a failure
                     print(f"{preset.name} #{i + 1} {contender}: {run['wall_s']:.2f} s wall, start-up "
                           f"{run['startup_s']:.2f} s, round {run['round_s']:.3f} s, exit lag {run['exit_lag_s']:.2f} s, "
                           f"peak {run['peak_rss_mib']:.0f} MiB, acc {run['final_acc']:.3f}", flush=True)
             print(check_steps(preset, runs), flush=True)
     print(f"load average after: {os.getloadavg()}\n", flush=True)
     print(table(results, contenders))
-    document = {"machine": describe(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "command": " ".join(sys.argv), "load_average_after": os.getloadavg(), "repeat": repeat,
-                "presets": {p.name: {"clients": p.clients, "per_round": p.per_round, "rounds": p.rounds,
-                                     "epochs": p.epochs, "samples": p.samples, "steps": p.steps} for p in presets},
-                "runs": results}
+    document["load_average_after"] = os.getloadavg()
     args.out.write_text(json.dumps(document, indent=1))
     print(f"\nruns written to {args.out}")
 
