@@ -121,7 +121,8 @@ def main() -> None:
     bare = steps["bare loop"]
     print(f"\nheavy preset, one training of {PRESETS['heavy'].steps_per_training} steps, median of {args.repeat}; "
           "final weights bit-identical\n")
-    print("| trainer | µs per SGD step, wall | / bare loop | µs per SGD step, CPU | / bare loop |\n|---|---:|---:|---:|---:|")
+    print("| trainer | µs per SGD step, wall | / bare loop | µs per SGD step, CPU | / bare loop |\n"
+          "|---|---:|---:|---:|---:|")
     for name, us in steps.items():
         print(f"| {name} | {us['wall']:.0f} | {us['wall'] / bare['wall']:.3f} | {us['cpu']:.0f} | "
               f"{us['cpu'] / bare['cpu']:.3f} |")
@@ -141,8 +142,9 @@ def main() -> None:
         print(f"| {label} | {seconds:.2f} | {cpu:.2f} | {trainings} | {events} | {seconds / trainings * 1e3:.3f} | "
               f"{seconds / events * 1e6:.1f} | {cpu / events * 1e6:.1f} |")
     if args.out:
-        args.out.write_text(json.dumps({"machine": describe(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                        "us_per_step": steps, "dry_runs": runs}, indent=1))
+        date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        document = {"machine": describe(), "date": date, "us_per_step": steps, "dry_runs": runs}
+        args.out.write_text(json.dumps(document, indent=1))
 
 
 if __name__ == "__main__":

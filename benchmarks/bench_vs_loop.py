@@ -178,7 +178,8 @@ def table(results: dict, contenders: tuple[str, ...]) -> str:
             # Ray's actors are not the command's waited-for children: Flower's CPU time is its driver's alone.
             cpu = f"{med['cpu_s']:.2f}" + (" (driver only)" if contender == "flower" else "")
             lines.append(f"| {name} | {contender} | {med['wall_s']:.2f} | {med['startup_s']:.2f} | "
-                         f"{med['round1_s']:.3f} | {med['round_s']:.3f} | {med['exit_lag_s']:.2f} | {med['peak_rss_mib']:.0f} | "
+                         f"{med['round1_s']:.3f} | {med['round_s']:.3f} | {med['exit_lag_s']:.2f} | "
+                         f"{med['peak_rss_mib']:.0f} | "
                          f"{cpu} | {', '.join(map(str, steps))} | {acc:.3f} |")
     # No CPU ratio for Flower: its CPU time leaves out Ray's actors.
     lines += ["", "| preset | fedevents / loop | fedevents / loop, CPU s | Flower / fedevents | Flower / loop |",
@@ -234,7 +235,8 @@ def main() -> None:
                     runs[contender].append(run)
                     args.out.write_text(json.dumps(document, indent=1))  # a long run's results survive a failure
                     print(f"{preset.name} #{i + 1} {contender}: {run['wall_s']:.2f} s wall, start-up "
-                          f"{run['startup_s']:.2f} s, round {run['round_s']:.3f} s, exit lag {run['exit_lag_s']:.2f} s, "
+                          f"{run['startup_s']:.2f} s, round {run['round_s']:.3f} s, "
+                          f"exit lag {run['exit_lag_s']:.2f} s, "
                           f"peak {run['peak_rss_mib']:.0f} MiB, acc {run['final_acc']:.3f}", flush=True)
             print(check_steps(preset, runs), flush=True)
     print(f"load average after: {os.getloadavg()}\n", flush=True)

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workload import PRESETS, QUICK, Preset, build_model, client_data, evaluate, test_data, train  # noqa: E402
+from workload import (  # noqa: E402
+    PRESETS, QUICK, Preset, build_model, client_data, evaluate, shuffling, test_data, train)
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
@@ -54,11 +55,10 @@ def _train(msg: Message, context: Context) -> Message:
     client = int(context.node_config["partition-id"])
     x, y = client_data(preset, client)
     began = time.time()
-    shuffle = torch.Generator().manual_seed(preset.seed * 1_000_003 + int(msg.content["config"]["server-round"]) * 10_007
-                                            + client)
-    steps = train(model, preset, x, y, shuffle)
+    steps = train(model, preset, x, y, shuffling(preset, int(msg.content["config"]["server-round"]), client))
     _mark(f"train {began} {steps}")
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": y.numel()})})
+    metrics = MetricRecord({"num-examples": y.numel()})
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 

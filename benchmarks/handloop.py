@@ -4,9 +4,9 @@
 
 Per round, per sampled client: load the global weights, train, collect the weights; average them weighted by
 samples; evaluate the global model on the held-out set (also once before round 1). It writes its marks to
-MARKS_FILE when it is done (one per line: ``train WALL STEPS`` for the first training, ``round R WALL ACC``
-when round R's evaluation ended, ``steps N``, ``end WALL``), so that bench_vs_loop.py reads the same moments
-from every contender.
+MARKS_FILE when it is done (one per line: ``train WALL 0`` when the first training starts, ``round R WALL ACC``
+when round R's evaluation ended, ``steps N`` in all, ``end WALL``), in the format flower_sim.py writes, so
+that bench_vs_loop.py reads the same moments from every contender.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workload import PRESETS, QUICK, Preset, average, build_model, client_data, evaluate, sample_clients, test_data, train  # noqa: E402,E501
+from workload import (  # noqa: E402
+    PRESETS, QUICK, Preset, average, build_model, client_data, evaluate, sample_clients, shuffling, test_data, train)
 
 
 def run(preset: Preset) -> list[str]:
@@ -34,8 +35,7 @@ def run(preset: Preset) -> list[str]:
             client.load_state_dict(server.state_dict())
             if not steps:
                 marks.append(f"train {time.time()} 0")
-            shuffle = torch.Generator().manual_seed(preset.seed * 1_000_003 + round_ * 10_007 + c)
-            steps += train(client, preset, x, y, shuffle)
+            steps += train(client, preset, x, y, shuffling(preset, round_, c))
             states.append({k: v.clone() for k, v in client.state_dict().items()})
             weights.append(y.numel())
         server.load_state_dict(average(states, weights))

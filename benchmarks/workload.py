@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = ["Preset", "PRESETS", "QUICK", "client_data", "test_data", "build_model", "train", "evaluate",
-           "average", "sample_clients"]
+           "average", "sample_clients", "shuffling"]
 
 _LATENT, _MODES, _MAP = 16, 3, 64
 
@@ -147,6 +147,11 @@ def average(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[s
     """FedAvg: the sample-weighted mean of the clients' state dicts."""
     total = float(sum(weights))
     return {key: sum(s[key] * (w / total) for s, w in zip(states, weights)) for key in states[0]}
+
+
+def shuffling(preset: Preset, round_: int, client: int) -> torch.Generator:
+    """The generator of ``client``'s batch order in round ``round_``."""
+    return torch.Generator().manual_seed(preset.seed * 1_000_003 + round_ * 10_007 + client)
 
 
 def sample_clients(preset: Preset, round_: int) -> list[int]:
