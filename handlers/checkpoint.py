@@ -199,7 +199,13 @@ class Checkpointer:
         pending = self._pending
         if pending is None:
             return
-        path, nbytes = await pending.wait()
+        try:
+            path, nbytes = await pending.wait()
+        except anyio.get_cancelled_exc_class():
+            raise  # the write goes on; the next flush (the run's end waits, shielded) announces it
+        except BaseException:
+            self._pending = None
+            raise
         self._pending = None
         await self.bus.emit(self.context.make(CheckpointSaved, round=pending.round, path=str(path),
                                               nbytes=nbytes, seconds=pending.seconds))
