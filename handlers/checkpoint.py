@@ -256,7 +256,7 @@ class Checkpointer:
             write_atomic(final, lambda f: torch.save(payload, f))
             written += final.stat().st_size
         except OSError as exc:
-            raise RunFailed(f"could not write checkpoint {final}: {exc.strerror or exc}; "
+            raise RunFailed(f"could not write the checkpoint of round {rnd}, {final}: {exc.strerror or exc}; "
                             f"the previous checkpoint is untouched") from exc
         _fsync_dir(self.directory)
         self._manifests[final.name] = set(objects.values())
@@ -299,7 +299,7 @@ class Checkpointer:
                 continue
             tensor = content.tensors[key]
             if tensor._version != content.versions[key]:
-                raise RunFailed(f"could not write checkpoint {final}: a tensor of its state was changed in place "
+                raise RunFailed(f"could not write the checkpoint {final}: a tensor of its state was changed in place "
                                 f"while it was written; the previous checkpoint is untouched")
             base = content.bases.get(key)
             against = content.tensors.get(base) if base is not None else None

@@ -190,7 +190,7 @@ async def test_a_write_that_fails_in_the_background_fails_the_next_round_end(
     fed.train("a", 2.0)
     await ck.save(context.make(checkpoint_module.RoundFinished, round=1, trained=0, failed=0, validated=0,
                                seconds=0.0))
-    with pytest.raises(RunFailed, match=r"could not write checkpoint .*round-000001.pt: No space left on device; "
+    with pytest.raises(RunFailed, match=r"could not write the checkpoint of round 1, .*round-000001.pt: No space left on device; "
                                         r"the previous checkpoint is untouched"):
         with anyio.fail_after(WAIT_S):
             await ck.save(context.make(checkpoint_module.RoundFinished, round=2, trained=0, failed=0,
