@@ -299,8 +299,8 @@ class Checkpointer:
                 continue
             tensor = content.tensors[key]
             if tensor._version != content.versions[key]:
-                raise RunFailed(f"could not write the checkpoint {final}: a tensor of its state was changed in place "
-                                f"while it was written; the previous checkpoint is untouched")
+                raise RunFailed(f"could not write checkpoint {final}: a tensor of its state was changed in "
+                                f"place while it was written; the previous checkpoint is untouched")
             base = content.bases.get(key)
             against = content.tensors.get(base) if base is not None else None
             if against is not None and (against.dtype != tensor.dtype or against.shape != tensor.shape):
@@ -420,8 +420,9 @@ class _Write:
 def _bases(skeleton: Mapping[str, Any]) -> dict[str, str]:
     """Each client model tensor's key -> the key of the global model's tensor of the same name (when they
     differ and the global one is not itself a client's: a base is never encoded against another)."""
-    server = skeleton.get("server", {}).get("model", {})
-    glob = {name: ref[REF] for name, ref in server.items() if isinstance(ref, dict) and REF in ref}
+    server = skeleton.get("server", {}).get("model", {}) if isinstance(skeleton.get("server"), dict) else {}
+    glob = {name: ref[REF] for name, ref in server.items() if isinstance(ref, dict) and REF in ref} \
+        if isinstance(server, dict) else {}
     shared = set(glob.values())
     out: dict[str, str] = {}
     for state in skeleton.get("clients", {}).values():

@@ -78,8 +78,9 @@ async def test_client_weights_are_stored_against_the_global_ones_and_load_bit_ex
     fed.clients["a"]["model"]["backbone"] = _trained(fed.server["backbone"], 6)
     await save(ck, context, 0)
     loaded = load_checkpoint(ck.directory / "round-000000.pt")
-    client_key = next(k for k, t in loaded.tensors.items() if t is loaded.federation["clients"]["a"]["model"]["backbone"])
-    server_key = next(k for k, t in loaded.tensors.items() if t is loaded.federation["server"]["model"]["backbone"])
+    state = loaded.federation
+    client_key = next(k for k, t in loaded.tensors.items() if t is state["clients"]["a"]["model"]["backbone"])
+    server_key = next(k for k, t in loaded.tensors.items() if t is state["server"]["model"]["backbone"])
     assert loaded.encoded[client_key]["base"] == server_key
     assert "base" not in loaded.encoded[server_key]
     assert torch.equal(_bits(loaded.federation["clients"]["a"]["model"]["backbone"]),
@@ -190,8 +191,8 @@ async def test_a_write_that_fails_in_the_background_fails_the_next_round_end(
     fed.train("a", 2.0)
     await ck.save(context.make(checkpoint_module.RoundFinished, round=1, trained=0, failed=0, validated=0,
                                seconds=0.0))
-    with pytest.raises(RunFailed, match=r"could not write the checkpoint of round 1, .*round-000001.pt: No space left on device; "
-                                        r"the previous checkpoint is untouched"):
+    with pytest.raises(RunFailed, match=r"could not write the checkpoint of round 1, .*round-000001.pt: No space "
+                                        r"left on device; the previous checkpoint is untouched"):
         with anyio.fail_after(WAIT_S):
             await ck.save(context.make(checkpoint_module.RoundFinished, round=2, trained=0, failed=0,
                                        validated=0, seconds=0.0))
