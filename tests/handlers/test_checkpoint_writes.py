@@ -221,3 +221,22 @@ async def test_a_tensor_changed_in_place_while_being_written_fails_the_checkpoin
         with anyio.fail_after(WAIT_S):
             await ck.flush()
     assert not (ck.directory / "round-000000.pt").exists()
+
+
+@pytest.mark.parametrize("keep_state", [False, True])
+async def test_a_checkpoint_holds_optimizer_moments_only_when_the_state_is_kept(tmp_path: Path,
+                                                                                keep_state: bool) -> None:
+    from fedevents.federated import Federation
+
+    ck, _, context = checkpointer(tmp_path)
+    config = {**ck.config.data, "optimizer_opts": {"name": "adam", "lr": 0.01, "weight_decay": 0.0,
+                                                   "keep_state": keep_state}}
+    ck.federation = Federation(config, seed=0)
+    for rnd in (1, 2):
+        ck.federation.train(client="client-0", task="synth", round=rnd, device="cpu", state="incremental")
+    await save(ck, context, 2)
+    optimizer = load_checkpoint(ck.directory / "round-000002.pt").federation["clients"]["client-0"]["optimizer"]
+    if keep_state:
+        assert sorted(optimizer["state"][0]) == ["exp_avg", "exp_avg_sq", "step"]
+    else:
+        assert optimizer == {}
