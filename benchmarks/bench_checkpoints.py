@@ -1,6 +1,7 @@
 """Checkpoint bytes and seconds per round: content-addressed, incremental checkpoints against full copies.
 
-    python benchmarks/bench_checkpoints.py [--only demo|reid-fedavg] [--out FILE.json]
+    python benchmarks/bench_checkpoints.py [--only demo|reid-fedavg] [--method NAME] [--modes MODE ...]
+                                           [--out FILE.json]
 
 Two experiments, each run once with the checkpoint after every round (the default):
 
@@ -92,15 +93,15 @@ MODES: dict[str, tuple[bool, bool] | None] = {
 }
 
 
-def run_one(name: str, config_path: Path, overrides: list[str], work: Path) -> dict[str, Any]:
+def run_one(name: str, config_path: Path, overrides: list[str], work: Path, chosen: list[str]) -> dict[str, Any]:
     """One run of the experiment per mode, one after the other; then the codecs on the last one's checkpoint."""
     modes = {}
-    for index, (mode, how) in enumerate(MODES.items()):
-        modes[mode] = run_mode(config_path, overrides, work / f"mode-{index}", how)
+    for index, mode in enumerate(chosen):
+        modes[mode] = run_mode(config_path, overrides, work / f"mode-{index}", MODES[mode])
         print(json.dumps({"name": name, "mode": mode, **modes[mode]}), flush=True)
-    last = find_latest(work / f"mode-{len(MODES) - 1}" / "ckpts", load_experiments([config_path])[0].exp_name)
-    return {"name": name, "rounds": len(modes["fresh state, overlap"]["bytes"]), "modes": modes,
-            "codecs": codecs(last) if last is not None else {}}
+    last = find_latest(work / f"mode-{len(chosen) - 1}" / "ckpts", load_experiments([config_path])[0].exp_name)
+    return {"name": name, "rounds": len(modes[chosen[-1]]["bytes"]), "modes": modes,
+            "codecs": codecs(last) if last is not None and MODES[chosen[-1]] is not None else {}}
 
 
 def run_mode(config_path: Path, overrides: list[str], work: Path, how: tuple[bool, bool] | None) -> dict[str, Any]:
@@ -184,6 +185,8 @@ def table(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("demo", "reid-fedavg"))
+    parser.add_argument("--method", help="run the ReID experiment with this exp_method instead of fedavg")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     print(describe())
@@ -192,7 +195,9 @@ def main() -> None:
         for name, (path, overrides) in experiments(Path(tmp)).items():
             if args.only and name != args.only:
                 continue
-            results.append(run_one(name, path, overrides, Path(tmp) / name))
+            if args.method and name != "demo":
+                name, overrides = f"reid-{args.method}", [*overrides, f"exp_method={args.method}"]
+            results.append(run_one(name, path, overrides, Path(tmp) / name, args.modes))
     print(table(results))
     if args.out:
         args.out.write_text(json.dumps({"machine": describe(), "results": results}, indent=2))

@@ -29,6 +29,8 @@ _LEVEL = 1
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
          torch.bfloat16: torch.int16}
 _DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in _BITS}
+_DTYPES_NAME = {dtype: name for name, dtype in _DTYPES.items()}
+_INT = {8: np.int64, 4: np.int32, 2: np.int16}
 
 
 def encode(tensor: torch.Tensor, base: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]] | None:
@@ -73,10 +75,6 @@ def decode(data: torch.Tensor, info: dict[str, Any], base: torch.Tensor | None =
                              f"{_DTYPES_NAME.get(base.dtype, base.dtype)} {list(base.shape)}")
         bits = np.bitwise_xor(bits, _bits(base))
     return torch.from_numpy(bits).view(dtype).reshape(shape)
-
-
-_DTYPES_NAME = {dtype: name for name, dtype in _DTYPES.items()}
-_INT = {8: np.int64, 4: np.int32, 2: np.int16}
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:
