@@ -340,7 +340,10 @@ class Checkpointer:
 
         When the packs this checkpoint would use hold more than twice the bytes it needs, the live tensors
         of the emptiest packs are written again, so that those packs can go once no kept checkpoint uses
-        them: the packs of a long run never grow past about twice what is live, and copying is rare.
+        them: the packs of a long run never grow past about twice what is live, and copying is rare. A pack
+        of which less than a quarter is still used is emptied the same way, whatever the others hold: a few
+        small tensors (a counter, an empty buffer) must not keep a pack of dead weights on disk, and moving
+        them costs at most a quarter of what it frees.
         """
         fresh = {key for key in sizes if key not in self._objects}
         live: dict[str, int] = {}
@@ -350,7 +353,7 @@ class Checkpointer:
         needed = sum(sizes.values())
         held = sum(self._pack_bytes.get(pack, 0) for pack in live) + sum(sizes[key] for key in fresh)
         for pack in sorted(live, key=lambda p: live[p] / max(self._pack_bytes.get(p, 0), 1)):
-            if held <= 2 * needed:
+            if held <= 2 * needed and 4 * live[pack] >= self._pack_bytes.get(pack, 0):
                 break
             fresh.update(key for key in sizes if self._objects.get(key) == pack)
             held += live[pack] - self._pack_bytes.get(pack, 0)

@@ -165,3 +165,18 @@ async def test_a_spilled_client_that_did_not_train_is_not_read_back(tmp_path: Pa
     assert exported == [["b"]]
     state = load_checkpoint(ck.directory / "round-000001.pt").federation
     assert {c: s["model"]["w"].tolist() for c, s in state["clients"].items()} == {"a": [1.0] * 4, "b": [3.0] * 4}
+
+
+async def test_a_few_small_tensors_do_not_keep_a_pack_of_dead_weights(tmp_path: Path) -> None:
+    """Regression: a step counter still in use kept a 259 MiB pack of replaced weights on disk."""
+    ck, fed, context = checkpointer(tmp_path, keep=1)
+    await save(ck, context, 0)
+    step = torch.tensor(1.0)
+    random = torch.Generator().manual_seed(1)
+    fed.clients["a"] = {"model": {"w": torch.randn(FROZEN // 4, generator=random)}, "optimizer": {"step": step}}
+    await save(ck, context, 1)
+    fed.clients["a"] = {"model": {"w": torch.randn(FROZEN // 4, generator=random)}, "optimizer": {"step": step}}
+    await save(ck, context, 2)
+    assert sorted(p.name for p in (ck.directory / "packs").iterdir()) == ["000000.pt", "000002.pt"]
+    state = load_checkpoint(ck.directory / "round-000002.pt").federation
+    assert torch.equal(state["clients"]["a"]["optimizer"]["step"], step)
