@@ -28,14 +28,12 @@ import copy
 import os
 import pickle
 import re
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
-
-import threading
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import anyio
 import torch
