@@ -1,6 +1,7 @@
 """Checkpoint bytes and seconds per round: content-addressed, incremental checkpoints against full copies.
 
-    python benchmarks/bench_checkpoints.py [--only demo|reid-fedavg] [--out FILE.json]
+    python benchmarks/bench_checkpoints.py [--only demo|reid-fedavg] [--method NAME] [--modes MODE ...]
+                                           [--out FILE.json]
 
 Two experiments, each run once with the checkpoint after every round (the default):
 
@@ -10,12 +11,18 @@ Two experiments, each run once with the checkpoint after every round (the defaul
   FedSTIL's default ``fine_tuning`` (``base.layer4`` and ``classifier`` trainable, the rest frozen): the shape
   of FEDSTIL.md section 8, where the original runner writes 739 MiB of checkpoints.
 
-Each experiment runs twice, one run after the other. "after": fedevents' checkpointer (``round-NNNNNN.pt``
-manifests and ``packs/``) after every round; bytes each checkpoint wrote and its seconds, from
-CheckpointSaved, and the bytes left on disk when the run finished. "before": what the checkpointer did until
-now, on the same states (same seeds, so the same training): a handler ``torch.save``s the whole state (every
+Each experiment runs in five modes, one run after the other. "before": what the checkpointer did at first,
+on the same states (same seeds, so the same training): a handler ``torch.save``s the whole state (every
 client's full model and optimizer state) atomically (fsync, rename) after every round and keeps the newest
-``checkpoint_keep`` (2) files; fedevents' own checkpoints run in round 0 and the last round only.
+``checkpoint_keep`` (2) files; fedevents' own checkpoints run in round 0 and the last round only. The four
+others are fedevents' checkpointer (``round-NNNNNN.pt`` manifests and ``packs/``) after every round, with the
+optimizer's state kept across rounds or not (``optimizer_opts.keep_state``; the ReID file is a FedSTIL one in
+all but its ``task_opts.dataset``, so it keeps the state unless told) and with the write overlapping the next
+round or not. For each: the bytes the checkpoints wrote, their seconds (from taking the state to the end of
+the write, from CheckpointSaved), the bytes left on disk when the run finished, and the run's wall time.
+
+Last, the codecs: the final checkpoint's client weights that differ from the global model's, compressed each
+way (plain, byte planes, XOR with the global weight, both; zlib and zstd at level 1), bytes and seconds.
 """
 
 from __future__ import annotations
@@ -25,11 +32,14 @@ import json
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import anyio
+import numpy as np
 import torch
+import zstandard
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe  # noqa: E402
@@ -39,7 +49,7 @@ from fedevents.engine import CheckpointSaved, RoundFinished  # noqa: E402
 from fedevents.engine.config import load_experiments  # noqa: E402
 from fedevents.federated.synth_reid import generate_synth_reid  # noqa: E402
 from fedevents.handlers.atomic import write_atomic  # noqa: E402
-from fedevents.handlers.checkpoint import Checkpointer  # noqa: E402
+from fedevents.handlers.checkpoint import Checkpointer, find_latest, load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -73,20 +83,39 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def run_one(name: str, config_path: Path, overrides: list[str], work: Path) -> dict[str, Any]:
-    """Two runs of one experiment: "after" with fedevents' checkpoints, "before" with full copies instead."""
-    after = run_mode(config_path, overrides, work / "after", full_copies=False)
-    before = run_mode(config_path, overrides, work / "before", full_copies=True)
-    return {"name": name, "rounds": len(after["bytes"]), "after": after, "before": before}
+#: name -> (keep the optimizer's state, overlap the write with the next round); None: full copies.
+MODES: dict[str, tuple[bool, bool] | None] = {
+    "before": None,
+    "kept state, no overlap": (True, False),
+    "kept state, overlap": (True, True),
+    "fresh state, no overlap": (False, False),
+    "fresh state, overlap": (False, True),
+}
 
 
-def run_mode(config_path: Path, overrides: list[str], work: Path, *, full_copies: bool) -> dict[str, Any]:
+def run_one(name: str, config_path: Path, overrides: list[str], work: Path, chosen: list[str]) -> dict[str, Any]:
+    """One run of the experiment per mode, one after the other; then the codecs on the last one's checkpoint."""
+    modes = {}
+    for index, mode in enumerate(chosen):
+        modes[mode] = run_mode(config_path, overrides, work / f"mode-{index}", MODES[mode])
+        print(json.dumps({"name": name, "mode": mode, **modes[mode]}), flush=True)
+    last = find_latest(work / f"mode-{len(chosen) - 1}" / "ckpts", load_experiments([config_path])[0].exp_name)
+    return {"name": name, "rounds": len(modes[chosen[-1]]["bytes"]), "modes": modes,
+            "codecs": codecs(last) if last is not None and MODES[chosen[-1]] is not None else {}}
+
+
+def run_mode(config_path: Path, overrides: list[str], work: Path, how: tuple[bool, bool] | None) -> dict[str, Any]:
+    full_copies = how is None
     overrides = [*overrides, f"logs_dir={str(work / 'logs')!r}", f"checkpoints_dir={str(work / 'ckpts')!r}"]
     if full_copies:
         # fedevents' own checkpoints only in round 0 and the last round, so they barely touch the timing.
         overrides.append("exp_opts.checkpoint_interval=1000000")
+    else:
+        overrides.append(f"optimizer_opts.keep_state={str(how[0]).lower()}")
     (config,) = load_experiments([config_path], overrides=overrides)
     exp = build_experiment(config, console=None)
+    if how is not None:
+        exp.component(Checkpointer).overlap = how[1]
     full = exp.add(FullCopies(exp.component(Checkpointer), work / "full")) if full_copies else None
     saved: list[CheckpointSaved] = []
     exp.bus.subscribe(CheckpointSaved, saved.append)
@@ -109,23 +138,55 @@ def experiments(work: Path) -> dict[str, tuple[Path, list[str]]]:
     return {"demo": (ROOT / "configs/demo.yaml", []), "reid-fedavg": (Path(summary["experiment"]), reid)}
 
 
+def codecs(manifest: Path) -> dict[str, dict[str, float]]:
+    """Bytes and seconds of each way to compress the checkpoint's client weights that differ from the global's."""
+    state = load_checkpoint(manifest).federation
+    glob = state["server"]["model"]
+    pairs = [(tensor, glob[name]) for client in state["clients"].values() for name, tensor in client["model"].items()
+             if tensor.dtype == torch.float32 and tensor.numel() >= 1024 and not torch.equal(tensor, glob[name])]
+
+    def planes(bits: np.ndarray) -> bytes:
+        return np.ascontiguousarray(bits.view(np.uint8).reshape(-1, 4).T).tobytes()
+
+    forms: dict[str, Callable[[np.ndarray, np.ndarray], bytes]] = {
+        "plain": lambda a, b: a.tobytes(), "byte planes": lambda a, b: planes(a),
+        "xor": lambda a, b: (a ^ b).tobytes(), "xor + byte planes": lambda a, b: planes(a ^ b)}
+    packers: dict[str, Callable[[bytes], bytes]] = {
+        "zlib-1": lambda d: zlib.compress(d, 1), "zstd-1": zstandard.ZstdCompressor(level=1).compress,
+        "zstd-3": zstandard.ZstdCompressor(level=3).compress}
+    raw = sum(t.numel() * 4 for t, _ in pairs)
+    out: dict[str, dict[str, float]] = {"raw": {"bytes": raw, "ratio": 1.0, "seconds": 0.0}}
+    for form, shape in forms.items():
+        for packer, pack in packers.items():
+            began, size = time.perf_counter(), 0
+            for tensor, base in pairs:
+                size += len(pack(shape(tensor.numpy().view(np.uint32), base.numpy().view(np.uint32))))
+            out[f"{form}, {packer}"] = {"bytes": size, "ratio": size / raw, "seconds": time.perf_counter() - began}
+    return out
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| experiment | checkpoints | written: before | written: after | on disk at the end: before | "
-             "on disk at the end: after | s per checkpoint: before | s per checkpoint: after | run wall s: "
-             "before | run wall s: after |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| experiment | mode | checkpoints | written | on disk at the end | s per checkpoint | run wall s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
-        b, a = r["before"], r["after"]
-        lines.append(f"| {r['name']} | {r['rounds']} | {b['written'] / MIB:.2f} MiB | {a['written'] / MIB:.2f} MiB | "
-                     f"{b['on_disk'] / MIB:.2f} MiB | {a['on_disk'] / MIB:.2f} MiB | "
-                     f"{sum(b['seconds']) / len(b['seconds']):.3f} | {sum(a['seconds']) / len(a['seconds']):.3f} | "
-                     f"{b['wall_s']:.1f} | {a['wall_s']:.1f} |")
+        for mode, m in r["modes"].items():
+            lines.append(f"| {r['name']} | {mode} | {len(m['bytes'])} | {m['written'] / MIB:.2f} MiB | "
+                         f"{m['on_disk'] / MIB:.2f} MiB | {sum(m['seconds']) / len(m['seconds']):.3f} | "
+                         f"{m['wall_s']:.1f} |")
+    for r in results:
+        if r["codecs"]:
+            lines += ["", f"{r['name']}: client weights that differ from the global model's, last checkpoint",
+                      "", "| form, packer | MiB | of raw | s |", "|---|---:|---:|---:|"]
+            lines += [f"| {k} | {v['bytes'] / MIB:.2f} | {v['ratio']:.3f} | {v['seconds']:.2f} |"
+                      for k, v in r["codecs"].items()]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("demo", "reid-fedavg"))
+    parser.add_argument("--method", help="run the ReID experiment with this exp_method instead of fedavg")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     print(describe())
@@ -134,8 +195,9 @@ def main() -> None:
         for name, (path, overrides) in experiments(Path(tmp)).items():
             if args.only and name != args.only:
                 continue
-            results.append(run_one(name, path, overrides, Path(tmp) / name))
-            print(json.dumps(results[-1]), flush=True)
+            if args.method and name != "demo":
+                name, overrides = f"reid-{args.method}", [*overrides, f"exp_method={args.method}"]
+            results.append(run_one(name, path, overrides, Path(tmp) / name, args.modes))
     print(table(results))
     if args.out:
         args.out.write_text(json.dumps({"machine": describe(), "results": results}, indent=2))

@@ -20,6 +20,8 @@ __all__ = ["check_components", "infer_dataset"]
 #: ``server`` keys the engine reads itself; any other must be an option of the method.
 SERVER_KEYS = {"server_name": "server"}
 _SERVER_NAME = Str(safe_name=True)
+#: Keys of a component's section that fedevents reads itself, never handed to the component.
+ENGINE_OPTIONS = {"optimizer_opts": {"name", "keep_state"}, "scheduler_opts": {"name"}}
 
 
 def check_components(data: dict[str, Any], vocabulary: Vocabulary, config_dir: Path | None) -> None:
@@ -32,11 +34,14 @@ def check_components(data: dict[str, Any], vocabulary: Vocabulary, config_dir: P
     _method_options(data, method, model)
     if model is not None:
         data["model_opts"] = _options(data["model_opts"], model, "model_opts", extra={"name"})
-    _dataset(data, vocabulary, model, config_dir)
+    fedstil_format = _dataset(data, vocabulary, model, config_dir)
     for key, kind in (("optimizer_opts", "optimizers"), ("scheduler_opts", "schedulers")):
         plugin = _describe(vocabulary, kind, data[key]["name"], f"{key}.name", config_dir)
         if plugin is not None:
-            data[key] = _options(data[key], plugin, key, extra={"name"})
+            data[key] = _options(data[key], plugin, key, extra=ENGINE_OPTIONS[key])
+    if data["optimizer_opts"].get("keep_state") is None:
+        # FedSTIL's runner empties the optimizer after each round; its files keep that meaning.
+        data["optimizer_opts"]["keep_state"] = not fedstil_format
     criteria = data["criterion_opts"]
     if isinstance(criteria, list):
         data["criterion_opts"] = [_criterion(c, vocabulary, f"criterion_opts[{i}]", config_dir)
@@ -140,13 +145,16 @@ def _take(found: dict[str, tuple[str, Any]], method: Plugin, section: str, key: 
 # --- the data set: given, or inferred from the model and the folders -------------------------------------
 
 
-def _dataset(data: dict[str, Any], vocabulary: Vocabulary, model: Plugin | None, config_dir: Path | None) -> None:
+def _dataset(data: dict[str, Any], vocabulary: Vocabulary, model: Plugin | None, config_dir: Path | None) -> bool:
+    """Check or infer ``task_opts.dataset``; tell whether the experiment is a FedSTIL-format one (a ReID
+    data set inferred from its task folders, as FedSTIL files never name one)."""
     opts = data["task_opts"]
-    if opts["dataset"] is None:
+    inferred = opts["dataset"] is None
+    if inferred:
         opts["dataset"] = infer_dataset(data, model)
     dataset = _describe(vocabulary, "datasets", opts["dataset"], "task_opts.dataset", config_dir)
     if dataset is None:
-        return
+        return False
     opts["dataset_opts"] = _options(opts["dataset_opts"], dataset, "task_opts.dataset_opts")
     if "reid" in dataset.tags and data["datasets_dir"] is None:
         raise SpecError("datasets_dir", f"expected the folder of the ReID tasks for task_opts.dataset "
@@ -159,6 +167,7 @@ def _dataset(data: dict[str, Any], vocabulary: Vocabulary, model: Plugin | None,
         if data["model_opts"].get("num_classes") is None:
             raise SpecError("model_opts.num_classes", f"expected the number of training identities for "
                                                       f"task_opts.dataset {opts['dataset']}, found none")
+    return inferred and "reid" in dataset.tags
 
 
 def _model_tags(vocabulary: Vocabulary, name: str) -> frozenset[str]:

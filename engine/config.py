@@ -117,7 +117,8 @@ def _schema() -> Section:
             # The options of the model, the optimizer, the scheduler and the criteria are declared by the
             # components themselves (see vocabulary.py); components.py checks them once the names are known.
             "model_opts": Field(Section({"name": Field(Str(), "mlp")}, open=True), {}),
-            "optimizer_opts": Field(Section({"name": Field(Str(), "sgd")}, open=True), {}),
+            "optimizer_opts": Field(Section({"name": Field(Str(), "sgd"), "keep_state": Field(Bool(), None)},
+                                            open=True), {}),
             "scheduler_opts": Field(Section({"name": Field(Str(), "none")}, open=True), {}),
             "criterion_opts": Field(
                 OneOf(

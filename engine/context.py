@@ -6,7 +6,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from .events import Event
 
@@ -28,6 +28,9 @@ class RunContext:
     run_id: str
     exp_name: str
     _seq: Any = field(default_factory=lambda: itertools.count(1), repr=False)
+    #: Work that goes on after the event that began it was handled (a checkpoint written while the next
+    #: round trains): the run awaits each of these before its last event, so that event sees it done.
+    settle: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
 
     def make(self, event_type: type[E], **fields: Any) -> E:
         return event_type(

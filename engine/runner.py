@@ -147,16 +147,22 @@ class Engine:
             if self._run_scope.cancelled_caught:  # the grace after a signal ran out
                 self._check_stop()
             self._run_scope = None
+            for settle in self.context.settle:
+                await settle()
         except Interrupted as exc:
+            await self._settle_quietly()
             await self._last_word(ExperimentInterrupted, round=self.round, signal=exc.signal_name,
                                   last_checkpoint=self.last_checkpoint)
-            raise
+            # Named again: a checkpoint still being written when the signal came is the one to resume from.
+            raise Interrupted(exc.signal_name, self.round, self.last_checkpoint) from None
         except RunFailed as exc:
+            await self._settle_quietly()
             cause = _format(exc.__cause__) if exc.__cause__ is not None else ""
             await self._last_word(ExperimentFailed, round=self.round, reason=str(exc), error_type="RunFailed",
                                   traceback=cause)
             raise
         except BaseException as exc:
+            await self._settle_quietly()
             await self._last_word(ExperimentFailed, round=self.round, reason=f"{type(exc).__name__}: {exc}",
                                   error_type=type(exc).__name__, traceback=_format(exc))
             raise
@@ -197,6 +203,17 @@ class Engine:
                 await self.emit(event_type, **fields)
             except OutputError:
                 pass
+
+    async def _settle_quietly(self) -> None:
+        """Let work still going on land before a failed or stopped run's last word, for at most
+        ``STOP_GRACE_S``; its own failure adds nothing to the one being reported."""
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + STOP_GRACE_S
+            for settle in self.context.settle:
+                try:
+                    await settle()
+                except Exception:
+                    pass
 
     def _checkpointed(self, ev: CheckpointSaved) -> None:
         self.last_checkpoint = ev.round

@@ -75,7 +75,8 @@ def _number(opts: Mapping[str, Any], key: str, where: str, *, positive: bool = T
 
 
 def _user_options(opts: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in opts.items() if key != "name"}
+    # ``keep_state`` is fedevents' own (whether the optimizer's state outlives a round), not the class's.
+    return {key: value for key, value in opts.items() if key not in ("name", "keep_state")}
 
 _log = structlog.get_logger("fedevents.federated")
 

@@ -85,6 +85,8 @@ class Worker:
         self._batch_size = int(task_opts["batch_size"])
         self._model_opts = dict(config["model_opts"])
         self._optimizer_opts = dict(config["optimizer_opts"])
+        # False: FedSTIL's rule, each round starts with a fresh optimizer (no moments, the configured lr).
+        self._keep_state = bool(self._optimizer_opts.get("keep_state", True))
         self._scheduler_opts = dict(config["scheduler_opts"])
         self._criterion = build_loss(config["criterion_opts"], self._model_opts.get("num_classes"))
         # Building a model costs more than training a small one for a round, so each thread keeps one per
@@ -138,7 +140,8 @@ class Worker:
         )
         self._method.finish(rnd)
         samples = int(y.shape[0])
-        state = _snapshot(model, optimizer, scheduler, previous, samples, to_cpu(rnd.memory, clone=False), job.task)
+        kept = optimizer if self._keep_state else None
+        state = _snapshot(model, kept, scheduler, previous, samples, to_cpu(rnd.memory, clone=False), job.task)
         return TrainOutcome(samples=samples, metrics={"tr_acc": scores.acc, "tr_loss": scores.loss}, state=state)
 
     def validate(self, job: ValJob) -> dict[str, ValResult]:
@@ -169,12 +172,13 @@ class Worker:
     ) -> tuple[torch.optim.Optimizer, LRScheduler | None]:
         optimizer = build_optimizer(self._optimizer_opts, [p for p in model.parameters() if p.requires_grad])
         scheduler = build_scheduler(self._scheduler_opts, optimizer)
-        if previous is not None:
+        if previous is not None and previous.optimizer:
             # Cloned on the CPU: the optimizer updates its state in place (Adam's step counter stays on the CPU
             # and is not copied by load_state_dict), and the stored state must not change.
             optimizer.load_state_dict(to_cpu(previous.optimizer, clone=True))
-            if scheduler is not None and previous.scheduler is not None:
-                scheduler.load_state_dict(copy.deepcopy(previous.scheduler))
+        if previous is not None and scheduler is not None and previous.scheduler is not None:
+            # Without a kept optimizer the schedule still runs on while the lr starts where configured (FedSTIL).
+            scheduler.load_state_dict(copy.deepcopy(previous.scheduler))
         return optimizer, scheduler
 
 
@@ -199,7 +203,7 @@ def model_output(out: Any) -> ModelOutput:
 
 def _snapshot(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: LRScheduler | None,
     previous: ClientState | None,
     samples: int,
@@ -211,8 +215,9 @@ def _snapshot(
         task=task,
         # A copy even on the CPU: the thread's model trains on, the stored state must not change.
         model=to_cpu(model.state_dict(), clone=True),
-        # The optimizer is thrown away after this call, so its tensors need no copy.
-        optimizer=to_cpu(optimizer.state_dict(), clone=False),
+        # The optimizer is thrown away after this call, so its tensors need no copy; none is kept when the
+        # next round starts afresh (optimizer_opts.keep_state: false).
+        optimizer={} if optimizer is None else to_cpu(optimizer.state_dict(), clone=False),
         scheduler=None if scheduler is None else scheduler.state_dict(),
         rounds_trained=(0 if previous is None else previous.rounds_trained) + 1,
         samples=samples,

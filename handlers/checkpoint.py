@@ -12,6 +12,14 @@ or unchanged since the last checkpoint (the state of a client that did not train
 is written to a temporary file, flushed to disk and renamed, packs before their manifest, so a crash while
 writing leaves the previous checkpoint as it was. Only plain data and tensors are stored and they are read
 with ``torch.load(..., weights_only=True)``: loading a checkpoint can never run code.
+
+A client's trained weight is stored as its bitwise difference from the global model's weight of the same
+name, compressed (``tensorcodec``), wherever that saves bytes; loading gives back the very same bits.
+
+Writing overlaps the next round: at a round's end the checkpoint's content is taken (references to the
+state's tensors, which are never changed in place, and copies of everything else), and a worker thread
+writes it while the next round trains. The next round's end (or the run's end) waits for that write and
+announces it (CheckpointSaved) before taking another, so two checkpoints never interleave.
 """
 
 from __future__ import annotations
@@ -20,11 +28,12 @@ import copy
 import os
 import pickle
 import re
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import anyio
 import torch
@@ -44,13 +53,16 @@ from fedevents.federated.fingerprint import describe_change
 
 from .atomic import write_atomic
 from .logsink import SINK_PRIORITY
-from .objects import TensorKeys, join, references, split
+from .objects import REF, TensorKeys, join, references, split
+from .tensorcodec import decode, encode
 
 __all__ = ["Checkpointer", "Checkpoint", "find_latest", "find_run", "load_checkpoint", "check_data", "check_resumable",
            "SAFE_TO_CHANGE"]
 
 FORMAT = "fedevents-checkpoint"
-VERSION = 2
+VERSION = 3
+#: Versions this code reads: 2 is 3 without encoded tensors.
+READABLE = (2, 3)
 PACKS = "packs"
 _FILE = re.compile(r"^round-(\d{6})\.pt$")
 
@@ -95,6 +107,8 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     #: The bytes of the tensors in each pack it uses, by pack file name.
     packs: dict[str, int] = field(default_factory=dict)
+    #: How each encoded tensor is stored (``tensorcodec``), by key; the others are stored as they are.
+    encoded: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Checkpointer:
@@ -103,11 +117,13 @@ class Checkpointer:
     ``components`` maps a name to anything with ``state_dict()`` whose state travels with the checkpoint (the
     recorder's, so a resumed record holds every round). ``data`` is the fingerprint of the data trained on.
     ``resume`` is the checkpoint a resumed run continues from: its stored tensors are reused, not rewritten.
+    ``overlap`` False writes each checkpoint before the next round starts (for measuring what overlap saves).
     """
 
     def __init__(self, config: ExperimentConfig, federation: Any, bus: EventBus, context: RunContext, *,
                  participations: Mapping[str, int] | None = None, components: Mapping[str, Any] | None = None,
-                 data: Mapping[str, Any] | None = None, resume: Checkpoint | None = None) -> None:
+                 data: Mapping[str, Any] | None = None, resume: Checkpoint | None = None,
+                 overlap: bool = True) -> None:
         self.config = config
         self.federation = federation
         self.bus = bus
@@ -118,6 +134,9 @@ class Checkpointer:
         self.participations: dict[str, int] = dict(participations or {})
         self.components = dict(components or {})
         self.data = dict(data or {})
+        self.overlap = overlap
+        self._pending: _Write | None = None  # the checkpoint being written while the next round trains
+        self._encoded: dict[str, dict[str, Any]] = {}  # the newest checkpoint's encoded tensors: key -> how
         self._keys = TensorKeys()
         self._objects: dict[str, str] = {}  # the newest checkpoint's tensors: key -> pack
         self._sizes: dict[str, int] = {}  # the newest checkpoint's tensors: key -> bytes
@@ -132,8 +151,11 @@ class Checkpointer:
                 self._sizes[key] = _nbytes(tensor)
             self._objects = dict(resume.objects)
             self._pack_bytes = dict(resume.packs)
+            self._encoded = dict(resume.encoded)
 
     def subscribe(self, bus: EventBus) -> list[Subscription]:
+        # The run waits for the write in progress before its last event, however it ends.
+        self.context.settle.append(self.flush)
         return [
             bus.subscribe(ClientDispatched, self._count, priority=SINK_PRIORITY + 1),
             # Lowest priority: the record and logs of the round are written before its checkpoint.
@@ -145,6 +167,9 @@ class Checkpointer:
         self.participations[ev.client] = self.participations.get(ev.client, 0) + 1
 
     async def save(self, ev: RoundFinished) -> None:
+        """Announce the checkpoint written during this round, then take this round's if due and write it in
+        the background (or at once, without ``overlap``)."""
+        await self.flush()
         if not due(ev.round, self.interval, self.config.rounds):
             return
         payload = {
@@ -160,49 +185,80 @@ class Checkpointer:
             "components": {name: copy.deepcopy(c.state_dict()) for name, c in self.components.items()},
         }
         began = time.monotonic()
-        path, nbytes = await anyio.to_thread.run_sync(self._write, payload, ev.round)
-        await self.bus.emit(self.context.make(CheckpointSaved, round=ev.round, path=str(path),
-                                              nbytes=nbytes, seconds=time.monotonic() - began))
+        # Taken in a thread (a spilled client is read back from disk), while the run waits.
+        content = await anyio.to_thread.run_sync(self._take, payload)
+        self._pending = _Write(lambda: self._write(content, ev.round), ev.round, began)
+        if not self.overlap:
+            await self.flush()
 
-    def _finished(self, ev: ExperimentFinished) -> None:
+    async def flush(self) -> None:
+        """Wait for the checkpoint being written, if any, and announce it (CheckpointSaved); a write that
+        failed raises its RunFailed here."""
+        pending = self._pending
+        if pending is None:
+            return
+        try:
+            path, nbytes = await pending.wait()
+        except anyio.get_cancelled_exc_class():
+            raise  # the write goes on; the next flush (the run's end waits, shielded) announces it
+        except BaseException:
+            self._pending = None
+            raise
+        self._pending = None
+        await self.bus.emit(self.context.make(CheckpointSaved, round=pending.round, path=str(path),
+                                              nbytes=nbytes, seconds=pending.seconds))
+
+    async def _finished(self, ev: ExperimentFinished) -> None:
+        await self.flush()  # the run waited for it already, unless something else drove the bus
         # A finished run is only ever resumed to extend it, which needs its last checkpoint alone.
         try:
             self._prune(keep=1)
         except OSError:
             pass  # a checkpoint too many is no failure of a finished run
 
-    def _write(self, payload: dict[str, Any], rnd: int) -> tuple[Path, int]:
-        """Write the tensors no kept checkpoint holds into this round's pack, then the manifest; give the
-        manifest's path and the bytes written."""
+    def _take(self, payload: dict[str, Any]) -> _Content:
+        """This checkpoint's content: the payload with the federation's skeleton, the tensors it references
+        (with their versions, to catch a change in place while they are written) and the client generations."""
         tensors: dict[str, torch.Tensor] = {}
         payload["federation"], generations = self._state(tensors)
-        used = references(payload["federation"])
+        versions = {key: tensor._version for key, tensor in tensors.items()}
+        return _Content(payload, tensors, versions, generations, _bases(payload["federation"]))
+
+    def _write(self, content: _Content, rnd: int) -> tuple[Path, int]:
+        """Write the tensors no kept checkpoint holds into this round's pack, then the manifest; give the
+        manifest's path and the bytes written."""
+        payload, tensors, generations = content.payload, content.tensors, content.generations
+        used = self._with_bases(references(payload["federation"]))
         final = self.directory / f"round-{rnd:06d}.pt"
         pack = f"{rnd:06d}.pt"
-        sizes = {key: _nbytes(tensors[key]) if key in tensors else self._sizes[key] for key in used}
+        sizes = {key: _nbytes(tensors[key]) if key in tensors and key not in self._objects else self._sizes[key]
+                 for key in used}
         fresh = self._to_write(sizes)
+        stored, encoded = self._stored(fresh, content, final)
+        sizes.update({key: _nbytes(tensor) for key, tensor in stored.items()})
+        encoded.update({key: self._encoded[key] for key in used - fresh if key in self._encoded})
         objects = {key: pack if key in fresh else self._objects[key] for key in used}
         if fresh:
             self._pack_bytes[pack] = sum(sizes[key] for key in fresh)
         payload["objects"] = objects
+        payload["encoded"] = encoded
         payload["packs"] = {name: self._pack_bytes.get(name, 0) for name in set(objects.values())}
         written = 0
         try:
             packs = self.directory / PACKS
             packs.mkdir(parents=True, exist_ok=True)
             if fresh:
-                new = {key: self._tensor(key, tensors, final).contiguous() for key in fresh}
-                write_atomic(packs / pack, lambda f: torch.save(new, f))
+                write_atomic(packs / pack, lambda f: torch.save(stored, f))
                 written = (packs / pack).stat().st_size
                 _fsync_dir(packs)
             write_atomic(final, lambda f: torch.save(payload, f))
             written += final.stat().st_size
         except OSError as exc:
-            raise RunFailed(f"could not write checkpoint {final}: {exc.strerror or exc}; "
+            raise RunFailed(f"could not write the checkpoint of round {rnd}, {final}: {exc.strerror or exc}; "
                             f"the previous checkpoint is untouched") from exc
         _fsync_dir(self.directory)
         self._manifests[final.name] = set(objects.values())
-        self._objects, self._sizes = objects, sizes
+        self._objects, self._sizes, self._encoded = objects, sizes, encoded
         self._generations, self._clients = generations, payload["federation"]["clients"]
         self._prune(keep=self.keep)
         return final, written
@@ -224,14 +280,54 @@ class Checkpointer:
         skeleton["clients"] = {c: fresh[c] if c in fresh else self._clients[c] for c in generations}
         return skeleton, generations
 
-    def _tensor(self, key: str, tensors: Mapping[str, torch.Tensor], final: Path) -> torch.Tensor:
-        """A tensor checkpoint ``final`` writes: in hand, or (moved out of a mostly empty pack) read from it.
+    def _stored(self, fresh: set[str], content: _Content,
+                final: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+        """The tensors of ``fresh`` as this checkpoint's pack stores them, and how the encoded ones are.
+
+        A new tensor is encoded (against its base, the global model's tensor of the same name, when that is
+        in hand) where that saves bytes; a tensor moved out of an older pack is copied as it was stored.
+        """
+        stored: dict[str, torch.Tensor] = {}
+        encoded: dict[str, dict[str, Any]] = {}
+        for key in sorted(fresh):
+            if key in self._objects:
+                stored[key] = self._moved(key, final)
+                if key in self._encoded:
+                    encoded[key] = self._encoded[key]
+                continue
+            tensor = content.tensors[key]
+            if tensor._version != content.versions[key]:
+                raise RunFailed(f"could not write checkpoint {final}: a tensor of its state was changed in "
+                                f"place while it was written; the previous checkpoint is untouched")
+            base = content.bases.get(key)
+            against = content.tensors.get(base) if base is not None else None
+            if against is not None and (against.dtype != tensor.dtype or against.shape != tensor.shape):
+                against = None
+            done = encode(tensor, against)
+            if done is None:
+                stored[key] = tensor.contiguous()
+                continue
+            stored[key], encoded[key] = done
+            if against is not None:
+                encoded[key]["base"] = base
+        return stored, encoded
+
+    def _with_bases(self, keys: set[str]) -> set[str]:
+        """``keys`` and every key an encoded one among them is decoded against (a base must stay stored)."""
+        out, todo = set(keys), list(keys)
+        while todo:
+            base = self._encoded.get(todo.pop(), {}).get("base")
+            if base is not None and base not in out:
+                out.add(base)
+                todo.append(base)
+        return out
+
+    def _moved(self, key: str, final: Path) -> torch.Tensor:
+        """A tensor moved out of a mostly empty pack, as stored there.
 
         A pack is read once, memory-mapped, and kept open until it is deleted: only the pages of the tensors
         moved are ever read.
         """
-        if key in tensors:
-            return tensors[key]
         pack = self._objects[key]
         if pack not in self._opened:
             self._opened[pack] = _load_pack(final, pack, [k for k, p in self._objects.items() if p == pack])
@@ -242,7 +338,10 @@ class Checkpointer:
 
         When the packs this checkpoint would use hold more than twice the bytes it needs, the live tensors
         of the emptiest packs are written again, so that those packs can go once no kept checkpoint uses
-        them: the packs of a long run never grow past about twice what is live, and copying is rare.
+        them: the packs of a long run never grow past about twice what is live, and copying is rare. A pack
+        of which less than a quarter is still used is emptied the same way, whatever the others hold: a few
+        small tensors (a counter, an empty buffer) must not keep a pack of dead weights on disk, and moving
+        them costs at most a quarter of what it frees.
         """
         fresh = {key for key in sizes if key not in self._objects}
         live: dict[str, int] = {}
@@ -252,7 +351,7 @@ class Checkpointer:
         needed = sum(sizes.values())
         held = sum(self._pack_bytes.get(pack, 0) for pack in live) + sum(sizes[key] for key in fresh)
         for pack in sorted(live, key=lambda p: live[p] / max(self._pack_bytes.get(p, 0), 1)):
-            if held <= 2 * needed:
+            if held <= 2 * needed and 4 * live[pack] >= self._pack_bytes.get(pack, 0):
                 break
             fresh.update(key for key in sizes if self._objects.get(key) == pack)
             held += live[pack] - self._pack_bytes.get(pack, 0)
@@ -278,6 +377,62 @@ class Checkpointer:
                 path.unlink(missing_ok=True)
                 self._pack_bytes.pop(path.name, None)
                 self._opened.pop(path.name, None)
+
+
+@dataclass(frozen=True)
+class _Content:
+    """A checkpoint as taken at a round's end, ready to be written by another thread."""
+
+    payload: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    versions: dict[str, int]
+    generations: dict[str, int]
+    #: A client tensor's key -> the key of the global model's tensor of the same name.
+    bases: dict[str, str]
+
+
+class _Write:
+    """One checkpoint being written by its own thread; ``wait`` gives its outcome on the event loop."""
+
+    def __init__(self, write: Callable[[], tuple[Path, int]], rnd: int, began: float) -> None:
+        self.round, self.seconds = rnd, 0.0
+        self._began = began
+        self._outcome: tuple[Path, int] | None = None
+        self._error: BaseException | None = None
+        # Not a daemon: a process that ends normally finishes the write first.
+        self._thread = threading.Thread(target=self._run, args=(write,), name=f"checkpoint-{rnd}")
+        self._thread.start()
+
+    def _run(self, write: Callable[[], tuple[Path, int]]) -> None:
+        try:
+            self._outcome = write()
+        except BaseException as exc:  # handed to the event loop, which raises it
+            self._error = exc
+        self.seconds = time.monotonic() - self._began
+
+    async def wait(self) -> tuple[Path, int]:
+        await anyio.to_thread.run_sync(self._thread.join)
+        if self._error is not None:
+            raise self._error
+        assert self._outcome is not None
+        return self._outcome
+
+
+def _bases(skeleton: Mapping[str, Any]) -> dict[str, str]:
+    """Each client model tensor's key -> the key of the global model's tensor of the same name (when they
+    differ and the global one is not itself a client's: a base is never encoded against another)."""
+    server = skeleton.get("server", {}).get("model", {}) if isinstance(skeleton.get("server"), dict) else {}
+    glob = {name: ref[REF] for name, ref in server.items() if isinstance(ref, dict) and REF in ref} \
+        if isinstance(server, dict) else {}
+    shared = set(glob.values())
+    out: dict[str, str] = {}
+    for state in skeleton.get("clients", {}).values():
+        model = state.get("model", {}) if isinstance(state, dict) else {}
+        for name, ref in model.items():
+            key = ref.get(REF) if isinstance(ref, dict) else None
+            if key is not None and name in glob and key != glob[name] and key not in shared:
+                out[key] = glob[name]
+    return out
 
 
 def find_run(checkpoints_dir: Path, exp_name: str) -> tuple[Path, Path | None] | None:
@@ -308,6 +463,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
     tensors: dict[str, torch.Tensor] = {}
     for pack in sorted(set(objects.values())):
         tensors.update(_load_pack(path, pack, [d for d, p in objects.items() if p == pack]))
+    encoded = data.get("encoded") or {}
+    if not isinstance(encoded, dict):
+        raise CheckpointError(f"checkpoint {path}: expected a map of its encoded tensors, found "
+                              f"{type(encoded).__name__}")
+    tensors = _decoded(path, tensors, encoded)
     try:
         federation = join(data["federation"], tensors)
     except KeyError as exc:
@@ -316,14 +476,39 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path=path, run_id=data["run_id"], round=int(data["round"]), config=data["config"],
                       participations=dict(data["participations"]), federation=federation,
                       components=dict(data.get("components") or {}), data=dict(data.get("data") or {}),
-                      objects=dict(objects), tensors=tensors, packs=dict(data.get("packs") or {}))
+                      objects=dict(objects), tensors=tensors, packs=dict(data.get("packs") or {}),
+                      encoded=dict(encoded))
+
+
+def _decoded(path: Path, stored: Mapping[str, torch.Tensor],
+             encoded: Mapping[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint as they were saved: each encoded one decoded (its base first)."""
+    out = {key: tensor for key, tensor in stored.items() if key not in encoded}
+
+    def get(key: str, depth: int) -> torch.Tensor:
+        if key in out:
+            return out[key]
+        info = encoded.get(key)
+        if key not in stored or not isinstance(info, dict) or depth > len(encoded):
+            raise CheckpointError(f"checkpoint {path}: expected tensor {key} stored, found it missing or "
+                                  f"described in a loop")
+        base = info.get("base")
+        try:
+            out[key] = decode(stored[key], info, None if base is None else get(str(base), depth + 1))
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {path}: expected tensor {key} to decode, found: {exc}") from None
+        return out[key]
+
+    for key in stored:
+        get(key, 0)
+    return out
 
 
 def _load_manifest(path: Path) -> dict[str, Any]:
     data = _torch_load(path, path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: expected a fedevents checkpoint, found another file")
-    if data.get("version") != VERSION:
+    if data.get("version") not in READABLE:
         raise CheckpointError(f"checkpoint {path}: expected format version {VERSION}, found {data.get('version')!r}")
     missing = [k for k in ("run_id", "round", "config", "participations", "federation", "objects") if k not in data]
     if missing:

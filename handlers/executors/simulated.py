@@ -123,19 +123,29 @@ class SimulatedExecutor(Executor):
 
 
 class DryRunCheckpoints:
-    """Says when a real run would checkpoint (CheckpointSaved with nothing written), so the dry run's event
-    sequence equals the real run's."""
+    """Says when a real run would announce a checkpoint (CheckpointSaved with nothing written), so the dry
+    run's event sequence equals the real run's: a round's checkpoint at the end of the next round (a real
+    one is written meanwhile), the last one before the run's last event."""
 
     def __init__(self, config: Mapping[str, Any], bus: EventBus, context: RunContext) -> None:
         self.interval = config["exp_opts"]["checkpoint_interval"]
         self.rounds = config["exp_opts"]["comm_rounds"]
         self.bus, self.context = bus, context
+        self._pending: int | None = None
 
     def subscribe(self, bus: EventBus) -> list[Subscription]:
+        self.context.settle.append(self.flush)
         # Lowest priority, as the real checkpointer: after the round's record and logs.
         return [bus.subscribe(RoundFinished, self.checkpoint, work=True, priority=-1_000)]
 
     async def checkpoint(self, ev: RoundFinished) -> None:
+        await self.flush()
         if due(ev.round, self.interval, self.rounds):
-            await self.bus.emit(self.context.make(CheckpointSaved, round=ev.round, path="(dry run: not written)",
+            self._pending = ev.round
+
+    async def flush(self) -> None:
+        """Announce the checkpoint a real run would have finished writing by now, if any."""
+        rnd, self._pending = self._pending, None
+        if rnd is not None:
+            await self.bus.emit(self.context.make(CheckpointSaved, round=rnd, path="(dry run: not written)",
                                                   nbytes=0, seconds=0.0))

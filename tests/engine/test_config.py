@@ -229,3 +229,20 @@ def test_a_reid_backbone_over_fedstil_task_folders_means_reid(tmp_path: Path) ->
 def test_a_server_key_nothing_reads_is_refused(tmp_path: Path) -> None:
     assert error_of(tmp_path, {**MINIMAL, "server": {"server_nam": "s"}}).endswith(
         "server.server_nam: unknown key; did you mean 'server_name'?")
+
+
+def test_optimizer_state_is_kept_across_rounds_except_in_fedstil_files(tmp_path: Path) -> None:
+    """FedSTIL's runner empties the optimizer each round: its files (a ReID data set inferred) keep that."""
+    assert load_experiment(write(tmp_path, MINIMAL)).data["optimizer_opts"] == {
+        "name": "sgd", "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0, "keep_state": True}
+    for task in ("x", "y"):
+        (tmp_path / "data" / task / "train").mkdir(parents=True)
+    reid = {**MINIMAL, "datasets_dir": str(tmp_path / "data"), "model_opts": {"name": "resnet18", "num_classes": 4},
+            "clients": [{"client_name": "a", "tasks": ["x", "y"]}]}
+    assert load_experiment(write(tmp_path, reid)).data["optimizer_opts"]["keep_state"] is False
+    named = {**reid, "task_opts": {"dataset": "reid"}}
+    assert load_experiment(write(tmp_path, named)).data["optimizer_opts"]["keep_state"] is True
+    kept = {**reid, "optimizer_opts": {"name": "adam", "keep_state": True}}
+    assert load_experiment(write(tmp_path, kept)).data["optimizer_opts"]["keep_state"] is True
+    assert error_of(tmp_path, {**MINIMAL, "optimizer_opts": {"keep_state": "no"}}).endswith(
+        "optimizer_opts.keep_state: expected true or false, found 'no' (string)")

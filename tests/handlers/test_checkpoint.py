@@ -26,7 +26,7 @@ class FakeFederation:
     """A server and clients whose states hold a shared frozen tensor and a small trained head each."""
 
     def __init__(self) -> None:
-        backbone = torch.arange(FROZEN // 4, dtype=torch.float32)
+        backbone = torch.randn(FROZEN // 4, generator=torch.Generator().manual_seed(0))
         self.server = {"backbone": backbone, "head": torch.zeros(16)}
         self.clients: dict[str, dict[str, Any]] = {}
 
@@ -55,7 +55,9 @@ def checkpointer(tmp_path: Path, keep: int = 2) -> tuple[Checkpointer, FakeFeder
 
 
 async def save(ck: Checkpointer, context: RunContext, rnd: int) -> None:
+    """Take round ``rnd``'s checkpoint and wait until it is written."""
     await ck.save(context.make(RoundFinished, round=rnd, trained=0, failed=0, validated=0, seconds=0.0))
+    await ck.flush()
 
 
 def pack_bytes(ck: Checkpointer, rnd: int) -> int:
@@ -65,11 +67,17 @@ def pack_bytes(ck: Checkpointer, rnd: int) -> int:
 
 async def test_a_frozen_backbone_held_by_every_client_is_stored_once(tmp_path: Path) -> None:
     ck, fed, context = checkpointer(tmp_path)
+    await save(ck, context, 0)
+    alone = pack_bytes(ck, 0)  # the server's backbone (compressed a little: its exponents repeat) and head
+    assert 0.75 * FROZEN < alone < FROZEN
     for index, client in enumerate(["a", "b", "c"]):
         fed.train(client, float(index + 1))
-    await save(ck, context, 0)
-    # Four copies of the backbone (server and three clients) would be 4 MiB; one is 1 MiB and some headers.
-    assert FROZEN < pack_bytes(ck, 0) < FROZEN + 64 * 1024
+    (tmp_path / "again").mkdir()
+    again, _, context = checkpointer(tmp_path / "again")
+    again.federation = fed
+    await save(again, context, 0)
+    # Four copies of the backbone (server and three clients) would be four times as much.
+    assert alone < pack_bytes(again, 0) < alone + 64 * 1024
 
 
 async def test_only_what_changed_since_the_last_checkpoint_is_written(tmp_path: Path) -> None:
@@ -110,7 +118,7 @@ async def test_old_packs_go_with_their_checkpoints_and_a_finished_run_keeps_one(
     assert names == ["round-000002.pt", "round-000003.pt"]
     # Round 0's pack holds the backbone both kept checkpoints use; round 1's only a replaced head.
     assert sorted(p.name for p in (ck.directory / "packs").iterdir()) == ["000000.pt", "000002.pt", "000003.pt"]
-    ck._finished(context.make(ExperimentFinished, rounds=4, seconds=1.0))
+    await ck._finished(context.make(ExperimentFinished, rounds=4, seconds=1.0))
     assert sorted(p.name for p in ck.directory.glob("round-*.pt")) == ["round-000003.pt"]
     assert sorted(p.name for p in (ck.directory / "packs").iterdir()) == ["000000.pt", "000003.pt"]
     assert load_checkpoint(ck.directory / "round-000003.pt").round == 3
@@ -157,3 +165,18 @@ async def test_a_spilled_client_that_did_not_train_is_not_read_back(tmp_path: Pa
     assert exported == [["b"]]
     state = load_checkpoint(ck.directory / "round-000001.pt").federation
     assert {c: s["model"]["w"].tolist() for c, s in state["clients"].items()} == {"a": [1.0] * 4, "b": [3.0] * 4}
+
+
+async def test_a_few_small_tensors_do_not_keep_a_pack_of_dead_weights(tmp_path: Path) -> None:
+    """Regression: a step counter still in use kept a 259 MiB pack of replaced weights on disk."""
+    ck, fed, context = checkpointer(tmp_path, keep=1)
+    await save(ck, context, 0)
+    step = torch.tensor(1.0)
+    random = torch.Generator().manual_seed(1)
+    fed.clients["a"] = {"model": {"w": torch.randn(FROZEN // 4, generator=random)}, "optimizer": {"step": step}}
+    await save(ck, context, 1)
+    fed.clients["a"] = {"model": {"w": torch.randn(FROZEN // 4, generator=random)}, "optimizer": {"step": step}}
+    await save(ck, context, 2)
+    assert sorted(p.name for p in (ck.directory / "packs").iterdir()) == ["000000.pt", "000002.pt"]
+    state = load_checkpoint(ck.directory / "round-000002.pt").federation
+    assert torch.equal(state["clients"]["a"]["optimizer"]["step"], step)

@@ -33,6 +33,27 @@ class Killer:
             if self.seen == self.nth:
                 os.kill(os.getpid(), getattr(signal, self.signal))
 
+class KillDuringOverlappedWrite:
+    """Kills the process while the next round trains and `round`'s checkpoint is still being written in the
+    background: its pack is on disk, its manifest write is held until the kill."""
+    def __init__(self, round):
+        import threading
+        import fedevents.handlers.checkpoint as ck  # where checkpoint files are written
+        self.round, self.writing = round, threading.Event()
+        real = ck.write_atomic
+        def held(path, write):
+            if str(path).endswith(f"round-{round:06d}.pt"):
+                self.writing.set()
+                threading.Event().wait(60)  # the kill comes first
+            return real(path, write)
+        ck.write_atomic = held
+    def subscribe(self, bus):
+        from fedevents.engine.events import TrainStarted
+        return [bus.subscribe(TrainStarted, self)]
+    def __call__(self, ev):
+        if ev.round == self.round + 1 and self.writing.wait(60):
+            os.kill(os.getpid(), signal.SIGKILL)
+
 class FailTraining:
     """Makes every training of `client` raise, as a broken client would."""
     def __init__(self, client):

@@ -20,6 +20,7 @@ KILL_POINTS = {
     "after-record-before-checkpoint": {"target": "killer:Killer",
                                         "kwargs": {"at": "RoundFinished", "round": 5, "priority": -10}},
     "mid-checkpoint-write": {"target": "killer:KillInCheckpointRename", "kwargs": {"round": 2}},
+    "during-overlapped-write": {"target": "killer:KillDuringOverlappedWrite", "kwargs": {"round": 3}},
 }
 
 
@@ -63,7 +64,23 @@ def test_sigkill_then_resume_gives_the_uninterrupted_record(tmp_path: Path, refe
     first = evs[restart]["first_round"]
     ref = events(reference)
     start_ref = next(i for i, e in enumerate(ref) if e["event"] == "RoundStarted" and e["round"] == first)
-    assert shape(evs[restart + 1:]) == shape(ref[start_ref:])
+    # A checkpoint is announced at the end of the round after its own, once written: the uninterrupted run
+    # announces the one the resumed run started from, which the resumed run does not write again.
+    ref = [e for e in ref[start_ref:] if not (e["event"] == "CheckpointSaved" and e["round"] < first)]
+    assert shape(evs[restart + 1:]) == shape(ref)
+
+
+def test_a_kill_while_a_checkpoint_is_written_beside_the_next_round_resumes_from_the_one_before(
+        tmp_path: Path) -> None:
+    exp = experiment(tmp_path)
+    kill = KILL_POINTS["during-overlapped-write"]
+    assert fedevents("run", str(exp), "--set", f"handlers=[{json.dumps(kill)}]", cwd=tmp_path).returncode == -9
+    (run_dir,) = (tmp_path / "ckpts").iterdir()
+    assert sorted(p.name for p in run_dir.glob("round-*")) == ["round-000001.pt", "round-000002.pt"]
+    assert "000003.pt" in {p.name for p in (run_dir / "packs").iterdir()}  # written, but no manifest uses it
+    resumed = fedevents("run", str(exp), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "after round 2 from" in resumed.stderr
 
 
 def test_no_temporary_checkpoint_is_ever_loaded(tmp_path: Path) -> None:
@@ -103,7 +120,8 @@ def test_resume_refuses_a_changed_config_and_allows_more_rounds(tmp_path: Path) 
 
 def test_retention_keeps_the_last_k_checkpoints_and_a_finished_run_only_its_last(tmp_path: Path) -> None:
     exp = experiment(tmp_path, checkpoint_keep=2, checkpoint_interval=2)
-    kill = {"target": "killer:Killer", "kwargs": {"at": "RoundStarted", "round": 7}}
+    # Killed once round 6's checkpoint is announced (written), at the end of round 7, before round 7's.
+    kill = {"target": "killer:Killer", "kwargs": {"at": "CheckpointSaved", "round": 6}}
     assert fedevents("run", str(exp), "--set", f"handlers=[{json.dumps(kill)}]", cwd=tmp_path).returncode == -9
     (run_dir,) = (tmp_path / "ckpts").iterdir()
     assert sorted(p.name for p in run_dir.glob("round-*")) == ["round-000004.pt", "round-000006.pt"]
