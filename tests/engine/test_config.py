@@ -99,7 +99,7 @@ def test_a_hundred_thousand_clients_from_the_compact_form(tmp_path: Path) -> Non
         ({"task_opts": {"dataset": "reid"}}, "datasets_dir: expected the folder of the ReID tasks for task_opts.dataset reid, found none"),
         ({"criterion_opts": [{"name": "triplet", "margn": 0.3}]}, "criterion_opts[0].margn: unknown key; did you mean 'margin'?"),
         ({"criterion_opts": []}, "criterion_opts: expected a list of at least 1 items"),
-        ({"task_opts": {"map_mode": "first_match"}}, "task_opts.map_mode: expected one of first-match, standard, found 'first_match' (string); did you mean 'first-match'?"),
+        ({"task_opts": {"map_mode": "first_match"}}, "task_opts.map_mode: expected one of fedstil-runner, first-match, standard, found 'first_match' (string); did you mean 'first-match'?"),
     ],
 )
 def test_bad_values_give_one_line_naming_file_and_key(tmp_path: Path, change: dict, expected: str) -> None:
@@ -229,3 +229,21 @@ def test_a_reid_backbone_over_fedstil_task_folders_means_reid(tmp_path: Path) ->
 def test_a_server_key_nothing_reads_is_refused(tmp_path: Path) -> None:
     assert error_of(tmp_path, {**MINIMAL, "server": {"server_nam": "s"}}).endswith(
         "server.server_nam: unknown key; did you mean 'server_name'?")
+
+
+@pytest.mark.parametrize(
+    ("given", "map_mode", "gamma"),
+    [
+        ({}, "standard", 0.5),
+        ({"exp_opts": {"legacy": True}}, "fedstil-runner", 0.1),
+        # What the file says wins over what legacy implies.
+        ({"exp_opts": {"legacy": True}, "task_opts": {"map_mode": "standard"},
+          "scheduler_opts": {"name": "step_lr", "gamma": 0.5}}, "standard", 0.5),
+    ],
+)
+def test_legacy_implies_the_runners_map_and_step_lr_gamma_where_the_file_is_silent(
+        tmp_path: Path, given: dict, map_mode: str, gamma: float) -> None:
+    data = {**MINIMAL, "scheduler_opts": {"name": "step_lr"}, **given}
+    cfg = load_experiment(write(tmp_path, data))
+    assert cfg.data["task_opts"]["map_mode"] == map_mode
+    assert cfg.data["scheduler_opts"]["gamma"] == gamma
