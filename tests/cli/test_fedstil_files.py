@@ -93,3 +93,22 @@ def test_a_fedstil_file_runs_unchanged(request: pytest.FixtureRequest, tmp_path:
         scored = record["data"][client]["2"]
         assert set(scored) == {f"{client}-task-0", f"{client}-task-1"}
         assert all(set(m) >= METRICS for m in scored.values())
+
+
+def test_a_fedstil_file_runs_as_the_original_runner_did_under_legacy(data: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    logs = tmp_path / "logs"
+    status = main(["run", str(FOLDER / "fedstil.yaml"), "--common", str(FOLDER / "common.yaml"),
+                   "--set", f"datasets_dir={data}", "--set", f"checkpoints_dir={tmp_path / 'ckpts'}",
+                   "--set", "exp_opts.legacy=true", "--device", "cpu", "--logs-dir", str(logs)])
+    assert status == 0, capsys.readouterr().err
+    (record_path,) = (p for p in logs.glob("fedstil-*.json") if not p.name.endswith(".trace.json"))
+    record = json.loads(record_path.read_text())
+    # The runner's mAP and torch's StepLR gamma, which the file does not set.
+    assert record["config"]["task_opts"]["map_mode"] == "fedstil-runner"
+    assert record["config"]["scheduler_opts"] == {"name": "step_lr", "step_size": 5, "gamma": 0.1}
+    # A query's runner AP is 1 when its first match is at rank 1, else 1 / (2 * rank) <= 1/4: so mAP lies
+    # between the rank-1 fraction and that plus a quarter of the rest (a true mAP can fall below rank-1).
+    for scores in (s for client in ("client-0", "client-1") for s in record["data"][client]["2"].values()):
+        rank_1 = scores["val_rank_1"]
+        assert rank_1 <= scores["val_map"] <= rank_1 + (1 - rank_1) / 4 + 1e-12

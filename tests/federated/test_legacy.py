@@ -5,16 +5,22 @@ Each test pins one behaviour with numbers worked out by hand from FEDSTIL.md's d
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from fedevents.federated.backbones import build_reid_model
 from fedevents.federated.federation import Federation
 from fedevents.federated.methods import LocalRound, ModelOutput, build_method
 from fedevents.federated.methods.adaptive import adaptive_layers
+from fedevents.federated.reid_data import load_image_set
 from fedevents.federated.reid_metrics import reid_scores
+from fedevents.federated.seeds import generator
+from fedevents.federated.synth_reid import generate_synth_reid
+from fedevents.federated.tasks import ReidTasks
 from fedevents.federated.training import EarlyStop, train_local
 
 def _runner_map(positives: list[int]) -> float:
@@ -139,3 +145,27 @@ def test_under_legacy_fedstil_trains_its_anchors_under_the_same_state_names() ->
         layer.A.add_(1.0)
     layer.drift().backward()
     assert torch.equal(layer.A0.grad, -torch.ones_like(layer.A0))
+
+
+def test_under_legacy_reid_scoring_ranks_pre_neck_features_by_cosine_with_no_camera_rule(tmp_path: Path) -> None:
+    generate_synth_reid(tmp_path, clients=1, tasks=1, ids_per_task=4, images_per_id=4, cameras=2, img_size=(32, 16))
+    opts = {"augment_opts": {"level": "none", "img_size": [32, 16], "norm_mean": [0.5] * 3, "norm_std": [0.25] * 3},
+            "map_mode": "fedstil-runner"}
+    task = "client-0-task-0"
+    model = build_reid_model({"name": "resnet18", "num_classes": 8, "width": 4}, generator=generator(0, "legacy"))
+    runner = ReidTasks(opts, str(tmp_path), [task], 8, legacy=True)
+    _, scores = runner.score(model, "client-0", task, torch.device("cpu"))
+    # By hand: the pooled feature before the BN neck, cosine distance, every camera unknown (no junk).
+    sets = [load_image_set(runner.tasks[task], split, runner.augment_opts, cache=None, decoder=runner.decoder)
+            for split in ("query", "gallery")]
+    model.eval()
+    with torch.no_grad():
+        query, gallery = (model.pool(model.base(runner.augment_opts.normalise(s.pixels))).flatten(1) for s in sets)
+    unknown = [[-1] * len(s.pids) for s in sets]
+    expected = reid_scores(query, sets[0].pids, unknown[0], gallery, sets[1].pids, unknown[1],
+                           map_mode="fedstil-runner", metric="cosine")
+    assert scores == {f"val_{key}": value for key, value in expected.items()}
+    # fedevents' own scoring differs here: the camera rule leaves each query one fewer match.
+    _, own = ReidTasks({**opts, "map_mode": "standard"}, str(tmp_path), [task], 8).score(model, "client-0", task,
+                                                                                          torch.device("cpu"))
+    assert own != scores
