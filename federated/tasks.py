@@ -112,7 +112,8 @@ class ReidTasks(TaskSource):
         # Read defensively: configs from before task_opts.loader_opts existed have no such key.
         self.decoder = ImageDecoder(LoaderOpts.from_dict(opts.get("loader_opts") or {}))
         # "standard" is the Market-1501 mAP over every correct match; reid_metrics calls it "true".
-        mode = opts.get("map_mode") or "standard"
+        # The config loader resolves an unset mode; a config built by hand may leave it None.
+        mode = opts.get("map_mode") or ("fedstil-runner" if legacy else "standard")
         self.map_mode = "true" if mode == "standard" else mode
         self.tasks = {name: load_reid_task(datasets_dir, name) for name in sorted(set(tasks))}
         self.offsets: dict[str, int] = {}

@@ -143,9 +143,10 @@ class Worker:
             augment=rnd.augment, augment_generator=generator(*ids, "augment"), patience=self._patience,
         )
         self._method.finish(rnd)
-        # Under legacy the runner's train_cnt: samples times the epochs its early stop counted.
-        samples = scores.samples if self._method.legacy else int(y.shape[0])
-        state = _snapshot(model, optimizer, scheduler, previous, samples, to_cpu(rnd.memory, clone=False), job.task)
+        samples = int(y.shape[0])
+        # The upload's weight; under legacy the runner's train_cnt, samples times the epochs its early stop counted.
+        weight = scores.samples if self._method.legacy else samples
+        state = _snapshot(model, optimizer, scheduler, previous, weight, to_cpu(rnd.memory, clone=False), job.task)
         return TrainOutcome(samples=samples, metrics={"tr_acc": scores.acc, "tr_loss": scores.loss}, state=state)
 
     def validate(self, job: ValJob) -> dict[str, ValResult]:
@@ -186,7 +187,9 @@ class Worker:
             return optimizer, self._runner_schedule(optimizer, scheduler)
         return optimizer, scheduler
 
-    def _runner_schedule(self, optimizer: torch.optim.Optimizer, scheduler: LRScheduler | None) -> LRScheduler | None:
+    def _runner_schedule(
+        self, optimizer: torch.optim.Optimizer, scheduler: LRScheduler | None
+    ) -> LRScheduler | None:
         """FedSTIL's runner's schedule: each round starts at the configured learning rate while the scheduler
         keeps counting the client's epochs (StepLR's decay then reaches only the epochs of a round after a
         multiple of ``step_size``); for methods whose optimizer it rebuilt every epoch, no schedule at all."""

@@ -40,7 +40,9 @@ CATALOGUE = Catalogue(
 )
 
 
-def build_method(name: str, options: Mapping[str, Any] | None = None, *, seed: int = 0, legacy: bool = False) -> Method:
+def build_method(
+    name: str, options: Mapping[str, Any] | None = None, *, seed: int = 0, legacy: bool = False
+) -> Method:
     """The method ``exp_method`` names, built with ``method_opts``, the experiment's seed and
     ``exp_opts.legacy`` (FedSTIL's runner's behaviour, docs/fedstil.md); a ValueError names a bad option.
 

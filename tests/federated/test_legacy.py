@@ -90,6 +90,17 @@ def test_under_legacy_each_round_restarts_the_learning_rate_while_step_lr_keeps_
     assert seen == pytest.approx(lrs)
 
 
+@pytest.mark.parametrize(("legacy", "epochs_counted"), [(False, 1), (True, 3)])
+def test_under_legacy_the_upload_weighs_the_samples_of_every_counted_epoch(
+        fed_config: dict[str, Any], quiet_logs: None, legacy: bool, epochs_counted: int) -> None:
+    fed = _fed(fed_config, legacy)
+    result = fed.train(client="a", task="t0", round=1, device="cpu", state="integrated")
+    # The runner's train_cnt: the data set times the 3 epochs run (none stopped early here); the training
+    # event still names the data set's size.
+    assert fed.upload(client="a", round=1).samples == epochs_counted * result.samples
+    assert result.samples == fed.store.get("a").samples // epochs_counted
+
+
 def test_under_legacy_a_method_whose_optimizer_the_runner_rebuilt_every_epoch_has_no_schedule() -> None:
     assert build_method("fedavg").runner_schedules_lr
     assert not any(build_method(name).runner_schedules_lr for name in ("icarl", "fedweit", "fedstil", "fedstil-atten"))
