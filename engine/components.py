@@ -40,8 +40,8 @@ def check_components(data: dict[str, Any], vocabulary: Vocabulary, config_dir: P
         if plugin is not None:
             data[key] = _options(data[key], plugin, key, extra=ENGINE_OPTIONS[key])
     if data["optimizer_opts"].get("keep_state") is None:
-        # FedSTIL's runner empties the optimizer after each round; its files keep that meaning.
-        data["optimizer_opts"]["keep_state"] = not fedstil_format
+        # FedSTIL's runner empties the optimizer after each round; its files, and exp_opts.legacy, keep that.
+        data["optimizer_opts"]["keep_state"] = not (fedstil_format or data["exp_opts"].get("legacy"))
     criteria = data["criterion_opts"]
     if isinstance(criteria, list):
         data["criterion_opts"] = [_criterion(c, vocabulary, f"criterion_opts[{i}]", config_dir)

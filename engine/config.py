@@ -110,6 +110,8 @@ def _schema() -> Section:
                         "checkpoint_keep": Field(Int(min=1), 2),
                         "clients_in_memory": Field(Int(min=1), 256),
                         "torch_threads": Field(Int(min=1), 1),
+                        # FedSTIL's runner's behaviour where fedevents' fixes change results (docs/fedstil.md).
+                        "legacy": Field(Bool(), False),
                     }
                 ),
                 {},
@@ -134,7 +136,9 @@ def _schema() -> Section:
                         "dataset": Field(Str(nullable=True), None),
                         # A user data set's options, declared by the data set (components.py checks them).
                         "dataset_opts": Field(AnyMapping(), {}),
-                        "map_mode": Field(Str(choices=("standard", "first-match")), "standard"),
+                        # None: "standard", or "fedstil-runner" under exp_opts.legacy (see _legacy_defaults).
+                        "map_mode": Field(Str(choices=("standard", "first-match", "fedstil-runner"), nullable=True),
+                                          None),
                         "augment_opts": Field(
                             Section(
                                 {
@@ -513,6 +517,18 @@ def _cross_check(data: dict[str, Any], clients: ClientSet) -> None:
         if problem:
             raise SpecError(key, f"expected a writable directory, found {problem}")
     _one_batch_size(data["task_opts"])
+    _legacy_defaults(data)
+
+
+def _legacy_defaults(data: dict[str, Any]) -> None:
+    """Settings ``exp_opts.legacy`` changes where the file leaves them unsaid: the FedSTIL runner's mAP and
+    torch's StepLR ``gamma`` of 0.1 (fedevents' own default is 0.5). A value the file gives wins."""
+    legacy = data["exp_opts"]["legacy"]
+    if data["task_opts"]["map_mode"] is None:
+        data["task_opts"]["map_mode"] = "fedstil-runner" if legacy else "standard"
+    scheduler = data["scheduler_opts"]
+    if legacy and scheduler.get("name") == "step_lr" and "gamma" not in scheduler:
+        scheduler["gamma"] = 0.1
 
 
 def _one_batch_size(opts: dict[str, Any]) -> None:

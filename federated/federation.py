@@ -76,7 +76,8 @@ class Federation:
         #: torch's intra-op threads for the driver's own torch work (payloads, commits, aggregation), as the
         #: workers use for theirs: a reduction split over another number of threads changes its last bits.
         self.threads = int((config.get("exp_opts") or {}).get("torch_threads", 1))
-        self._method = build_method(config["exp_method"], config.get("method_opts") or {}, seed=seed)
+        self._method = build_method(config["exp_method"], config.get("method_opts") or {}, seed=seed,
+                                    legacy=bool((config.get("exp_opts") or {}).get("legacy")))
         self._worker: Worker | None = None
         self._worker_lock = threading.Lock()
         self._tasks = tasks = build_task_source(config, seed)

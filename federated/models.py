@@ -32,8 +32,14 @@ REID_OPTIONS: dict[str, Any] = {"num_classes": None, "last_stride": 1, "neck": "
 def _entries() -> dict[str, Component]:
     small = {name: Component(name, options, tags=frozenset({"small"})) for name, options in SMALL_MODELS.items()}
     # Read when asked: backbones.REID_MODELS may gain names after this module is imported.
-    reid = {name: Component(name, REID_OPTIONS, tags=frozenset({"reid"})) for name in backbones.REID_MODELS}
+    reid = {name: Component(name, {**REID_OPTIONS, "width": _default_width(name)}, tags=frozenset({"reid"}))
+            for name in backbones.REID_MODELS}
     return {**small, **reid}
+
+
+def _default_width(name: str) -> int:
+    """The published width of a ReID backbone: a Swin layout's embedding width (96 for tiny), a ResNet's 64."""
+    return backbones.SWIN_LAYOUTS[name][0] if name in backbones.SWIN_LAYOUTS else REID_OPTIONS["width"]
 
 
 #: What the data set gives a user model's constructor; an option of that name would hide it.

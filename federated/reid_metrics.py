@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 __all__ = ["MAP_MODES", "METRICS", "reid_scores"]
 
-MAP_MODES = ("true", "first-match")
+MAP_MODES = ("true", "first-match", "fedstil-runner")
 METRICS = ("euclidean", "cosine")
 
 # Queries are ranked in chunks so the [queries, gallery] index tensors stay near this many entries.
@@ -42,6 +42,8 @@ def reid_scores(
     k-th correct match at rank r_k, AP = mean_k(k / r_k). ``map_mode="first-match"`` counts only the first
     correct match (AP = 1 / its rank), which is what an older runner reported as mAP; use it only to compare
     with numbers published from that runner, as it overstates mAP whenever a person has several matches.
+    ``map_mode="fedstil-runner"`` is FedSTIL's runner's value exactly: its trapezoid AP taken over the first
+    correct match only, 1 at rank 1 and 1 / (2 * rank) below.
 
     A rank beyond the gallery's size is the fraction of scored queries with any match, i.e. 1.0.
     Raises ``ValueError`` when shapes disagree or when no query has a correct match left.
@@ -95,6 +97,10 @@ def _rank_chunk(
     if map_mode == "first-match":
         ap = torch.where(first > 0, 1.0 / first.clamp(min=1).double(), 0.0)
         return first, ap
+    if map_mode == "fedstil-runner":
+        # The runner's trapezoid AP looped over one "positive" (FEDSTIL.md B18): 1 at rank 1, else 1 / (2 rank).
+        ap = torch.where(first == 1, 1.0, 0.5 / first.clamp(min=1).double())
+        return first, torch.where(first > 0, ap, 0.0)
     hits = torch.cumsum(good, dim=1)
     precision = torch.where(good, hits.double() / position.clamp(min=1).double(), 0.0)
     ap = precision.sum(dim=1) / hits[:, -1].clamp(min=1).double()

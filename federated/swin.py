@@ -42,6 +42,13 @@ SWIN_DERIVED_KEYS = ("relative_position_index", "attn_mask", "head.weight", "hea
 @lru_cache(maxsize=None)
 def _relative_index(window: int) -> torch.Tensor:
     """Map each (query, key) pair of a window to its row in the relative-position bias table."""
+    # Cached for the process: made outside inference mode even when first asked for in validation, or
+    # training could not index with it (an inference tensor cannot be saved for backward).
+    with torch.inference_mode(False):
+        return _relative_index_of(window)
+
+
+def _relative_index_of(window: int) -> torch.Tensor:
     coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
     delta = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # [N, N, 2], from 0
     return delta[..., 0] * (2 * window - 1) + delta[..., 1]
@@ -50,6 +57,11 @@ def _relative_index(window: int) -> torch.Tensor:
 @lru_cache(maxsize=None)
 def _shift_mask(size: int, window: int, shift: int) -> torch.Tensor:
     """Give the additive mask [windows, N, N] that keeps shifted windows from mixing regions that were not adjacent."""
+    with torch.inference_mode(False):  # cached, as _relative_index
+        return _shift_mask_of(size, window, shift)
+
+
+def _shift_mask_of(size: int, window: int, shift: int) -> torch.Tensor:
     region = torch.zeros(size, size)
     bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     for label, (rows, cols) in enumerate((r, c) for r in bounds for c in bounds):
@@ -74,7 +86,7 @@ def _merge(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Cut the image into 4x4 patches and embed each one: [B, 3, 224, 224] -> [B, 56, 56, C]."""
+    """Resize images to 224x224, cut them into 4x4 patches and embed each one: [B, 3, H, W] -> [B, 56, 56, C]."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -82,6 +94,9 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Here, not in the trunk: FedSTIL traces the trunk with FX, which cannot branch on a traced shape.
+        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
@@ -199,7 +214,5 @@ class SwinTrunk(nn.Module):
         self.norm = nn.LayerNorm(self.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
         # Channels first on the way out, so the ReID head pools it exactly as it pools a ResNet's map.
         return self.norm(self.layers(self.patch_embed(x))).permute(0, 3, 1, 2)

@@ -107,12 +107,17 @@ class SyntheticTasks(TaskSource):
 class ReidTasks(TaskSource):
     """Person re-identification tasks read from disk, each decoded once and cached."""
 
-    def __init__(self, opts: Mapping[str, Any], datasets_dir: str, tasks: Sequence[str], num_classes: int) -> None:
+    def __init__(self, opts: Mapping[str, Any], datasets_dir: str, tasks: Sequence[str], num_classes: int,
+                 *, legacy: bool = False) -> None:
+        #: exp_opts.legacy: score as FedSTIL's runner did (see ``_features`` and ``score``).
+        self.legacy = legacy
         self.augment_opts = AugmentOpts.from_dict(opts["augment_opts"])
         # Read defensively: configs from before task_opts.loader_opts existed have no such key.
         self.decoder = ImageDecoder(LoaderOpts.from_dict(opts.get("loader_opts") or {}))
         # "standard" is the Market-1501 mAP over every correct match; reid_metrics calls it "true".
-        self.map_mode = "true" if opts.get("map_mode", "standard") == "standard" else opts["map_mode"]
+        # The config loader resolves an unset mode; a config built by hand may leave it None.
+        mode = opts.get("map_mode") or ("fedstil-runner" if legacy else "standard")
+        self.map_mode = "true" if mode == "standard" else mode
         self.tasks = {name: load_reid_task(datasets_dir, name) for name in sorted(set(tasks))}
         self.offsets: dict[str, int] = {}
         total = 0
@@ -155,13 +160,30 @@ class ReidTasks(TaskSource):
     def score(self, model: nn.Module, client: str, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
         query = load_image_set(self.tasks[task], "query", self.augment_opts, cache=IMAGE_CACHE, decoder=self.decoder)
         gallery = load_image_set(self.tasks[task], "gallery", self.augment_opts, cache=IMAGE_CACHE, decoder=self.decoder)
-        model.eval()
-        with torch.inference_mode():
-            q = torch.cat([model(self.augment_opts.normalise(b.to(device))) for b in query.pixels.split(256)])
-            g = torch.cat([model(self.augment_opts.normalise(b.to(device))) for b in gallery.pixels.split(256)])
-        scores = reid_scores(q, query.pids, query.camids, g, gallery.pids, gallery.camids, map_mode=self.map_mode)
+        q, g = self._features(model, query.pixels, device), self._features(model, gallery.pixels, device)
+        qc, gc = torch.as_tensor(query.camids), torch.as_tensor(gallery.camids)
+        if self.legacy:
+            # The runner passed no cameras (a same-camera match counted as a hit) and ranked by cosine.
+            qc, gc = torch.full_like(qc, -1), torch.full_like(gc, -1)
+        scores = reid_scores(q, query.pids, qc, g, gallery.pids, gc, map_mode=self.map_mode,
+                             metric="cosine" if self.legacy else "euclidean")
         metrics = {f"val_{key}": value for key, value in scores.items()}
         return len(query), metrics
+
+    def _features(self, model: nn.Module, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The retrieval features of ``pixels``: the eval-mode embedding, or under legacy the runner's pooled
+        feature before the neck (the neck's input)."""
+        caught: list[torch.Tensor] = []
+        neck = getattr(model, "bottleneck", None) if self.legacy else None
+        handle = None if neck is None else neck.register_forward_pre_hook(lambda _, args: caught.append(args[0]))
+        model.eval()
+        try:
+            with torch.inference_mode():
+                out = [model(self.augment_opts.normalise(b.to(device))) for b in pixels.split(256)]
+        finally:
+            if handle is not None:
+                handle.remove()
+        return torch.cat(caught if handle is not None else out)
 
     def score_global(self, model: nn.Module, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
         # A ReID task's query and gallery are the task's, not a client's: the server scores on the same ones.
@@ -183,7 +205,8 @@ def build_task_source(config: Mapping[str, Any], seed: int) -> TaskSource:
         num_classes = config["model_opts"].get("num_classes")
         if not num_classes:
             raise ValueError("model_opts.num_classes: expected the number of training identities for a ReID model, found none")
-        return ReidTasks(opts, config["datasets_dir"], all_tasks(config["clients"]), num_classes)
+        return ReidTasks(opts, config["datasets_dir"], all_tasks(config["clients"]), num_classes,
+                         legacy=bool(config.get("exp_opts", {}).get("legacy")))
     raise ValueError(f"task_opts.dataset: expected one of {', '.join(DATASETS)}, found {opts['dataset']!r}")
 
 

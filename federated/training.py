@@ -28,6 +28,7 @@ __all__ = [
     "Scores",
     "build_optimizer",
     "build_scheduler",
+    "EarlyStop",
     "build_criterion",
     "train_local",
     "evaluate",
@@ -160,8 +161,14 @@ def train_local(
     batch_loss: BatchLoss | None = None,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     augment_generator: torch.Generator | None = None,
+    patience: int | None = None,
 ) -> Scores:
     """Train ``model`` for ``epochs`` passes over ``(x, y)``; give mean loss and accuracy over all samples seen.
+
+    ``patience`` (``exp_opts.legacy``: 3) stops as FedSTIL's runner did: an epoch that neither lowers the
+    loss nor keeps the accuracy at its best counts against it, one that does both resets the count, and
+    the epoch that brings it to ``patience`` still trains but is not counted in ``samples``; the loss and
+    accuracy given are then those of the last epoch run, as the runner logged them.
 
     Each batch's loss is ``criterion(model(xb), yb)``, or ``batch_loss(xb, yb) -> (loss, logits)`` when
     given (a method's penalty, a model with two outputs). ``augment(xb, generator)`` transforms each
@@ -179,6 +186,7 @@ def train_local(
     model.train()
     count = y.shape[0]
     total_loss = total_correct = 0.0
+    stop = EarlyStop(patience) if patience is not None else None
     for epoch in range(epochs):
         order = torch.randperm(count, generator=shuffle).to(x.device, non_blocking=True)
         loss_sum, correct = _epoch(optimizer, batch_loss, x, y, order, batch_size, augment, augment_generator)
@@ -189,10 +197,35 @@ def train_local(
         report_epoch(epoch + 1, epochs)
         total_loss += epoch_loss
         total_correct += epoch_correct
+        if stop is not None and stop.ends(epoch_loss / count, epoch_correct / count):
+            break
     # Gradients would otherwise keep a model-sized buffer alive in a model that is reused.
     optimizer.zero_grad(set_to_none=True)
+    if stop is not None:
+        return Scores(samples=count * stop.counted, loss=epoch_loss / count, acc=epoch_correct / count)
     seen = count * epochs
     return Scores(samples=seen, loss=total_loss / seen, acc=total_correct / seen)
+
+
+class EarlyStop:
+    """FedSTIL's runner's early stop inside a local round (FEDSTIL.md section 3.1), for ``exp_opts.legacy``."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best_loss, self.best_acc = float("inf"), 0.0
+        self.waited = 0
+        #: Epochs that count (the runner's ``train_cnt``): every epoch run but the one that stops the round.
+        self.counted = 0
+
+    def ends(self, loss: float, acc: float) -> bool:
+        """Take one epoch's loss and accuracy; True if the round stops after it."""
+        self.waited += 1
+        if loss <= self.best_loss and acc >= self.best_acc:
+            self.best_loss, self.best_acc, self.waited = loss, acc, 0
+        if self.waited >= self.patience:
+            return True
+        self.counted += 1
+        return False
 
 
 def _epoch(

@@ -27,6 +27,9 @@ from .training import build_criterion, build_optimizer, build_scheduler, train_l
 
 __all__ = ["TrainJob", "TrainOutcome", "ValJob", "ValResult", "Worker", "build_loss", "to_cpu"]
 
+#: FedSTIL's runner's hard-coded early-stop threshold (``early_stop_threshold=3``), used under exp_opts.legacy.
+RUNNER_PATIENCE = 3
+
 
 @dataclass(frozen=True, slots=True)
 class TrainJob:
@@ -79,7 +82,8 @@ class Worker:
 
     def __init__(self, config: Mapping[str, Any], seed: int, *, tasks: TaskSource | None = None) -> None:
         task_opts = config["task_opts"]
-        self._method = build_method(config["exp_method"], config.get("method_opts") or {}, seed=seed)
+        self._method = build_method(config["exp_method"], config.get("method_opts") or {}, seed=seed,
+                                    legacy=bool((config.get("exp_opts") or {}).get("legacy")))
         self._tasks = tasks if tasks is not None else build_task_source(config, seed)
         self._epochs = int(task_opts["train_epochs"])
         self._batch_size = int(task_opts["batch_size"])
@@ -89,6 +93,8 @@ class Worker:
         self._keep_state = bool(self._optimizer_opts.get("keep_state", True))
         self._scheduler_opts = dict(config["scheduler_opts"])
         self._criterion = build_loss(config["criterion_opts"], self._model_opts.get("num_classes"))
+        #: FedSTIL's runner's early stop (exp_opts.legacy): a round ends after 3 epochs without improvement.
+        self._patience = RUNNER_PATIENCE if self._method.legacy else None
         # Building a model costs more than training a small one for a round, so each thread keeps one per
         # device and loads whatever weights a job needs into it.
         self._models = threading.local()
@@ -136,12 +142,14 @@ class Worker:
         scores = train_local(
             model, optimizer, scheduler, None, x, y, epochs=self._epochs, batch_size=self._batch_size,
             shuffle=generator(*ids, "shuffle"), batch_loss=batch_loss,
-            augment=rnd.augment, augment_generator=generator(*ids, "augment"),
+            augment=rnd.augment, augment_generator=generator(*ids, "augment"), patience=self._patience,
         )
         self._method.finish(rnd)
         samples = int(y.shape[0])
         kept = optimizer if self._keep_state else None
-        state = _snapshot(model, kept, scheduler, previous, samples, to_cpu(rnd.memory, clone=False), job.task)
+        # The upload's weight; under legacy the runner's train_cnt, samples times the epochs its early stop counted.
+        weight = scores.samples if self._method.legacy else samples
+        state = _snapshot(model, kept, scheduler, previous, weight, to_cpu(rnd.memory, clone=False), job.task)
         return TrainOutcome(samples=samples, metrics={"tr_acc": scores.acc, "tr_loss": scores.loss}, state=state)
 
     def validate(self, job: ValJob) -> dict[str, ValResult]:
@@ -179,7 +187,19 @@ class Worker:
         if previous is not None and scheduler is not None and previous.scheduler is not None:
             # Without a kept optimizer the schedule still runs on while the lr starts where configured (FedSTIL).
             scheduler.load_state_dict(copy.deepcopy(previous.scheduler))
+        if self._method.legacy:
+            return optimizer, self._runner_schedule(optimizer, scheduler)
         return optimizer, scheduler
+
+    def _runner_schedule(
+        self, optimizer: torch.optim.Optimizer, scheduler: LRScheduler | None
+    ) -> LRScheduler | None:
+        """FedSTIL's runner's schedule: each round starts at the configured learning rate while the scheduler
+        keeps counting the client's epochs (StepLR's decay then reaches only the epochs of a round after a
+        multiple of ``step_size``); for methods whose optimizer it rebuilt every epoch, no schedule at all."""
+        for group in optimizer.param_groups:
+            group["lr"] = optimizer.defaults["lr"]
+        return scheduler if self._method.runner_schedules_lr else None
 
 
 def build_loss(opts: Any, num_classes: int | None) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:

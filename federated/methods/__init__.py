@@ -40,9 +40,11 @@ CATALOGUE = Catalogue(
 )
 
 
-def build_method(name: str, options: Mapping[str, Any] | None = None, *, seed: int = 0) -> Method:
-    """The method ``exp_method`` names, built with ``method_opts`` and the experiment's seed; a ValueError
-    names a bad option.
+def build_method(
+    name: str, options: Mapping[str, Any] | None = None, *, seed: int = 0, legacy: bool = False
+) -> Method:
+    """The method ``exp_method`` names, built with ``method_opts``, the experiment's seed and
+    ``exp_opts.legacy`` (FedSTIL's runner's behaviour, docs/fedstil.md); a ValueError names a bad option.
 
     A ``"package.module:Name"`` was imported when the config was checked (from the config's folder if it
     sits there), so importing it again finds the loaded module.
@@ -58,4 +60,5 @@ def build_method(name: str, options: Mapping[str, Any] | None = None, *, seed: i
         raise ValueError(f"exp_method: expected one of {', '.join(sorted(REGISTRY))}, found {name!r}")
     method = cls(options)
     method.seed = seed
+    method.legacy = legacy
     return method

@@ -53,18 +53,22 @@ class AdaptiveLayer(ComposedLayer):
 
     ``G`` (the global weight), the attention ``a`` and the anchors ``a0``, ``A0`` are buffers; only ``A`` and
     the bias train. ``reset`` starts a round: ``a = atten_default``, ``A = (1 - a) * G``, anchors = copies,
-    so ``theta`` starts equal to ``G`` whatever ``atten_default`` is.
+    so ``theta`` starts equal to ``G`` whatever ``atten_default`` is. With ``trainable_anchors`` (FedSTIL's
+    runner, B11; ``exp_opts.legacy``) the anchors are parameters that train too, under the same names.
     """
 
-    def __init__(self, layer: nn.Linear | nn.Conv2d, atten_default: float) -> None:
+    def __init__(self, layer: nn.Linear | nn.Conv2d, atten_default: float, *, trainable_anchors: bool = False) -> None:
         super().__init__(layer)
         weight = layer.weight.detach()
         self.atten_default = atten_default
         self.register_buffer("G", weight.clone())
         self.register_buffer("a", torch.empty(weight.shape[-1], dtype=weight.dtype, device=weight.device))
         self.A = nn.Parameter(torch.empty_like(weight))
-        self.register_buffer("a0", torch.empty_like(self.a))
-        self.register_buffer("A0", torch.empty_like(weight))
+        for name, like in (("a0", self.a), ("A0", weight)):
+            if trainable_anchors:
+                self.register_parameter(name, nn.Parameter(torch.empty_like(like)))
+            else:
+                self.register_buffer(name, torch.empty_like(like))
         self.reset()
 
     @torch.no_grad()

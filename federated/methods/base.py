@@ -92,6 +92,12 @@ class Method:
 
     #: The experiment's seed (``build_method`` sets it), for a method's own draws (FedWeIT's knowledge base).
     seed: int = 0
+    #: ``exp_opts.legacy`` (``build_method`` sets it): reproduce FedSTIL's runner where a fix changed results.
+    legacy: bool = False
+    #: Whether FedSTIL's runner's learning-rate schedule reached this method's training: it rebuilt the
+    #: optimizer's parameter groups every epoch for icarl, fedweit, fedstil and fedstil-atten, which undid
+    #: every StepLR step (FEDSTIL.md section 3.1). Read under ``legacy`` only.
+    runner_schedules_lr: ClassVar[bool] = True
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         options = dict(options or {})

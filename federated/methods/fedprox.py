@@ -23,8 +23,12 @@ class FedProx(Method):
 
     def start(self, rnd: LocalRound) -> None:
         super().start(rnd)
-        # The anchor is the received global model, on the training device, never the client's old weights.
+        # The anchor is the received global model, on the training device, never the client's old weights...
         rnd.scratch["anchor"] = [p.detach().clone() for p in rnd.model.parameters()]
+        if self.legacy and rnd.previous_model is not None:
+            # ...but FedSTIL's runner took it before applying the update: the client's own last weights (B9).
+            rnd.scratch["anchor"] = [rnd.previous_model[name].to(rnd.device, copy=True)
+                                     for name, _ in rnd.model.named_parameters()]
 
     def batch_loss(self, rnd: LocalRound, xb: torch.Tensor, yb: torch.Tensor, out: ModelOutput,
                    loss: torch.Tensor) -> torch.Tensor:

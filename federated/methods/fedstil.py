@@ -34,6 +34,7 @@ class FedSTIL(Method):
     """FedSTIL as in its paper's code, with the anchors frozen and one-client dispatch defined."""
 
     name = "fedstil"
+    runner_schedules_lr = False  # FedSTIL's runner rebuilt its optimizer's groups every epoch
     # FedSTIL's code keeps one checkpoint per task for a client without model_ckpt_name (FEDSTIL.md §3.12).
     models_per_task = True
     defaults = {"lambda_l1": 1e-4, "lambda_k": 8000, "atten_default": 0.8,
@@ -48,7 +49,8 @@ class FedSTIL(Method):
         self.decay = option(self.options, "distance_calculate_decay", 0.8, method=self.name, minimum=1e-6)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        return adapt(model, lambda layer: AdaptiveLayer(layer, self.atten_default))
+        # FedSTIL's runner trained the anchors too (B11); fedevents keeps them fixed unless asked for legacy.
+        return adapt(model, lambda layer: AdaptiveLayer(layer, self.atten_default, trainable_anchors=self.legacy))
 
     # server half -------------------------------------------------------------------------------------
     def payload(self, server: ServerState, client: str, kind: str) -> dict[str, Any]:

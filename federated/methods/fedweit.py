@@ -34,6 +34,7 @@ class FedWeIT(Method):
     """FedWeIT as FedSTIL's code re-implements it, with the approximation loss made real."""
 
     name = "fedweit"
+    runner_schedules_lr = False  # FedSTIL's runner rebuilt its optimizer's groups every epoch
     # FedSTIL's code keeps one checkpoint per task for a client without model_ckpt_name (FEDSTIL.md §3.12).
     models_per_task = True
     defaults = {"lambda_l1": 1e-3, "lambda_l2": 1e-3, "lambda_mask": 0.0, "kb_cnt": 5}
@@ -94,7 +95,8 @@ class FedWeIT(Method):
         layers = [layer for _, layer in adaptive_layers(rnd.model)]
         if layers and self.lambda_l1:
             loss = loss + self.lambda_l1 * torch.stack([layer.sparsity() for layer in layers]).sum()
-        if rnd.scratch["approx"] and self.lambda_l2:
+        # FedSTIL's runner compared the model with itself, so its approximation loss was always 0 (B14).
+        if rnd.scratch["approx"] and self.lambda_l2 and not self.legacy:
             approx = torch.stack([(layer.theta() - before).pow(2).sum() for layer, before in rnd.scratch["approx"]])
             loss = loss + self.lambda_l2 * approx.sum()
         return loss

@@ -31,6 +31,7 @@ class ICaRL(Method):
     """FedAvg plus exemplar replay (herding, at most ``memory_size`` per client) and logit distillation."""
 
     name = "icarl"
+    runner_schedules_lr = False  # FedSTIL's runner rebuilt its optimizer's groups every epoch
     defaults = {"memory_size": 200, "distill_weight": 1.0, "temperature": 2.0}
     # FedSTIL's k is the exemplar budget; its n_classes (first classifier size) and examplar_batch_size
     # (never read) have no counterpart: a fedevents classifier has its full size from the start.

@@ -1,10 +1,16 @@
 """Prototype rehearsal for FedSTIL: cached head inputs, the network after the head, and herded exemplars.
 
-The *head* is the first composed layer in execution order (with a ReID net fine-tuning ``base.layer4``: its
-first conv). Everything before it is frozen, so its input for an image never changes: that input is the
-image's *prototype*. A round computes the prototypes of its task once, then trains only the *tail* (the
-network from the head on, found by an FX trace that feeds the head's input from a new graph input) on
-prototypes plus stored exemplars. Exemplars are kept in float16, at most ``lambda_k`` per client.
+The *head* is the first module in execution order that trains as a whole (with a ReID net fine-tuning
+``base.layer4``: layer4; ``base.layers.3``: a Swin trunk's last stage). Everything before it is frozen, so
+its input for an image never changes: that input is the image's *prototype*. A round computes the prototypes
+of its task once, then trains only the *tail* (the network from the head on, found by an FX trace that feeds
+the head's input from a new graph input) on prototypes plus stored exemplars. Exemplars are kept in float16,
+at most ``lambda_k`` per client.
+
+The trace opens only modules that train in part: a frozen module or one that trains as a whole is one call,
+so code inside it (a Swin block's shape arithmetic) is never traced. Cutting at a whole module, not at its
+first layer, keeps what that module computes before its first layer (a block's shortcut, a Swin block's
+trainable LayerNorm) in the tail, where it trains.
 """
 
 from __future__ import annotations
@@ -25,10 +31,18 @@ STORE_DTYPE = torch.float16
 
 
 class _Tracer(fx.Tracer):
-    """An FX tracer that keeps composed layers as single calls, so the head can be found by name."""
+    """An FX tracer that opens only modules that train in part, so the head is one call found by name."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, ComposedLayer) or super().is_leaf_module(m, qualname)
+        return _trains(m) is not None or super().is_leaf_module(m, qualname)
+
+
+def _trains(module: nn.Module) -> bool | None:
+    """True if every parameter of ``module`` trains, False if none does (or it has none), None if some do."""
+    flags = {p.requires_grad for p in module.parameters()}
+    if len(flags) == 2:
+        return None
+    return flags == {True}
 
 
 def split_tail(model: nn.Module) -> tuple[str, fx.GraphModule]:
@@ -36,16 +50,21 @@ def split_tail(model: nn.Module) -> tuple[str, fx.GraphModule]:
 
     The trace is taken in train mode (the mode the tail trains in); the tail shares ``model``'s parameters.
     """
+    if not any(isinstance(m, ComposedLayer) for m in model.modules()):
+        raise ValueError("fedstil: expected a model with a trainable Linear or Conv2d layer, found none")
     was_training = model.training
     model.train()
     try:
         graph = _Tracer().trace(model)
+    except Exception as exc:  # FX raises several kinds (TraceError, TypeError) for code it cannot follow
+        raise ValueError(f"fedstil: expected a model FX can trace through the modules that train in part, "
+                         f"found {type(exc).__name__}: {exc}") from None
     finally:
         model.train(was_training)
-    head = next((n for n in graph.nodes if n.op == "call_module"
-                 and isinstance(model.get_submodule(str(n.target)), ComposedLayer)), None)
+    head = next((n for n in graph.nodes if n.op == "call_module" and _trains(model.get_submodule(str(n.target)))),
+                None)
     if head is None:
-        raise ValueError("fedstil: expected a model with a trainable Linear or Conv2d layer, found none")
+        raise ValueError("fedstil: expected a module that trains as a whole in the model's forward, found none")
     cut = head.args[0]
     first = next(iter(graph.nodes))
     with graph.inserting_before(first):

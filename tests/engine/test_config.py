@@ -99,7 +99,7 @@ def test_a_hundred_thousand_clients_from_the_compact_form(tmp_path: Path) -> Non
         ({"task_opts": {"dataset": "reid"}}, "datasets_dir: expected the folder of the ReID tasks for task_opts.dataset reid, found none"),
         ({"criterion_opts": [{"name": "triplet", "margn": 0.3}]}, "criterion_opts[0].margn: unknown key; did you mean 'margin'?"),
         ({"criterion_opts": []}, "criterion_opts: expected a list of at least 1 items"),
-        ({"task_opts": {"map_mode": "first_match"}}, "task_opts.map_mode: expected one of first-match, standard, found 'first_match' (string); did you mean 'first-match'?"),
+        ({"task_opts": {"map_mode": "first_match"}}, "task_opts.map_mode: expected one of fedstil-runner, first-match, standard, found 'first_match' (string); did you mean 'first-match'?"),
     ],
 )
 def test_bad_values_give_one_line_naming_file_and_key(tmp_path: Path, change: dict, expected: str) -> None:
@@ -242,7 +242,27 @@ def test_optimizer_state_is_kept_across_rounds_except_in_fedstil_files(tmp_path:
     assert load_experiment(write(tmp_path, reid)).data["optimizer_opts"]["keep_state"] is False
     named = {**reid, "task_opts": {"dataset": "reid"}}
     assert load_experiment(write(tmp_path, named)).data["optimizer_opts"]["keep_state"] is True
+    legacy = {**MINIMAL, "exp_opts": {"legacy": True}}
+    assert load_experiment(write(tmp_path, legacy)).data["optimizer_opts"]["keep_state"] is False
     kept = {**reid, "optimizer_opts": {"name": "adam", "keep_state": True}}
     assert load_experiment(write(tmp_path, kept)).data["optimizer_opts"]["keep_state"] is True
     assert error_of(tmp_path, {**MINIMAL, "optimizer_opts": {"keep_state": "no"}}).endswith(
         "optimizer_opts.keep_state: expected true or false, found 'no' (string)")
+
+
+@pytest.mark.parametrize(
+    ("given", "map_mode", "gamma"),
+    [
+        ({}, "standard", 0.5),
+        ({"exp_opts": {"legacy": True}}, "fedstil-runner", 0.1),
+        # What the file says wins over what legacy implies.
+        ({"exp_opts": {"legacy": True}, "task_opts": {"map_mode": "standard"},
+          "scheduler_opts": {"name": "step_lr", "gamma": 0.5}}, "standard", 0.5),
+    ],
+)
+def test_legacy_implies_the_runners_map_and_step_lr_gamma_where_the_file_is_silent(
+        tmp_path: Path, given: dict, map_mode: str, gamma: float) -> None:
+    data = {**MINIMAL, "scheduler_opts": {"name": "step_lr"}, **given}
+    cfg = load_experiment(write(tmp_path, data))
+    assert cfg.data["task_opts"]["map_mode"] == map_mode
+    assert cfg.data["scheduler_opts"]["gamma"] == gamma

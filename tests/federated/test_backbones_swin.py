@@ -105,3 +105,13 @@ def test_a_resnet_file_does_not_fit_a_swin_trunk(tmp_path: Path) -> None:
     torch.save(build_reid_model({"name": "resnet18", "num_classes": 6, "width": 8}).base.state_dict(), tmp_path / "r.pt")
     with pytest.raises(ValueError, match=r"^model_opts.pretrained: .*r.pt does not fit the model: missing \d+ "):
         build_reid_model({**NARROW, "pretrained": str(tmp_path / "r.pt")})
+
+
+def test_a_swin_scored_in_inference_mode_can_train_afterwards() -> None:
+    """Regression: the cached relative-position index made under inference mode could not be saved for backward."""
+    model = build_reid_model(NARROW, generator=generator(0, "init"))
+    with torch.inference_mode():
+        model.eval()(_images())
+    logits, _ = model.train()(_images())
+    logits.sum().backward()
+    assert model.base.layers[0].blocks[0].attn.relative_position_bias_table.grad is not None

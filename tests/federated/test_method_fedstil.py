@@ -91,8 +91,8 @@ def test_the_tail_on_prototypes_computes_what_the_network_computes_on_images() -
     opts = {"name": "resnet18", "num_classes": 5, "width": 4, "fine_tuning": ["base.layer4", "classifier"]}
     model = FedSTIL().prepare(build_reid_model(opts, generator=torch.Generator().manual_seed(1)))
     head, tail = split_tail(model)
-    # The first adaptive layer to run: this backbone computes a block's shortcut before its first conv.
-    assert head == "base.layer4.0.downsample.0"
+    # The first module that trains as a whole: layer4, whose input is layer3's output.
+    assert head == "base.layer4"
     x = torch.randn(6, 3, 32, 16, generator=torch.Generator().manual_seed(2))
     protos = prototypes(model, head, x)
     assert protos.shape == (6, 16, 2, 1)  # layer3's output: 4 * 4 channels at 1/16 of the image
@@ -156,3 +156,21 @@ def test_a_single_client_gets_its_own_weights_back_without_dividing_by_zero() ->
     server = method.aggregate(server, {"c": Upload({}, 4, {"theta": {"l": theta}, "token": torch.ones(3)})})
     assert torch.equal(server.model["l.G"], theta) and torch.allclose(server.model["l.A"], 0.2 * theta)
     assert torch.equal(method.payload(server, "c", "incremental")["global"]["l"], theta)
+
+
+def test_a_swin_splits_at_its_trainable_last_stage_and_the_tail_computes_what_the_network_does() -> None:
+    """Regression: FX could not trace a Swin trunk (it branched on the input's shape), so fedstil-swin failed."""
+    opts = {"name": "swin_transformer_tiny", "num_classes": 5, "width": 32,
+            "fine_tuning": ["base.layers.3", "classifier"]}
+    model = FedSTIL().prepare(build_reid_model(opts, generator=torch.Generator().manual_seed(1)))
+    head, tail = split_tail(model)
+    # The stage's first LayerNorm trains and runs before its first adaptive layer: it belongs to the tail.
+    assert head == "base.layers.3"
+    x = torch.randn(2, 3, 32, 16, generator=torch.Generator().manual_seed(2))
+    protos = prototypes(model, head, x)
+    assert protos.shape == (2, 7, 7, 256)  # what the last stage reads: 224 / 32 patches a side, 8 * 32 channels
+    model.eval()
+    tail.eval()
+    with torch.no_grad():
+        _, tail_feature = tail(protos)
+        assert torch.allclose(model.bottleneck(tail_feature), model(x), atol=1e-5)

@@ -166,7 +166,7 @@ def test_chunks_of_queries_give_the_same_scores(monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
-        ({"map_mode": "first"}, ValueError, "map_mode: expected one of true, first-match, found 'first'"),
+        ({"map_mode": "first"}, ValueError, "map_mode: expected one of true, first-match, fedstil-runner, found 'first'"),
         ({"metric": "l1"}, ValueError, "metric: expected one of euclidean, cosine, found 'l1'"),
         ({"ranks": (0, 5)}, ValueError, r"ranks: expected ints >= 1, found \(0, 5\)"),
     ],
