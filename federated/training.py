@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, StepLR
 
+from .lazydynamo import prepare_optimizer_class
 from .registry import Catalogue, Component, is_target, load_target
 from .progress import report_epoch
 
@@ -99,10 +100,12 @@ def build_optimizer(opts: Mapping[str, Any], params: Iterable[nn.Parameter]) -> 
         opts = {**OPTIMIZER_OPTIONS[name], **opts}
         lr = _number(opts, "lr", "optimizer_opts")
         decay = _number(opts, "weight_decay", "optimizer_opts", positive=False)
+        cls = torch.optim.SGD if name == "sgd" else torch.optim.Adam
+        prepare_optimizer_class(cls)
         if name == "sgd":
             momentum = _number(opts, "momentum", "optimizer_opts", positive=False)
-            return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=decay)
-        return torch.optim.Adam(params, lr=lr, weight_decay=decay)
+            return cls(params, lr=lr, momentum=momentum, weight_decay=decay)
+        return cls(params, lr=lr, weight_decay=decay)
     if isinstance(name, str) and is_target(name):
         return _build_user(name, OPTIMIZER_CATALOGUE, "optimizer_opts", params, opts)
     raise ValueError(f"optimizer_opts.name: expected one of {', '.join(OPTIMIZERS)}, found {name!r}")
@@ -131,6 +134,7 @@ def _build_user(name: str, catalogue: Catalogue, where: str, first: Any, opts: M
     problem = catalogue.check(cls)
     if problem:
         raise ValueError(f"{where}.name: expected {problem}, found {name}")
+    prepare_optimizer_class(cls)
     try:
         return cls(first, **_user_options(opts))
     except (TypeError, ValueError) as exc:
