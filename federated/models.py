@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import backbones
+from .meta import materialise
 from .registry import Catalogue, Component
 
 __all__ = ["MODELS", "CATALOGUE", "build_model", "empty_model"]
@@ -58,7 +59,7 @@ def empty_model(
     """
     with torch.device("meta"):
         model = _construct(model_opts, tuple(input_shape), num_classes)
-    return model.to_empty(device=device)
+    return materialise(model, device)
 
 
 def _construct(model_opts: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
