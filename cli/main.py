@@ -113,9 +113,11 @@ def _leave(status: int) -> NoReturn:
 
     Tearing down torch's thousand modules took 0.3-2 s after the last event, with every file already closed.
     The exit handlers still run (logging's flush, worker processes' joins, a plugin's own), and the standard
-    streams are flushed; only while a non-daemon thread is still alive does the ordinary exit wait for it.
+    streams are flushed. The ordinary exit is kept while a non-daemon thread is still alive (it waits for it)
+    and under a profiler or tracer (``python -m cProfile -m fedevents.cli`` writes its stats after this).
     """
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    threads = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if any(t.is_alive() and not t.daemon for t in threads) or sys.getprofile() or sys.gettrace():
         sys.exit(status)
     atexit._run_exitfuncs()  # what the interpreter would run first at exit
     for stream in (sys.stdout, sys.stderr):

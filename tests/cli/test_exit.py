@@ -55,3 +55,11 @@ def test_a_live_non_daemon_thread_is_waited_for_as_by_an_ordinary_exit(tmp_path:
     assert run.returncode == 0, run.stderr
     # As Python's own exit: the thread is joined first, then the exit handlers run.
     assert run.stdout.splitlines() == ["unflushed linethread finished", "exit handler ran"]
+
+
+def test_a_profiler_around_the_command_still_gets_to_write_its_stats(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    run = subprocess.run([sys.executable, "-m", "cProfile", "-o", "run.prof", "-m", "fedevents.cli", *RUN],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "run.prof").stat().st_size > 0
