@@ -147,11 +147,10 @@ class JsonRecorder:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            snapshot = self._snapshot()
-            for client, rounds in snapshot["data"].items():
+            for client, rounds in self._data.items():
                 if client not in self._lines:
-                    self._lines[client] = format_client(client, rounds)
-            write_text_atomic(self.path, format_record(snapshot, self._lines))
+                    self._lines[client] = format_client(client, _in_order(rounds))
+            write_text_atomic(self.path, format_record(self._snapshot(self._lines), self._lines))
         except OSError as exc:  # the previous record stays whole; the run stops before its checkpoint
             raise output_failed(self.path, exc) from None
         self._dirty = False
@@ -214,13 +213,11 @@ class JsonRecorder:
         self.record.update(extra)
         self.write()
 
-    def _snapshot(self) -> dict[str, Any]:
+    def _snapshot(self, lines: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The record as written; clients with a line in ``lines`` keep their rounds unsorted (unused)."""
         out = dict(self.record or {})
-        # Rounds arrive in order except after a resume; numeric order keeps "10" after "9".
-        out["data"] = {
-            client: dict(sorted(rounds.items(), key=lambda kv: int(kv[0])))
-            for client, rounds in self._data.items()
-        }
+        made = lines or {}
+        out["data"] = {client: rounds if client in made else _in_order(rounds) for client, rounds in self._data.items()}
         if self._comm:
             by_round = dict(sorted(self._comm.items(), key=lambda kv: int(kv[0])))
             out["comm"] = {"uploads": sum(v[0] for v in by_round.values()),
@@ -230,6 +227,11 @@ class JsonRecorder:
         if self._failures:
             out["failures"] = list(self._failures)
         return out
+
+
+def _in_order(rounds: Mapping[str, Any]) -> dict[str, Any]:
+    """A client's rounds in numeric order ("10" after "9"): they arrive in order except after a resume."""
+    return dict(sorted(rounds.items(), key=lambda kv: int(kv[0])))
 
 
 def _earlier_rounds(path: Path, first_round: int) -> tuple[dict[str, dict[str, Any]], dict[str, list[int]],
