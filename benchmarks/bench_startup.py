@@ -9,6 +9,7 @@ the median over the pairs; "gap" is the median of the per-pair differences fedev
 
 fedevents' first training is its first TrainStarted event, its last event ExperimentFinished (wall times read
 from the events file); a bare script prints the wall time when it starts its first step and after its last.
+CPU time (user + system) of the whole process is given too: on a shared machine it is the steadier figure.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -58,33 +60,40 @@ print(first, time.time())
 """
 
 
-def _timed(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
+def _cpu() -> float:
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
+def _timed(cmd: list[str], cwd: Path) -> tuple[float, float, str, float]:
+    """Wall clock before and after ``cmd``, its stdout, and its CPU seconds (user + system)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cpu = _cpu()
     began = time.time()
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     ended = time.time()
     if done.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed with exit status {done.returncode}:\n{done.stderr[-2000:]}")
-    return began, ended, done.stdout
+    return began, ended, done.stdout, _cpu() - cpu
 
 
 def fedevents_run(rounds: int, folder: Path) -> dict[str, float]:
     cmd = [sys.executable, "-m", "fedevents.cli", "run", str(ROOT / "configs/demo.yaml"), "--quiet",
            "--logs-dir", str(folder / "logs"), "--set", f"exp_opts.comm_rounds={rounds}",
            "--set", "task_opts.synthetic.samples_per_client=64", "--set", f"checkpoints_dir={folder / 'ckpts'}"]
-    began, ended, _ = _timed(cmd, folder)
+    began, ended, _, cpu = _timed(cmd, folder)
     events = [json.loads(line) for line in next((folder / "logs").glob("*.events.jsonl")).read_text().splitlines()]
     first = next(e["wall_time"] for e in events if e["event"] == "TrainStarted")
     last = next(e["wall_time"] for e in events if e["event"] == "ExperimentFinished")
-    return {"start": first - began, "exit": ended - last, "total": ended - began}
+    return {"start": first - began, "exit": ended - last, "total": ended - began, "cpu": cpu}
 
 
 def bare_run(rounds: int, optim: str, folder: Path) -> dict[str, float]:
     script = folder / "bare.py"
     script.write_text(BARE)
-    began, ended, out = _timed([sys.executable, str(script), str(rounds), "5", optim], folder)
+    began, ended, out, cpu = _timed([sys.executable, str(script), str(rounds), "5", optim], folder)
     first, last = map(float, out.split())
-    return {"start": first - began, "exit": ended - last, "total": ended - began}
+    return {"start": first - began, "exit": ended - last, "total": ended - began, "cpu": cpu}
 
 
 def main() -> None:
@@ -101,11 +110,11 @@ def main() -> None:
             runs["fedevents"].append(fedevents_run(args.rounds, Path(tmp)))
             runs["bare, hand-written SGD"].append(bare_run(args.rounds, "hand", Path(tmp)))
             runs["bare, torch.optim.SGD"].append(bare_run(args.rounds, "torch", Path(tmp)))
-    print("| process | start → first training (s) | last event → exit (s) | whole process (s) |")
-    print("|---|---:|---:|---:|")
+    print("| process | start → first training (s) | last event → exit (s) | whole process (s) | whole process, CPU (s) |")
+    print("|---|---:|---:|---:|---:|")
     for name, rows in runs.items():
-        med = {key: statistics.median(r[key] for r in rows) for key in ("start", "exit", "total")}
-        print(f"| {name} | {med['start']:.3f} | {med['exit']:.3f} | {med['total']:.3f} |")
+        med = {key: statistics.median(r[key] for r in rows) for key in ("start", "exit", "total", "cpu")}
+        print(f"| {name} | {med['start']:.3f} | {med['exit']:.3f} | {med['total']:.3f} | {med['cpu']:.3f} |")
     for name in ("bare, hand-written SGD", "bare, torch.optim.SGD"):
         gap = statistics.median(f["start"] - b["start"] for f, b in zip(runs["fedevents"], runs[name]))
         print(f"\nstart-up gap, fedevents − {name}: {gap:+.3f} s (median of per-pair differences)")
