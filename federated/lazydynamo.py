@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 from typing import Any, Callable
 
 import torch
@@ -121,10 +122,20 @@ def _defer_step(cls: type) -> None:
     owner.step = lazy  # type: ignore[attr-defined]
 
 
+_prepared: set[type] = set()
+# Trainings build optimizers in several worker threads at once; a class is patched by one of them.
+_lock = threading.Lock()
+
+
 def prepare_optimizer_class(cls: type) -> None:
     """Make building and stepping a ``cls`` optimizer import nothing of dynamo while nothing compiles."""
-    if _dynamo_loaded() or not (isinstance(cls, type) and issubclass(cls, Optimizer)):
+    if cls in _prepared or _dynamo_loaded() or not (isinstance(cls, type) and issubclass(cls, Optimizer)):
         return
-    for wrapper in list(vars(Optimizer).values()):
-        _defer_disable(wrapper)
-    _defer_step(cls)
+    with _lock:
+        if cls in _prepared:
+            return
+        if not _prepared:
+            for wrapper in list(vars(Optimizer).values()):
+                _defer_disable(wrapper)
+        _defer_step(cls)
+        _prepared.add(cls)
