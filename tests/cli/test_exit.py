@@ -12,12 +12,15 @@ ROOT = Path(__file__).resolve().parents[2]
 RUN = ["run", str(ROOT / "configs/demo.yaml"), "--logs-dir", "logs", "--quiet", "--set", "exp_opts.comm_rounds=1",
        "--set", "task_opts.synthetic.samples_per_client=64"]
 
-# The command as its console script runs it (main() without arguments), with a plugin's exit handler, a line
-# left unflushed on stdout, and a worker thread that is still busy (non-daemon) when the command ends.
+# The command as its console script runs it (main() without arguments), with a plugin's exit handler and a
+# file it never closed, a line left unflushed on stdout, and (asked) a worker thread that is still busy
+# (non-daemon) when the command ends.
 SCRIPT = """
 import atexit, sys, threading
 from fedevents.cli import main
 atexit.register(lambda: print("exit handler ran", flush=True))
+leaked = open("leaked.txt", "w")  # a plugin's file, written and never closed
+leaked.write("kept")
 if sys.argv[1] == "busy-thread":
     # Busy until the main thread has finished, as a worker that outlives the command's last line.
     threading.Thread(target=lambda: (threading.main_thread().join(60), print("thread finished"))).start()
@@ -39,6 +42,7 @@ def test_the_command_ends_with_its_status_after_exit_handlers_and_flushed_output
     run = _command(tmp_path, "plain", *RUN)
     assert run.returncode == 0, run.stderr
     assert run.stdout == "unflushed lineexit handler ran\n"
+    assert (tmp_path / "leaked.txt").read_text() == "kept"
     [path] = [p for p in (tmp_path / "logs").glob("demo-*.json") if not p.name.endswith(".trace.json")]
     record = json.loads(path.read_text())
     assert record["status"] == "finished"
