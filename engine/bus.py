@@ -65,6 +65,7 @@ class Subscription:
     order: int
     is_async: bool
     broken: bool = False  # the sink could not write its file; it gets no more events
+    filtered: bool = False  # ``every`` or ``filter`` may turn away an event of a matching type
     _bus: "EventBus | None" = field(default=None, repr=False)
 
     @property
@@ -84,8 +85,13 @@ class Subscription:
         self.unsubscribe()
 
     def matches(self, event: Event) -> bool:
+        """Whether ``event`` is of a subscribed type and passes the filters."""
         if self.types is not None and not isinstance(event, self.types):
             return False
+        return self.passes(event)
+
+    def passes(self, event: Event) -> bool:
+        """Whether an event of a subscribed type passes ``every`` and ``filter``."""
         if self.every is not None:
             rnd = getattr(event, "round", None)
             if rnd is None or rnd % self.every != 0:
@@ -136,6 +142,7 @@ class EventBus:
             filter=filter,
             order=next(self._counter),
             is_async=_is_async(handler),
+            filtered=every is not None or filter is not None,
             _bus=self,
         )
         self._subs.append(sub)
@@ -165,8 +172,10 @@ class EventBus:
 
     async def emit(self, event: Event) -> None:
         """Run every matching handler, in call order, and return when all are done."""
+        # handlers_for has matched the type already; a sync sink is called without a coroutine of its own,
+        # since every event goes through every sink.
         for sub in self.handlers_for(type(event)):
-            if not sub.active or sub.broken or not sub.matches(event):
+            if sub._bus is None or sub.broken or (sub.filtered and not sub.passes(event)):
                 continue
             if sub.once:
                 sub.unsubscribe()
@@ -181,7 +190,10 @@ class EventBus:
                     raise HandlerFailed(_own_exit(sub, exc)) from None
                 continue
             try:
-                await self._call_sink(sub, event)
+                if sub.is_async:
+                    await self._call_async_sink(sub, event)
+                else:
+                    self._call_sync_sink(sub, event)
             except OutputError as exc:
                 sub.broken = True
                 if self.output_error is None:  # the first one stops the run; later ones are its echoes
@@ -192,22 +204,27 @@ class EventBus:
                     raise
                 self._sink_failed(sub, event, exc)
 
-    async def _call_sink(self, sub: Subscription, event: Event) -> None:
+    def _call_sync_sink(self, sub: Subscription, event: Event) -> None:
         limit = self.time_limit_s
         if limit is None:
-            result = sub.handler(event)
-            if sub.is_async:
-                await result  # type: ignore[misc]
+            sub.handler(event)
             return
         began = time.monotonic()
+        sub.handler(event)
+        took = time.monotonic() - began
+        if took > limit:  # a sync handler cannot be stopped, only reported
+            raise TimeoutError(f"took {took:.1f}s, over exp_opts.handler_timeout_s = {limit:g}s")
+
+    async def _call_async_sink(self, sub: Subscription, event: Event) -> None:
+        limit = self.time_limit_s
         result = sub.handler(event)
-        if sub.is_async:
-            with anyio.move_on_after(limit) as scope:
-                await result  # type: ignore[misc]
-            if scope.cancelled_caught:
-                raise TimeoutError(f"cancelled after exp_opts.handler_timeout_s = {limit:g}s")
-        elif time.monotonic() - began > limit:  # a sync handler cannot be stopped, only reported
-            raise TimeoutError(f"took {time.monotonic() - began:.1f}s, over exp_opts.handler_timeout_s = {limit:g}s")
+        if limit is None:
+            await result  # type: ignore[misc]
+            return
+        with anyio.move_on_after(limit) as scope:
+            await result  # type: ignore[misc]
+        if scope.cancelled_caught:
+            raise TimeoutError(f"cancelled after exp_opts.handler_timeout_s = {limit:g}s")
 
     def _sink_failed(self, sub: Subscription, event: Event, exc: BaseException) -> None:
         self.sink_errors += 1

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .meta import materialise
 from .swin import SWIN_DERIVED_KEYS, SWIN_LAYOUTS, SwinTrunk
 
 __all__ = ["NECKS", "REID_MODELS", "ReidNet", "build_reid_model", "empty_reid_model", "load_pretrained"]
@@ -191,7 +192,7 @@ def empty_reid_model(model_opts: Mapping[str, Any], *, device: str | torch.devic
         raise ValueError(f"model_opts.neck: expected one of {', '.join(NECKS)}, found {neck!r}")
     with torch.device("meta"):
         model = ReidNet(_trunk(name, width, last_stride), num_classes, neck)
-    model = model.to_empty(device=device)
+    model = materialise(model, device)
     _freeze(model, model_opts)
     return model
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import backbones
+from .meta import materialise
 from .registry import Catalogue, Component, is_target, load_target
 
 __all__ = ["MODELS", "CATALOGUE", "RESERVED", "build_model", "empty_model", "fits_small"]
@@ -101,7 +102,7 @@ def empty_model(
         return _user_model(model_opts, tuple(input_shape), num_classes, 0).to(device)
     with torch.device("meta"):
         model = _construct(model_opts, tuple(input_shape), num_classes)
-    return model.to_empty(device=device)
+    return materialise(model, device)
 
 
 def _construct(model_opts: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, StepLR
 
+from .lazydynamo import prepare_optimizer_class
 from .registry import Catalogue, Component, is_target, load_target
 from .progress import report_epoch
 
@@ -101,10 +102,12 @@ def build_optimizer(opts: Mapping[str, Any], params: Iterable[nn.Parameter]) -> 
         opts = {**OPTIMIZER_OPTIONS[name], **opts}
         lr = _number(opts, "lr", "optimizer_opts")
         decay = _number(opts, "weight_decay", "optimizer_opts", positive=False)
+        cls = torch.optim.SGD if name == "sgd" else torch.optim.Adam
+        prepare_optimizer_class(cls)
         if name == "sgd":
             momentum = _number(opts, "momentum", "optimizer_opts", positive=False)
-            return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=decay)
-        return torch.optim.Adam(params, lr=lr, weight_decay=decay)
+            return cls(params, lr=lr, momentum=momentum, weight_decay=decay)
+        return cls(params, lr=lr, weight_decay=decay)
     if isinstance(name, str) and is_target(name):
         return _build_user(name, OPTIMIZER_CATALOGUE, "optimizer_opts", params, opts)
     raise ValueError(f"optimizer_opts.name: expected one of {', '.join(OPTIMIZERS)}, found {name!r}")
@@ -133,6 +136,7 @@ def _build_user(name: str, catalogue: Catalogue, where: str, first: Any, opts: M
     problem = catalogue.check(cls)
     if problem:
         raise ValueError(f"{where}.name: expected {problem}, found {name}")
+    prepare_optimizer_class(cls)
     try:
         return cls(first, **_user_options(opts))
     except (TypeError, ValueError) as exc:
@@ -239,18 +243,21 @@ def _epoch(
     augment_generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
-    for batch in order.split(batch_size):
-        xb, yb = x[batch], y[batch]
+    predicted = torch.empty(order.shape, device=x.device, dtype=torch.long)
+    for batch, guesses in zip(order.split(batch_size), predicted.split(batch_size)):
+        xb = x[batch]
         if augment is not None:
             xb = augment(xb, augment_generator)
         optimizer.zero_grad(set_to_none=True)
-        loss, logits = batch_loss(xb, yb)
+        loss, logits = batch_loss(xb, y[batch])
         loss.backward()
         optimizer.step()
-        # Sums stay on the device: reading them per batch would stall a GPU on every step.
+        # Sums stay on the device: reading them per batch would stall a GPU on every step. The loss is summed
+        # batch by batch (the record's float sums, in their order); the predictions are kept and compared with
+        # the labels once per epoch, one kernel per batch instead of four (issue 12: per-step overhead).
         loss_sum.add_(loss.detach(), alpha=batch.numel())
-        correct += (logits.detach().argmax(1) == yb).sum()
+        torch.argmax(logits.detach(), 1, out=guesses)
+    correct = (predicted == y[order]).sum()
     return loss_sum, correct
 
 

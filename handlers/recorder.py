@@ -32,7 +32,7 @@ from fedevents.engine.events import (
 from .atomic import output_failed, write_text_atomic
 from .logsink import SINK_PRIORITY
 
-__all__ = ["JsonRecorder", "format_record", "write_json_atomic", "write_text_atomic"]
+__all__ = ["JsonRecorder", "format_client", "format_record", "write_json_atomic", "write_text_atomic"]
 
 _EVENTS = (ExperimentStarted, TrainDone, ValDone, GlobalValDone, ClientUploaded, ClientFailed, RoundFinished, ExperimentFinished,
            ExperimentFailed,
@@ -44,15 +44,22 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, strict_json(obj))
 
 
-def format_record(record: Mapping[str, Any]) -> str:
+def format_client(client: str, rounds: Mapping[str, Any]) -> str:
+    """One client's line under the record's ``data``."""
+    return f"    {json.dumps(client)}: {strict_json(rounds, separators=(', ', ': '))}"
+
+
+def format_record(record: Mapping[str, Any], client_lines: Mapping[str, str] | None = None) -> str:
     """The record as JSON a person can read and diff: one line per client under ``data``.
 
     Indenting everything would double the size and run the pure-Python encoder over every metric.
+    ``client_lines`` holds ``format_client`` lines already made for (some of) the clients under ``data``.
     """
+    made = client_lines or {}
     parts = []
     for key, value in record.items():
         if key == "data":
-            clients = ",\n".join(f"    {json.dumps(c)}: {strict_json(r, separators=(', ', ': '))}" for c, r in value.items())
+            clients = ",\n".join(made.get(c) or format_client(c, r) for c, r in value.items())
             body = "{\n" + clients + "\n  }" if clients else "{}"
         else:
             body = strict_json(value, indent=2).replace("\n", "\n  ")
@@ -78,6 +85,9 @@ class JsonRecorder:
         self._comm: dict[str, list[int]] = {}  # round -> [uploads, bytes]
         self._global: dict[str, dict[str, dict[str, float]]] = {}  # round -> task -> metrics of the global model
         self._dirty = False
+        # Each client's line of the record, kept until the client's metrics change: a round's write encodes
+        # the clients of that round, not every client of the run again (issue 12: repeated serialisation).
+        self._lines: dict[str, str] = {}
         self._subs: list[Subscription] = []
         self._restored: dict[str, Any] | None = None
 
@@ -137,7 +147,10 @@ class JsonRecorder:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.path, format_record(self._snapshot()))
+            for client, rounds in self._data.items():
+                if client not in self._lines:
+                    self._lines[client] = format_client(client, _in_order(rounds))
+            write_text_atomic(self.path, format_record(self._snapshot(self._lines), self._lines))
         except OSError as exc:  # the previous record stays whole; the run stops before its checkpoint
             raise output_failed(self.path, exc) from None
         self._dirty = False
@@ -169,6 +182,7 @@ class JsonRecorder:
             self._data, self._comm, self._failures, self._global = _restored_rounds(self._restored, ev.first_round)
         elif ev.resumed:
             self._data, self._comm, self._global = _earlier_rounds(self.path, ev.first_round)
+        self._lines.clear()
         self.write()
 
     def _merge(self, client: str, rnd: int, task: str, metrics: Mapping[str, float]) -> None:
@@ -184,6 +198,7 @@ class JsonRecorder:
             tasks[task] = dict(metrics)
         else:
             slot.update(metrics)
+        self._lines.pop(client, None)
         self._dirty = True
 
     def _failed_client(self, ev: ClientFailed) -> None:
@@ -204,13 +219,11 @@ class JsonRecorder:
         self.record.update(extra)
         self.write()
 
-    def _snapshot(self) -> dict[str, Any]:
+    def _snapshot(self, lines: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The record as written; clients with a line in ``lines`` keep their rounds unsorted (unused)."""
         out = dict(self.record or {})
-        # Rounds arrive in order except after a resume; numeric order keeps "10" after "9".
-        out["data"] = {
-            client: dict(sorted(rounds.items(), key=lambda kv: int(kv[0])))
-            for client, rounds in self._data.items()
-        }
+        made = lines or {}
+        out["data"] = {client: rounds if client in made else _in_order(rounds) for client, rounds in self._data.items()}
         if self._comm:
             by_round = dict(sorted(self._comm.items(), key=lambda kv: int(kv[0])))
             out["comm"] = {"uploads": sum(v[0] for v in by_round.values()),
@@ -220,6 +233,11 @@ class JsonRecorder:
         if self._failures:
             out["failures"] = list(self._failures)
         return out
+
+
+def _in_order(rounds: Mapping[str, Any]) -> dict[str, Any]:
+    """A client's rounds in numeric order ("10" after "9"): they arrive in order except after a resume."""
+    return dict(sorted(rounds.items(), key=lambda kv: int(kv[0])))
 
 
 def _earlier_rounds(path: Path, first_round: int) -> tuple[dict[str, dict[str, Any]], dict[str, list[int]],

@@ -259,3 +259,39 @@ def test_configure_logging_alone_writes_lines_and_restores(tmp_path: Path) -> No
     assert [(line["event"], line["level"], line["run_id"]) for line in lines] == [
         ("epoch finished", "info", "r1"), ("slow device", "warning", "r1")]
     assert console_messages(console) == ["[warning] slow device  device=cuda:1 run_id=r1 logger=fedevents.federated"]
+
+
+# Values of every kind an event field holds, awkward ones included: escapes, non-ASCII, huge and tiny numbers,
+# NaN and infinities (written as strings), ints in float fields, numpy-like float subclasses, empty mappings.
+class _Float64(float):
+    pass
+
+
+_SAMPLES = {
+    "str": ["client-0", 'ü "quoted" \\ \n\t\u2028 😀', ""],
+    "int": [0, -7, 2**70],
+    "float": [1.5, 0.1, -0.0, 5e-324, 1e22, float("nan"), float("inf"), float("-inf"), 3, _Float64(2.5)],
+    "bool": [True, False],
+    "tuple[str, ...]": [("synth",), (), ("a", "ü")],
+    "Mapping[str, float]": [{"acc": 0.5, "loss": 1e-7}, {}, {"loss": float("nan")}, {"n": 3}, {"ü": _Float64(1.0)}],
+}
+
+
+def test_event_json_writes_every_event_exactly_as_strict_json_of_to_dict() -> None:
+    """event_json writes the text without building the dict; it must be the same bytes for any value."""
+    import dataclasses
+
+    from fedevents.engine.events import EVENT_TYPES, strict_json, to_dict
+    from fedevents.handlers.logsink import event_json
+
+    checked = 0
+    for cls in EVENT_TYPES:
+        fields = dataclasses.fields(cls)
+        for variant in range(10):
+            values = {f.name: _SAMPLES[str(f.type)][(variant + i) % len(_SAMPLES[str(f.type)])]
+                      for i, f in enumerate(fields)}
+            event = cls(**values)
+            assert event_json(event) == strict_json(to_dict(event)), (cls.__name__, values)
+            checked += 1
+    assert checked == 10 * len(EVENT_TYPES)
+    assert json.loads(event_json(event))["event"] == EVENT_TYPES[-1].__name__

@@ -171,6 +171,25 @@ async def test_the_record_keeps_one_line_per_client(recorder, run) -> None:
     assert '    "c1": {"1": {"t0": {"tr_acc": 0.7, "tr_loss": 0.8}}}\n' in text
 
 
+async def test_a_clients_line_is_made_again_only_when_its_metrics_change(recorder, run, monkeypatch) -> None:
+    """Issue 12: every round's write encoded every client of the run again."""
+    from fedevents.handlers import recorder as module
+
+    made: list[str] = []
+    encode = module.format_client
+    monkeypatch.setattr(module, "format_client", lambda c, r: made.append(c) or encode(c, r))
+    await run.start()
+    await train_done(run, "c0", 1, "t0", tr_acc=0.5)
+    await train_done(run, "c1", 1, "t0", tr_acc=0.25)
+    await round_finished(run, 1)
+    await val_done(run, "c1", 1, "t0", val_acc=0.75)
+    await train_done(run, "c2", 2, "t0", tr_acc=0.125)
+    await round_finished(run, 2)
+    assert made == ["c0", "c1", "c1", "c2"]
+    assert recorder.path.read_text() == module.format_record(recorder._snapshot())
+    assert load(recorder.path)["data"]["c1"] == {"1": {"t0": {"tr_acc": 0.25, "val_acc": 0.75}}}
+
+
 async def uploaded(run, client: str, rnd: int, nbytes: int) -> None:
     await run.emit(ClientUploaded, round=rnd, client=client, task="t0", samples=8, nbytes=nbytes)
 

@@ -1,0 +1,95 @@
+"""Per-step cost of local training: fedevents' ``train_local`` beside a bare torch loop, same SGD steps.
+
+    python benchmarks/bench_step.py [--samples 640] [--epochs 5] [--repeats 7]
+
+The issue-12 workload: an MLP 256-384-10 on 1x16x16 inputs, 10 classes, SGD (lr 0.05, no momentum), batch 32,
+one torch thread. The bare loop draws the same permutations and steps the same optimizer, without keeping
+loss or accuracy; ``train_local`` also sums both (what the record shows). Both start from the same weights
+and must end with bit-identical weights, or the benchmark stops. Repeats alternate between the two; the
+figure is the median CPU time per SGD step (one torch thread: on a shared machine steadier than wall time,
+and the same on an idle one), and the overhead the median of the per-repeat ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _machine import describe  # noqa: E402
+
+from fedevents.federated.training import build_optimizer, train_local  # noqa: E402
+from fedevents.handlers.logsink import configure_logging  # noqa: E402
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(256, 384), nn.ReLU(), nn.Linear(384, 10))
+
+
+def bare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, seed: int) -> float:
+    optimizer = build_optimizer({"name": "sgd", "lr": 0.05}, model.parameters())
+    shuffle = torch.Generator().manual_seed(seed)
+    model.train()
+    began = time.process_time()
+    for _ in range(epochs):
+        for idx in torch.randperm(y.shape[0], generator=shuffle).split(batch):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+    return time.process_time() - began
+
+
+def fedevents(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, seed: int) -> float:
+    optimizer = build_optimizer({"name": "sgd", "lr": 0.05}, model.parameters())
+    began = time.process_time()
+    train_local(model, optimizer, None, nn.CrossEntropyLoss(), x, y, epochs=epochs, batch_size=batch,
+                shuffle=torch.Generator().manual_seed(seed))
+    return time.process_time() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--samples", type=int, default=640)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    # train_local logs a line per epoch: configured as in a run without a console (a JSON line to a file).
+    configure_logging(open(os.devnull, "w"), console=None)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(args.samples, 1, 16, 16, generator=gen)
+    y = torch.randint(0, 10, (args.samples,), generator=gen)
+    steps = args.epochs * -(-args.samples // 32)
+    times: dict[str, list[float]] = {"bare": [], "fedevents": []}
+    for repeat in range(args.repeats + 1):
+        models = {}
+        for name, run in (("bare", bare), ("fedevents", fedevents)) if repeat % 2 else (("fedevents", fedevents),
+                                                                                        ("bare", bare)):
+            models[name] = _model()
+            took = run(models[name], x, y, args.epochs, 32, seed=repeat)
+            if repeat:  # the first round warms both up
+                times[name].append(took / steps)
+        same = all(torch.equal(a, b) for a, b in zip(models["bare"].parameters(), models["fedevents"].parameters()))
+        if not same:
+            raise SystemExit("the two loops ended with different weights: they did not do the same arithmetic")
+    print(f"machine: {describe()}")
+    print(f"{steps} SGD steps per run, {args.repeats} alternating runs each; median (best)\n")
+    print("| loop | CPU ms per step |")
+    print("|---|---:|")
+    for name, runs in times.items():
+        print(f"| {name} | {statistics.median(runs) * 1e3:.3f} ({min(runs) * 1e3:.3f}) |")
+    ratio = statistics.median(f / b for f, b in zip(times["fedevents"], times["bare"]))
+    print(f"\nper-step overhead of train_local: {(ratio - 1) * 100:+.1f} % (median of per-run ratios)")
+
+
+if __name__ == "__main__":
+    main()
