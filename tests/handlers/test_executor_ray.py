@@ -89,6 +89,42 @@ def test_two_node_record_equals_the_thread_executors_to_the_last_digit(cluster: 
     assert cluster.remaining_processes_alive()
 
 
+TWO_LAYER = '''
+import math
+from torch import nn
+
+class TwoLayer(nn.Module):
+    defaults = {"hidden": 16}
+    def __init__(self, input_shape, num_classes, hidden=16):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, num_classes)
+    def forward(self, x):
+        return self.head(self.body(x))
+'''
+
+
+def test_a_model_in_a_file_next_to_the_config_runs_on_ray_actors(cluster: Cluster, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "ray_two_layer.py").write_text(TWO_LAYER)
+    (folder / "exp.yaml").write_text(DEMO.read_text())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the actors find the module by the config's folder, not the working one
+    # (before the test that kills a node: a run started just after it may still see that node)
+    monkeypatch.delitem(sys.modules, "ray_two_layer", raising=False)
+    model = {"model_opts.name": "ray_two_layer:TwoLayer", "model_opts.hidden": 8}
+    overrides = small(tmp_path / "ray", executor="ray", parallel=1, **{"ray.address": cluster.address}, **model)
+    exp = build_experiment(folder / "exp.yaml", overrides=overrides, console=None)
+    exp.run(handle_signals=False)
+    on_ray = json.loads(exp.paths.record.read_text())
+    on_thread, _ = run(tmp_path / "thread", **model)
+    assert on_ray["status"] == "finished"
+    assert on_ray["data"] == on_thread["data"]
+
+
 def test_a_node_killed_mid_round_fails_its_clients_and_the_run_finishes(cluster: Cluster, tmp_path: Path) -> None:
     doomed = cluster.add_node(**NODE)
     cluster.wait_for_nodes(timeout=60)
@@ -262,37 +298,3 @@ def test_an_address_nothing_answers_at_is_refused_at_once(tmp_path: Path) -> Non
                                  f"nothing answering there ([Errno 111] Connection refused)")
     assert not ray.is_initialized()
 
-
-TWO_LAYER = '''
-import math
-from torch import nn
-
-class TwoLayer(nn.Module):
-    defaults = {"hidden": 16}
-    def __init__(self, input_shape, num_classes, hidden=16):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, num_classes)
-    def forward(self, x):
-        return self.head(self.body(x))
-'''
-
-
-def test_a_model_in_a_file_next_to_the_config_runs_on_ray_actors(cluster: Cluster, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = tmp_path / "study"
-    folder.mkdir()
-    (folder / "ray_two_layer.py").write_text(TWO_LAYER)
-    (folder / "exp.yaml").write_text(DEMO.read_text())
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)  # the actors find the module by the config's folder, not the working one
-    monkeypatch.delitem(sys.modules, "ray_two_layer", raising=False)
-    model = {"model_opts.name": "ray_two_layer:TwoLayer", "model_opts.hidden": 8}
-    overrides = small(tmp_path / "ray", executor="ray", parallel=1, **{"ray.address": cluster.address}, **model)
-    exp = build_experiment(folder / "exp.yaml", overrides=overrides, console=None)
-    exp.run(handle_signals=False)
-    on_ray = json.loads(exp.paths.record.read_text())
-    on_thread, _ = run(tmp_path / "thread", **model)
-    assert on_ray["status"] == "finished"
-    assert on_ray["data"] == on_thread["data"]
