@@ -15,6 +15,7 @@ from fedevents.engine.vocabulary import Vocabulary
 from fedevents.federated import Federation, check_device
 from fedevents.federated.check import check_config
 from fedevents.federated.fingerprint import data_fingerprint
+from fedevents.federated.methods import method_class
 from fedevents.federated.vocabulary import CATALOGUES
 from fedevents.handlers import ClientWork, JsonRecorder, LogSink, TraceRecorder
 from fedevents.handlers.checkpoint import (
@@ -309,6 +310,8 @@ def _add_work(exp: Experiment, checkpoint: Checkpoint | None, components: dict[s
     checkpointer (its dry-run twin in a dry run), which saves ``components``' state with each checkpoint."""
     config = exp.config
     opts = config.data["exp_opts"]
+    # The dry run asks the method too, so that it keeps or re-scores exactly the clients a real run would.
+    exp.reuse_scores = method_class(config.method).reusable_scores
     if exp.dry_run:
         exp.add(ClientWork(SimulatedFederation(config.data), SimulatedExecutor(config.data), exp.pool, exp.bus,
                            exp.context))

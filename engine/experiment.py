@@ -82,6 +82,9 @@ class Experiment:
         self.components: list[Any] = []
         #: What steering handlers may do to this run (set by ``provide_control``); None until then.
         self.control: Any = None
+        #: Whether validation may keep the scores of clients whose stored state has not changed (with
+        #: ``exp_opts.val_reuse``); whoever builds the experiment clears it for a method that does not allow it.
+        self.reuse_scores = True
         self.engine: Engine | None = None
         self._closers: list[Callable[[], None]] = []
         self._results = ResultTracker()
@@ -154,7 +157,8 @@ class Experiment:
             self.engine = Engine(self.config, self.bus, self.context, dry_run=self.dry_run,
                                  max_in_flight=self.max_in_flight,
                                  resume_round=None if resume is None else resume.round,
-                                 participations=None if resume is None else resume.participations)
+                                 participations=None if resume is None else resume.participations,
+                                 reuse_scores=self.reuse_scores)
             if handle_signals and threading.current_thread() is threading.main_thread():
                 await _run_with_signals(self.engine)
             else:

@@ -1,7 +1,9 @@
 """The JSON recorder: the FedSTIL experiment record, ``data.<client>.<round>.<task>.<metric>``.
 
 Training and validation metrics of one (client, round, task) are merged into one dict, so neither erases
-the other. The record is kept in memory and written whole, atomically (temporary file, fsync, rename),
+the other. Clients that keep their scores in a round (ValReused) get the scores they keep under that round;
+the rounds a client keeps one scoring share one dict of it in memory, so a record of 100,000 clients that
+keep theirs holds one small dict per client scoring, not one per client and round. The record is kept in memory and written whole, atomically (temporary file, fsync, rename),
 only when a round finishes and when the run ends, never on every event.
 """
 
@@ -25,6 +27,7 @@ from fedevents.engine.events import (
     TrainDone,
     GlobalValDone,
     ValDone,
+    ValReused,
     json_safe,
     strict_json,
 )
@@ -34,7 +37,7 @@ from .logsink import SINK_PRIORITY
 
 __all__ = ["JsonRecorder", "format_record", "write_json_atomic", "write_text_atomic"]
 
-_EVENTS = (ExperimentStarted, TrainDone, ValDone, GlobalValDone, ClientUploaded, ClientFailed, RoundFinished, ExperimentFinished,
+_EVENTS = (ExperimentStarted, TrainDone, ValDone, ValReused, GlobalValDone, ClientUploaded, ClientFailed, RoundFinished, ExperimentFinished,
            ExperimentFailed,
            ExperimentInterrupted)
 
@@ -80,6 +83,8 @@ class JsonRecorder:
         self._dirty = False
         self._subs: list[Subscription] = []
         self._restored: dict[str, Any] | None = None
+        # client -> (the scores a ValReused named, the record's dict of them shared by the rounds that keep them)
+        self._kept: dict[str, tuple[Mapping[str, Any], dict[str, dict[str, float]]]] = {}
 
     def subscribe(self, bus: EventBus, *, priority: int = SINK_PRIORITY) -> list[Subscription]:
         self._subs.append(bus.subscribe(_EVENTS, self.handle, priority=priority))
@@ -90,6 +95,9 @@ class JsonRecorder:
         if kind is TrainDone or kind is ValDone:
             if self.record is not None:
                 self._merge(event.client, event.round, event.task, event.metrics)  # type: ignore[attr-defined]
+        elif kind is ValReused:
+            if self.record is not None:
+                self._reused(event)  # type: ignore[arg-type]
         elif kind is GlobalValDone:
             if self.record is not None:
                 tasks = self._global.setdefault(str(event.round), {})  # type: ignore[attr-defined]
@@ -173,11 +181,30 @@ class JsonRecorder:
         tasks = rounds.get(key)
         if tasks is None:
             tasks = rounds[key] = {}
+        elif client in self._kept and tasks is self._kept[client][1]:  # shared by rounds: copy, then write
+            tasks = rounds[key] = {name: dict(metrics) for name, metrics in tasks.items()}
         slot = tasks.get(task)
         if slot is None:
             tasks[task] = dict(metrics)
         else:
             slot.update(metrics)
+        self._dirty = True
+
+    def _reused(self, ev: ValReused) -> None:
+        key = str(ev.round)
+        data, kept = self._data, self._kept
+        for client, scores in zip(ev.clients, ev.scores):
+            known = kept.get(client)
+            if known is None or known[0] is not scores:
+                known = kept[client] = (scores, {task: dict(metrics) for task, metrics in scores.items()})
+            rounds = data.get(client)
+            if rounds is None:
+                rounds = data[client] = {}
+            tasks = rounds.get(key)
+            # A client that keeps its scores did not train in the round, so the round is new to it; merge
+            # into fresh dicts all the same, never into the shared one.
+            rounds[key] = known[1] if tasks is None else {
+                **tasks, **{task: {**tasks.get(task, {}), **metrics} for task, metrics in known[1].items()}}
         self._dirty = True
 
     def _failed_client(self, ev: ClientFailed) -> None:

@@ -17,7 +17,8 @@ from .fedweit import FedWeIT
 from .icarl import ICaRL
 from .mas import MAS
 
-__all__ = ["LocalRound", "Method", "ModelOutput", "ServerState", "REGISTRY", "METHODS", "CATALOGUE", "build_method"]
+__all__ = ["LocalRound", "Method", "ModelOutput", "ServerState", "REGISTRY", "METHODS", "CATALOGUE", "build_method",
+           "method_class"]
 
 REGISTRY: dict[str, type[Method]] = {
     m.name: m for m in (Baseline, EWC, FedAvg, FedCurv, FedProx, FedSTIL, FedSTILAtten, FedWeIT, ICaRL, MAS)
@@ -47,6 +48,13 @@ def build_method(name: str, options: Mapping[str, Any] | None = None, *, seed: i
     A ``"package.module:Name"`` was imported when the config was checked (from the config's folder if it
     sits there), so importing it again finds the loaded module.
     """
+    method = method_class(name)(options)
+    method.seed = seed
+    return method
+
+
+def method_class(name: str) -> type[Method]:
+    """The class ``exp_method`` names (what it declares, such as ``reusable_scores``, without building it)."""
     if name in REGISTRY:
         cls = REGISTRY[name]
     elif is_target(name):
@@ -56,6 +64,4 @@ def build_method(name: str, options: Mapping[str, Any] | None = None, *, seed: i
             raise ValueError(f"exp_method: expected {problem}, found {name}")
     else:
         raise ValueError(f"exp_method: expected one of {', '.join(sorted(REGISTRY))}, found {name!r}")
-    method = cls(options)
-    method.seed = seed
-    return method
+    return cls
