@@ -47,20 +47,68 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, strict_json(obj))
 
 
-def format_record(record: Mapping[str, Any]) -> str:
+def format_record(record: Mapping[str, Any], *, lines: "ClientLines | None" = None) -> str:
     """The record as JSON a person can read and diff: one line per client under ``data``.
 
-    Indenting everything would double the size and run the pure-Python encoder over every metric.
+    Indenting everything would double the size and run the pure-Python encoder over every metric. ``lines``
+    keeps the text of the rounds already written (a recorder writes the same record again each round).
     """
+    lines = lines or ClientLines()
     parts = []
     for key, value in record.items():
         if key == "data":
-            clients = ",\n".join(f"    {json.dumps(c)}: {strict_json(r, separators=(', ', ': '))}" for c, r in value.items())
+            clients = ",\n".join([lines.line(c, r) for c, r in value.items()])
             body = "{\n" + clients + "\n  }" if clients else "{}"
         else:
             body = strict_json(value, indent=2).replace("\n", "\n  ")
         parts.append(f"  {json.dumps(key)}: {body}")
     return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+_encode = json.JSONEncoder(separators=(", ", ": "), allow_nan=False, default=str).encode
+
+
+def _text(value: Any) -> str:
+    """``strict_json(value, separators=(', ', ': '))``, with an encoder made once instead of per call."""
+    try:
+        return _encode(value)
+    except ValueError:  # a NaN or an infinity somewhere
+        return _encode(json_safe(value))
+
+
+class ClientLines:
+    """Each client's line under the record's ``data``, the text of its earlier rounds kept between writes.
+
+    A client's rounds only ever grow at the end, and every round but its last is final (a round's training
+    and validation metrics arrive before the next round's), so only the last round is encoded again on each
+    write. ``forget(client)`` drops what is kept, for a client whose rounds were reordered.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[int, str]] = {}  # client -> (rounds kept, '    "name": {<their text>')
+
+    def forget(self, client: str) -> None:
+        self._kept.pop(client, None)
+
+    def line(self, client: str, rounds: Mapping[str, Any]) -> str:
+        if not rounds:
+            return f"    {json.dumps(client)}: {{}}"
+        kept, text = self._kept.get(client, (0, ""))
+        last = len(rounds) - 1
+        if kept > last:  # fewer rounds than before: start over
+            kept, text = 0, ""
+        if not text:
+            text = f"    {json.dumps(client)}: {{"
+        if kept < last:
+            items = list(rounds.items())
+            new = ", ".join([f"{json.dumps(r)}: {_text(v)}" for r, v in items[kept:last]])
+            text = text + new if kept == 0 else f"{text}, {new}"
+            self._kept[client] = (kept, text) = (last, text)
+            r, v = items[last]
+        else:
+            r = next(reversed(rounds))
+            v = rounds[r]
+        return f"{text}{', ' if kept else ''}{json.dumps(r)}: {_text(v)}}}"
 
 
 class JsonRecorder:
@@ -85,6 +133,8 @@ class JsonRecorder:
         self._restored: dict[str, Any] | None = None
         # client -> (the scores a ValReused named, the record's dict of them shared by the rounds that keep them)
         self._kept: dict[str, tuple[Mapping[str, Any], dict[str, dict[str, float]]]] = {}
+        self._lines = ClientLines()
+        self._unordered: set[str] = set()  # clients whose rounds did not arrive in order (a resume's)
 
     def subscribe(self, bus: EventBus, *, priority: int = SINK_PRIORITY) -> list[Subscription]:
         self._subs.append(bus.subscribe(_EVENTS, self.handle, priority=priority))
@@ -145,7 +195,7 @@ class JsonRecorder:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.path, format_record(self._snapshot()))
+            write_text_atomic(self.path, format_record(self._snapshot(), lines=self._lines))
         except OSError as exc:  # the previous record stays whole; the run stops before its checkpoint
             raise output_failed(self.path, exc) from None
         self._dirty = False
@@ -171,6 +221,7 @@ class JsonRecorder:
             self._data, self._comm, self._failures, self._global = _restored_rounds(self._restored, ev.first_round)
         elif ev.resumed:
             self._data, self._comm, self._global = _earlier_rounds(self.path, ev.first_round)
+        self._unordered.update(self._data)  # whatever order the earlier rounds came in, they are sorted once
         self.write()
 
     def _merge(self, client: str, rnd: int, task: str, metrics: Mapping[str, float]) -> None:
@@ -180,6 +231,8 @@ class JsonRecorder:
         key = str(rnd)
         tasks = rounds.get(key)
         if tasks is None:
+            if rounds and int(next(reversed(rounds))) > rnd:
+                self._unordered.add(client)
             tasks = rounds[key] = {}
         elif client in self._kept and tasks is self._kept[client][1]:  # shared by rounds: copy, then write
             tasks = rounds[key] = {name: dict(metrics) for name, metrics in tasks.items()}
@@ -201,6 +254,8 @@ class JsonRecorder:
             if rounds is None:
                 rounds = data[client] = {}
             tasks = rounds.get(key)
+            if tasks is None and rounds and int(next(reversed(rounds))) > ev.round:
+                self._unordered.add(client)
             # A client that keeps its scores did not train in the round, so the round is new to it; merge
             # into fresh dicts all the same, never into the shared one.
             rounds[key] = known[1] if tasks is None else {
@@ -227,11 +282,13 @@ class JsonRecorder:
 
     def _snapshot(self) -> dict[str, Any]:
         out = dict(self.record or {})
-        # Rounds arrive in order except after a resume; numeric order keeps "10" after "9".
-        out["data"] = {
-            client: dict(sorted(rounds.items(), key=lambda kv: int(kv[0])))
-            for client, rounds in self._data.items()
-        }
+        # Rounds arrive in order except, rarely, after a resume; numeric order keeps "10" after "9".
+        for client in self._unordered:
+            rounds = self._data[client]
+            self._data[client] = dict(sorted(rounds.items(), key=lambda kv: int(kv[0])))
+            self._lines.forget(client)
+        self._unordered.clear()
+        out["data"] = self._data
         if self._comm:
             by_round = dict(sorted(self._comm.items(), key=lambda kv: int(kv[0])))
             out["comm"] = {"uploads": sum(v[0] for v in by_round.values()),

@@ -124,3 +124,20 @@ def test_the_ledger_keeps_scores_until_the_client_or_the_global_model_changes() 
     off.score("a", "t", {"val_acc": 0.5})
     off.scored("a", 0)
     assert off.split(["a"]) == (["a"], [])
+
+
+async def test_a_resumed_run_ends_with_the_uninterrupted_record(tmp_path: Path) -> None:
+    six = {"exp_opts.comm_rounds": 6}  # validated in rounds 0, 2, 4 and 6; cut after round 2
+    _, whole = await run(tmp_path / "whole", **six)
+    overrides = demo(tmp_path / "cut", **six)
+    cut = build_experiment(ROOT / "configs/demo.yaml", overrides=overrides, console=None)
+    cut.bus.subscribe(RoundFinished, lambda ev: cut.finish_after_round("cut") if ev.round == 2 else None)
+    await cut.run_async()
+    resumed = build_experiment(ROOT / "configs/demo.yaml", overrides=overrides, console=None, resume=True)
+    rec = EventRecorder(resumed.bus)
+    await resumed.run_async()
+    record = json.loads(resumed.paths.record.read_text())
+    assert record["status"] == "finished" and record["data"] == whole["data"]
+    reused = {e.round: len(e.clients) for e in rec.events if isinstance(e, ValReused)}
+    assert 4 not in reused  # nothing kept across the resume: every client scored again
+    assert reused.get(6, 0) > 0  # and kept again afterwards

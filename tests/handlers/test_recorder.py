@@ -197,3 +197,37 @@ async def test_a_resumed_run_counts_uploads_of_repeated_rounds_once(tmp_path: Pa
     await round_finished(run, 2)
     recorder.close()
     assert load(path)["comm"] == {"uploads": 2, "upload_bytes": 30, "by_round": {"1": [1, 10], "2": [1, 20]}}
+
+
+async def test_kept_scores_land_under_each_round_that_keeps_them(recorder, run, tmp_path: Path) -> None:
+    from fedevents.engine.events import ValReused
+
+    await run.start()
+    await train_done(run, "c0", 1, "t0", tr_acc=0.5)
+    await val_done(run, "c0", 1, "t0", val_acc=0.25)
+    await val_done(run, "c0", 1, "t1", val_acc=0.75)
+    await round_finished(run, 1)
+    kept = ({"t0": {"val_acc": 0.25}, "t1": {"val_acc": 0.75}},)
+    for rnd in (2, 3):
+        await run.emit(ValReused, round=rnd, clients=("c0",), scored_in=(1,), scores=kept)
+        await round_finished(run, rnd)
+    await train_done(run, "c0", 3, "t1", tr_acc=0.875)  # never seen in a run; must not reach round 2
+    data = load(recorder.path)["data"]["c0"]
+    assert data["1"] == {"t0": {"tr_acc": 0.5, "val_acc": 0.25}, "t1": {"val_acc": 0.75}}
+    assert data["2"] == data["3"] == {"t0": {"val_acc": 0.25}, "t1": {"val_acc": 0.75}}
+    assert recorder.metrics("c0", 3, "t1") == {"val_acc": 0.75, "tr_acc": 0.875}
+    assert recorder.metrics("c0", 2, "t1") == {"val_acc": 0.75}
+
+
+async def test_the_record_text_is_the_same_when_rounds_are_written_again(recorder, run) -> None:
+    # The recorder keeps the text of earlier rounds; each write must equal a fresh encoding of the whole.
+    from fedevents.handlers.recorder import format_record
+
+    await run.start()
+    for rnd in (1, 2, 3):
+        await val_done(run, "c0", rnd, "t0", val_acc=rnd / 4, val_loss=float("nan") if rnd == 2 else 1.0)
+        if rnd != 2:
+            await train_done(run, "c1", rnd, "t0", tr_acc=rnd / 8)
+        await round_finished(run, rnd)
+        assert recorder.path.read_text() == format_record(recorder._snapshot())
+    assert load(recorder.path)["data"]["c0"]["2"]["t0"]["val_loss"] == "NaN"
