@@ -1,11 +1,13 @@
 """Validation at scale: a dry run of many clients with the default validation, kept scores on and off.
 
     python benchmarks/bench_validation.py [--clients 100000] [--rounds 10] [--online 1000]
-                                          [--variants reuse,rescore,online] [--repeat 1] [--out FILE.json]
+                                          [--variants reuse,rescore,online] [--repeat 1] [--real]
+                                          [--out FILE.json]
 
 Each variant is one dry run (``fedevents run --dry-run``, default outputs: record, log, events, trace) of
 FedAvg on the synthetic task, ``--clients`` clients of which ``--online`` train per round, in a process of
-its own; variants alternate when ``--repeat`` is above 1. Reported per run: the wall time of the process,
+its own; variants alternate when ``--repeat`` is above 1. ``--real`` trains and scores for real instead (use
+it with a few hundred clients): there a validation job is real work, and kept scores save it. Reported per run: the wall time of the process,
 its peak resident set size (``ru_maxrss`` of the child), the bytes it wrote and the events it emitted.
 
 - ``reuse``: the default, ``val_clients: all`` with ``val_reuse: true``: clients whose stored state has not
@@ -57,7 +59,8 @@ def run_one(args: argparse.Namespace, variant: str) -> dict[str, float]:
         exp = experiment(args, variant, folder)
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         began = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "fedevents.cli", "run", str(exp), "--dry-run", "--quiet"],
+        dry = [] if args.real else ["--dry-run"]
+        subprocess.run([sys.executable, "-m", "fedevents.cli", "run", str(exp), *dry, "--quiet"],
                        cwd=folder, env=env, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - began
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -75,6 +78,7 @@ def main() -> None:
     parser.add_argument("--online", type=int, default=1000)
     parser.add_argument("--variants", default="reuse,rescore,online")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--real", action="store_true", help="train and score instead of a dry run")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     variants = args.variants.split(",")
@@ -83,23 +87,24 @@ def main() -> None:
         for variant in variants:
             # One process per run, so each peak RSS is its own: run the measuring child from a fresh parent.
             out = subprocess.run([sys.executable, __file__, "--child", variant, str(args.clients), str(args.rounds),
-                                  str(args.online)], check=True, capture_output=True, text=True).stdout
+                                  str(args.online), "real" if args.real else "dry"],
+                                 check=True, capture_output=True, text=True).stdout
             results[variant].append(json.loads(out))
             print(f"{variant:<8} {json.dumps(results[variant][-1])}", flush=True)
     summary = {"machine": describe(), "date": time.strftime("%Y-%m-%d"), "clients": args.clients,
-               "rounds": args.rounds, "online": args.online, "runs": results}
+               "rounds": args.rounds, "online": args.online, "real": args.real, "runs": results}
     print(json.dumps(summary, indent=2))
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def child(variant: str, clients: str, rounds: str, online: str) -> None:
-    args = argparse.Namespace(clients=int(clients), rounds=int(rounds), online=int(online))
+def child(variant: str, clients: str, rounds: str, online: str, mode: str = "dry") -> None:
+    args = argparse.Namespace(clients=int(clients), rounds=int(rounds), online=int(online), real=mode == "real")
     print(json.dumps(run_one(args, variant)))
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:6])
+        child(*sys.argv[2:7])
     else:
         main()
