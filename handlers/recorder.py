@@ -1,16 +1,16 @@
 """The JSON recorder: the FedSTIL experiment record, ``data.<client>.<round>.<task>.<metric>``.
 
 Training and validation metrics of one (client, round, task) are merged into one dict, so neither erases
-the other. Clients that keep their scores in a round (ValReused) get the scores they keep under that round;
-the rounds a client keeps one scoring share one dict of it in memory, so a record of 100,000 clients that
-keep theirs holds one small dict per client scoring, not one per client and round. The record is kept in memory and written whole, atomically (temporary file, fsync, rename),
-only when a round finishes and when the run ends, never on every event.
+the other. Clients that keep their scores in a round (ValReused) get the scores they keep under that round.
+The record is kept in memory, its finished rounds as text (``RecordData``), and written whole, atomically
+(temporary file, fsync, rename), only when a round finishes and when the run ends, never on every event.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,7 +35,7 @@ from fedevents.engine.events import (
 from .atomic import output_failed, write_text_atomic
 from .logsink import SINK_PRIORITY
 
-__all__ = ["JsonRecorder", "format_record", "write_json_atomic", "write_text_atomic"]
+__all__ = ["JsonRecorder", "RecordData", "format_record", "write_json_atomic", "write_text_atomic"]
 
 _EVENTS = (ExperimentStarted, TrainDone, ValDone, ValReused, GlobalValDone, ClientUploaded, ClientFailed, RoundFinished, ExperimentFinished,
            ExperimentFailed,
@@ -47,17 +47,20 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, strict_json(obj))
 
 
-def format_record(record: Mapping[str, Any], *, lines: "ClientLines | None" = None) -> str:
+def format_record(record: Mapping[str, Any]) -> str:
     """The record as JSON a person can read and diff: one line per client under ``data``.
 
-    Indenting everything would double the size and run the pure-Python encoder over every metric. ``lines``
-    keeps the text of the rounds already written (a recorder writes the same record again each round).
+    Indenting everything would double the size and run the pure-Python encoder over every metric.
     """
-    lines = lines or ClientLines()
+    return _compose(record, lambda data: [f"    {json.dumps(c)}: {_text(r)}" for c, r in data.items()])
+
+
+def _compose(record: Mapping[str, Any], data_lines: Any) -> str:
+    """``format_record``'s layout, with the lines under ``data`` made by ``data_lines(record["data"])``."""
     parts = []
     for key, value in record.items():
         if key == "data":
-            clients = ",\n".join([lines.line(c, r) for c, r in value.items()])
+            clients = ",\n".join(data_lines(value))
             body = "{\n" + clients + "\n  }" if clients else "{}"
         else:
             body = strict_json(value, indent=2).replace("\n", "\n  ")
@@ -76,39 +79,104 @@ def _text(value: Any) -> str:
         return _encode(json_safe(value))
 
 
-class ClientLines:
-    """Each client's line under the record's ``data``, the text of its earlier rounds kept between writes.
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
-    A client's rounds only ever grow at the end, and every round but its last is final (a round's training
-    and validation metrics arrive before the next round's), so only the last round is encoded again on each
-    write. ``forget(client)`` drops what is kept, for a client whose rounds were reordered.
+
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics read back from the record's text, with ``"NaN"`` and the infinities numbers again."""
+    return {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in metrics.items()}
+
+
+class RecordData:
+    """The record's ``data``: per client, its finished rounds as the text the record holds, and its open
+    rounds (those whose events may still arrive) as dicts.
+
+    A run of 100,000 clients over 10 rounds holds a million (client, round) entries; as dicts of dicts they
+    would take several hundred MiB, as text a few dozen. A round is sealed (encoded, and its dicts dropped)
+    when it finishes; its metrics never change after that, so every round is encoded once, however often
+    the record is written. Clients keep the order in which they first appeared.
     """
 
     def __init__(self) -> None:
-        self._kept: dict[str, tuple[int, str]] = {}  # client -> (rounds kept, '    "name": {<their text>')
+        # client -> [its name as a JSON string, its finished rounds' text, its open rounds: key -> task -> metrics]
+        self._clients: dict[str, list[Any]] = {}
+        self._open: set[str] = set()  # clients with open rounds
+        self._sealed = -1  # every round up to this one is sealed
+        self._keys: dict[int, str] = {}
 
-    def forget(self, client: str) -> None:
-        self._kept.pop(client, None)
+    def __len__(self) -> int:
+        return len(self._clients)
 
-    def line(self, client: str, rounds: Mapping[str, Any]) -> str:
-        if not rounds:
-            return f"    {json.dumps(client)}: {{}}"
-        kept, text = self._kept.get(client, (0, ""))
-        last = len(rounds) - 1
-        if kept > last:  # fewer rounds than before: start over
-            kept, text = 0, ""
-        if not text:
-            text = f"    {json.dumps(client)}: {{"
-        if kept < last:
-            items = list(rounds.items())
-            new = ", ".join([f"{json.dumps(r)}: {_text(v)}" for r, v in items[kept:last]])
-            text = text + new if kept == 0 else f"{text}, {new}"
-            self._kept[client] = (kept, text) = (last, text)
-            r, v = items[last]
+    def merge(self, client: str, rnd: int, task: str, metrics: Mapping[str, float]) -> None:
+        """Merge ``metrics`` into those of (``client``, ``rnd``, ``task``)."""
+        entry = self._clients.get(client)
+        if entry is None:
+            entry = self._clients[client] = [json.dumps(client), "", {}]
+        elif rnd <= self._sealed and entry[1]:  # never seen in a run: a round reopened after it finished
+            entry[2] = {**self._parsed(entry), **entry[2]}
+            entry[1] = ""
+        key = self._keys.get(rnd) or self._keys.setdefault(rnd, str(rnd))
+        tasks = entry[2].get(key)
+        if tasks is None:
+            tasks = entry[2][key] = {}
+        slot = tasks.get(task)
+        if slot is None:
+            tasks[task] = dict(metrics)
         else:
-            r = next(reversed(rounds))
-            v = rounds[r]
-        return f"{text}{', ' if kept else ''}{json.dumps(r)}: {_text(v)}}}"
+            slot.update(metrics)
+        self._open.add(client)
+
+    def seal(self, upto: int) -> None:
+        """Encode every open round up to ``upto`` (they are finished) and drop their dicts."""
+        for client in self._open:
+            entry = self._clients[client]
+            rounds = entry[2]
+            done = sorted((k for k in rounds if int(k) <= upto), key=int)
+            if done:
+                text = ", ".join([f"{json.dumps(k)}: {_text(rounds.pop(k))}" for k in done])
+                entry[1] = f"{entry[1]}, {text}" if entry[1] else text
+        self._open = {c for c in self._open if self._clients[c][2]}
+        self._sealed = max(self._sealed, upto)
+
+    def lines(self) -> list[str]:
+        """Each client's line under ``data``, as ``format_record`` writes it."""
+        out = []
+        for name, text, rounds in self._clients.values():
+            if rounds:
+                more = ", ".join([f"{json.dumps(k)}: {_text(v)}" for k, v in sorted(rounds.items(), key=lambda kv: int(kv[0]))])
+                text = f"{text}, {more}" if text else more
+            out.append(f"    {name}: {{{text}}}")
+        return out
+
+    def rounds(self, client: str) -> dict[str, Any]:
+        """``client``'s rounds as dicts (round key -> task -> metrics), in round order."""
+        entry = self._clients.get(client)
+        if entry is None:
+            return {}
+        merged = {**self._parsed(entry), **entry[2]}
+        return dict(sorted(merged.items(), key=lambda kv: int(kv[0])))
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """Every client's rounds as dicts: a fresh copy, what a checkpoint carries."""
+        return {client: self.rounds(client) for client in self._clients}
+
+    @staticmethod
+    def _parsed(entry: list[Any]) -> dict[str, Any]:
+        if not entry[1]:
+            return {}
+        rounds = json.loads("{" + entry[1] + "}")
+        return {r: {t: _numbers(m) for t, m in tasks.items()} for r, tasks in rounds.items()}
+
+    @classmethod
+    def of(cls, data: Mapping[str, Mapping[str, Any]], first_round: int) -> "RecordData":
+        """The data of a resumed run's earlier rounds (all before ``first_round``), sealed."""
+        out = cls()
+        for client, rounds in data.items():
+            for key, tasks in rounds.items():
+                for task, metrics in tasks.items():
+                    out.merge(client, int(key), task, metrics)
+        out.seal(first_round - 1)
+        return out
 
 
 class JsonRecorder:
@@ -124,17 +192,13 @@ class JsonRecorder:
         self.path = Path(path)
         self.config = config
         self.record: dict[str, Any] | None = None
-        self._data: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+        self._data = RecordData()
         self._failures: list[dict[str, Any]] = []
         self._comm: dict[str, list[int]] = {}  # round -> [uploads, bytes]
         self._global: dict[str, dict[str, dict[str, float]]] = {}  # round -> task -> metrics of the global model
         self._dirty = False
         self._subs: list[Subscription] = []
         self._restored: dict[str, Any] | None = None
-        # client -> (the scores a ValReused named, the record's dict of them shared by the rounds that keep them)
-        self._kept: dict[str, tuple[Mapping[str, Any], dict[str, dict[str, float]]]] = {}
-        self._lines = ClientLines()
-        self._unordered: set[str] = set()  # clients whose rounds did not arrive in order (a resume's)
 
     def subscribe(self, bus: EventBus, *, priority: int = SINK_PRIORITY) -> list[Subscription]:
         self._subs.append(bus.subscribe(_EVENTS, self.handle, priority=priority))
@@ -144,7 +208,8 @@ class JsonRecorder:
         kind = type(event)
         if kind is TrainDone or kind is ValDone:
             if self.record is not None:
-                self._merge(event.client, event.round, event.task, event.metrics)  # type: ignore[attr-defined]
+                self._data.merge(event.client, event.round, event.task, event.metrics)  # type: ignore[attr-defined]
+                self._dirty = True
         elif kind is ValReused:
             if self.record is not None:
                 self._reused(event)  # type: ignore[arg-type]
@@ -161,6 +226,7 @@ class JsonRecorder:
         elif kind is RoundFinished:
             if self.record is not None:
                 self.record["last_round"] = event.round  # type: ignore[attr-defined]
+                self._data.seal(event.round)  # type: ignore[attr-defined]
                 self.write()
         elif kind is ExperimentStarted:
             if self.record is None:
@@ -179,11 +245,11 @@ class JsonRecorder:
 
     def metrics(self, client: str, round: int, task: str) -> dict[str, float]:
         """The merged metrics recorded for one (client, round, task); empty when there are none."""
-        return dict(self._data.get(client, {}).get(str(round), {}).get(task, {}))
+        return dict(self._data.rounds(client).get(str(round), {}).get(task, {}))
 
     def state_dict(self) -> dict[str, Any]:
         """The record of the rounds so far (metrics, upload counts, failures): what a checkpoint carries."""
-        return {"data": self._data, "comm": self._comm, "failures": self._failures, "global": self._global}
+        return {"data": self._data.as_dict(), "comm": self._comm, "failures": self._failures, "global": self._global}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Take the earlier rounds of a resumed run from ``state_dict()`` of its checkpoint, not from the file."""
@@ -195,7 +261,7 @@ class JsonRecorder:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.path, format_record(self._snapshot(), lines=self._lines))
+            write_text_atomic(self.path, _compose(self._snapshot(), lambda data: data.lines()))
         except OSError as exc:  # the previous record stays whole; the run stops before its checkpoint
             raise output_failed(self.path, exc) from None
         self._dirty = False
@@ -218,48 +284,18 @@ class JsonRecorder:
         if ev.dry_run:  # no scores in it: the report leaves such a record out
             self.record["dry_run"] = True
         if ev.resumed and self._restored is not None:
-            self._data, self._comm, self._failures, self._global = _restored_rounds(self._restored, ev.first_round)
+            data, self._comm, self._failures, self._global = _restored_rounds(self._restored, ev.first_round)
+            self._data = RecordData.of(data, ev.first_round)
         elif ev.resumed:
-            self._data, self._comm, self._global = _earlier_rounds(self.path, ev.first_round)
-        self._unordered.update(self._data)  # whatever order the earlier rounds came in, they are sorted once
+            data, self._comm, self._global = _earlier_rounds(self.path, ev.first_round)
+            self._data = RecordData.of(data, ev.first_round)
         self.write()
 
-    def _merge(self, client: str, rnd: int, task: str, metrics: Mapping[str, float]) -> None:
-        rounds = self._data.get(client)
-        if rounds is None:
-            rounds = self._data[client] = {}
-        key = str(rnd)
-        tasks = rounds.get(key)
-        if tasks is None:
-            if rounds and int(next(reversed(rounds))) > rnd:
-                self._unordered.add(client)
-            tasks = rounds[key] = {}
-        elif client in self._kept and tasks is self._kept[client][1]:  # shared by rounds: copy, then write
-            tasks = rounds[key] = {name: dict(metrics) for name, metrics in tasks.items()}
-        slot = tasks.get(task)
-        if slot is None:
-            tasks[task] = dict(metrics)
-        else:
-            slot.update(metrics)
-        self._dirty = True
-
     def _reused(self, ev: ValReused) -> None:
-        key = str(ev.round)
-        data, kept = self._data, self._kept
+        merge = self._data.merge
         for client, scores in zip(ev.clients, ev.scores):
-            known = kept.get(client)
-            if known is None or known[0] is not scores:
-                known = kept[client] = (scores, {task: dict(metrics) for task, metrics in scores.items()})
-            rounds = data.get(client)
-            if rounds is None:
-                rounds = data[client] = {}
-            tasks = rounds.get(key)
-            if tasks is None and rounds and int(next(reversed(rounds))) > ev.round:
-                self._unordered.add(client)
-            # A client that keeps its scores did not train in the round, so the round is new to it; merge
-            # into fresh dicts all the same, never into the shared one.
-            rounds[key] = known[1] if tasks is None else {
-                **tasks, **{task: {**tasks.get(task, {}), **metrics} for task, metrics in known[1].items()}}
+            for task, metrics in scores.items():
+                merge(client, ev.round, task, metrics)
         self._dirty = True
 
     def _failed_client(self, ev: ClientFailed) -> None:
@@ -282,13 +318,7 @@ class JsonRecorder:
 
     def _snapshot(self) -> dict[str, Any]:
         out = dict(self.record or {})
-        # Rounds arrive in order except, rarely, after a resume; numeric order keeps "10" after "9".
-        for client in self._unordered:
-            rounds = self._data[client]
-            self._data[client] = dict(sorted(rounds.items(), key=lambda kv: int(kv[0])))
-            self._lines.forget(client)
-        self._unordered.clear()
-        out["data"] = self._data
+        out["data"] = self._data  # written by RecordData.lines
         if self._comm:
             by_round = dict(sorted(self._comm.items(), key=lambda kv: int(kv[0])))
             out["comm"] = {"uploads": sum(v[0] for v in by_round.values()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -229,5 +230,8 @@ async def test_the_record_text_is_the_same_when_rounds_are_written_again(recorde
         if rnd != 2:
             await train_done(run, "c1", rnd, "t0", tr_acc=rnd / 8)
         await round_finished(run, rnd)
-        assert recorder.path.read_text() == format_record(recorder._snapshot())
+        text = recorder.path.read_text()
+        assert text == format_record(json.loads(text))
     assert load(recorder.path)["data"]["c0"]["2"]["t0"]["val_loss"] == "NaN"
+    assert math.isnan(recorder.metrics("c0", 2, "t0")["val_loss"]) and recorder.metrics("c0", 3, "t0")["val_acc"] == 0.75
+    assert list(load(recorder.path)["data"]["c0"]) == ["1", "2", "3"] and list(load(recorder.path)["data"]) == ["c0", "c1"]
