@@ -5,8 +5,8 @@ clients, dispatch each one (integrated state to a new client, incremental to a k
 work handler train and upload it, validate every ``val_interval`` rounds and in the last round, close the
 uploads so the aggregate work handler combines them, finish the round. A validation round scores only the
 clients whose scores may have changed since they were last scored (``ScoreLedger``); the others keep theirs,
-named by one ValReused event. The engine owns the sampling
-generator; everything with torch happens in handlers.
+named by one ValReused event. The engine owns the sampling generator; everything with torch happens in
+handlers.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from .bus import EventBus
 from .config import ExperimentConfig
 from .context import RunContext
 from .errors import ConfigError, FedEventsError, Interrupted, OutputError, RunFailed
-from .reuse import ScoreLedger
 from .events import (
     CheckpointSaved,
     ClientDispatched,
@@ -43,6 +42,7 @@ from .events import (
     ValReused,
     ValScheduled,
 )
+from .reuse import ScoreLedger
 
 __all__ = ["Engine", "STOP_GRACE_S", "due", "sample_seed", "task_index"]
 

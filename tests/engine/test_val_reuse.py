@@ -97,12 +97,6 @@ async def test_a_method_whose_scores_read_more_than_the_state_scores_every_clien
     assert sum(isinstance(e, ValScheduled) for e in events) == 30
 
 
-def test_every_built_in_method_scores_the_stored_models_alone() -> None:
-    # Worker.validate scores the stored model (or per-task models) with no draw and nothing from the
-    # server: a method that changes that must say so here.
-    assert {name: cls.reusable_scores for name, cls in REGISTRY.items()} == {name: True for name in REGISTRY}
-
-
 def test_the_ledger_keeps_scores_until_the_client_or_the_global_model_changes() -> None:
     ledger = ScoreLedger(enabled=True)
     for client in ("a", "b", "c"):
