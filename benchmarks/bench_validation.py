@@ -6,9 +6,11 @@
 
 Each variant is one dry run (``fedevents run --dry-run``, default outputs: record, log, events, trace) of
 FedAvg on the synthetic task, ``--clients`` clients of which ``--online`` train per round, in a process of
-its own; variants alternate when ``--repeat`` is above 1. ``--real`` trains and scores for real instead (use
+its own; variants alternate when ``--repeat`` is above 1. On a shared machine the wall time measures the
+neighbours too; the CPU time (user + system) of the run's process, the events and the bytes do not. ``--real`` trains and scores for real instead (use
 it with a few hundred clients): there a validation job is real work, and kept scores save it. Reported per run: the wall time of the process,
-its peak resident set size (``ru_maxrss`` of the child), the bytes it wrote and the events it emitted.
+its CPU time, its peak resident set size (``ru_maxrss`` of the child), the bytes it wrote and the events it
+emitted.
 
 - ``reuse``: the default, ``val_clients: all`` with ``val_reuse: true``: clients whose stored state has not
   changed keep their scores.
@@ -63,12 +65,14 @@ def run_one(args: argparse.Namespace, variant: str) -> dict[str, float]:
         subprocess.run([sys.executable, "-m", "fedevents.cli", "run", str(exp), *dry, "--quiet"],
                        cwd=folder, env=env, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - began
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak = usage.ru_maxrss
         files = list((folder / "logs").iterdir())
         written = sum(f.stat().st_size for f in files)
         events = sum(1 for f in files if f.name.endswith(".events.jsonl") for _ in open(f, encoding="utf-8"))
     # The largest resident set of any child of this process: it has this one child only.
-    return {"wall_s": wall, "peak_rss_mib": peak / 1024, "written_mb": written / 1e6, "events": events}
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": peak / 1024,
+            "written_mb": written / 1e6, "events": events}
 
 
 def main() -> None:
