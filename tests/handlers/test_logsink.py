@@ -259,3 +259,16 @@ def test_configure_logging_alone_writes_lines_and_restores(tmp_path: Path) -> No
     assert [(line["event"], line["level"], line["run_id"]) for line in lines] == [
         ("epoch finished", "info", "r1"), ("slow device", "warning", "r1")]
     assert console_messages(console) == ["[warning] slow device  device=cuda:1 run_id=r1 logger=fedevents.federated"]
+
+
+async def test_kept_scores_count_in_the_round_means(sink, run, console) -> None:
+    from fedevents.engine.events import RoundFinished, RoundStarted, ValDone, ValReused
+
+    await run.start(rounds=2)
+    await run.emit(RoundStarted, 0.25, round=1)
+    await run.emit(ValDone, 0.5, round=1, client="c0", task="t0", device="cpu", slot=0, ran_s=0.25, samples=4,
+                   metrics={"val_acc": 0.375, "val_loss": 1.0})
+    await run.emit(ValReused, 0.5, round=1, clients=("c1",), scored_in=(0,),
+                   scores=({"t0": {"val_acc": 0.875, "val_loss": 0.5}},))
+    await run.emit(RoundFinished, 1.25, round=1, trained=0, failed=0, validated=2, seconds=1.0, reused=1)
+    assert console_messages(console)[-1] == "[info] round 1/2  clients 2 validated  val_acc 0.625  1.00s"
