@@ -141,3 +141,14 @@ async def test_a_resumed_run_ends_with_the_uninterrupted_record(tmp_path: Path) 
     reused = {e.round: len(e.clients) for e in rec.events if isinstance(e, ValReused)}
     assert 4 not in reused  # nothing kept across the resume: every client scored again
     assert reused.get(6, 0) > 0  # and kept again afterwards
+
+
+async def test_a_run_resumed_with_val_reuse_changed_ends_with_the_same_record(tmp_path: Path) -> None:
+    _, whole = await run(tmp_path / "whole")
+    cut = build_experiment(ROOT / "configs/demo.yaml", overrides=demo(tmp_path / "cut"), console=None)
+    cut.bus.subscribe(RoundFinished, lambda ev: cut.finish_after_round("cut") if ev.round == 1 else None)
+    await cut.run_async()
+    resumed = build_experiment(ROOT / "configs/demo.yaml", overrides=demo(tmp_path / "cut", **{
+        "exp_opts.val_reuse": "false"}), console=None, resume=True)
+    await resumed.run_async()
+    assert json.loads(resumed.paths.record.read_text())["data"] == whole["data"]
