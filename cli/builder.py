@@ -190,7 +190,10 @@ def build_experiment(
                 raise ConfigError(f"checkpoint {checkpoint.path}: expected the record of the rounds before it, found "
                                   f"none, so a resumed record would lack them")
             recorder.load_state_dict(checkpoint.components["record"])
-        _add_work(exp, checkpoint, {} if recorder is None else {"record": recorder}, executor)
+        if checkpoint is not None and "scores" in checkpoint.components:  # older checkpoints: score all again
+            exp.scores.load_state_dict(checkpoint.components["scores"])
+        components = {"scores": exp.scores, **({} if recorder is None else {"record": recorder})}
+        _add_work(exp, checkpoint, components, executor)
         if recorder is not None:
             _add_sinks(exp, console, progress, recorder)
         handlers += _trackers(tensorboard, mlflow)

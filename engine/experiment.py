@@ -19,6 +19,7 @@ from .context import RunContext, new_run_id
 from .devices import DevicePool
 from .errors import ConfigError, FedEventsError, RunFailed
 from .results import ResultTracker, RunResult
+from .reuse import ScoreLedger
 from .runner import Engine
 
 __all__ = ["Experiment", "ResumePoint", "RunPaths"]
@@ -85,6 +86,8 @@ class Experiment:
         #: Whether validation may keep the scores of clients whose stored state has not changed (with
         #: ``exp_opts.val_reuse``); whoever builds the experiment clears it for a method that does not allow it.
         self.reuse_scores = True
+        #: The ledger of kept validation scores; its ``state_dict()`` travels with checkpoints.
+        self.scores = ScoreLedger()
         self.engine: Engine | None = None
         self._closers: list[Callable[[], None]] = []
         self._results = ResultTracker()
@@ -158,7 +161,7 @@ class Experiment:
                                  max_in_flight=self.max_in_flight,
                                  resume_round=None if resume is None else resume.round,
                                  participations=None if resume is None else resume.participations,
-                                 reuse_scores=self.reuse_scores)
+                                 reuse_scores=self.reuse_scores, ledger=self.scores)
             if handle_signals and threading.current_thread() is threading.main_thread():
                 await _run_with_signals(self.engine)
             else:

@@ -12,7 +12,7 @@ still makes the client be scored again.
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 __all__ = ["ScoreLedger"]
 
@@ -25,10 +25,11 @@ class ScoreLedger:
     """Tells which clients may keep their last validation scores, and keeps those scores.
 
     With ``enabled`` False nothing is kept and every client is scored again (``exp_opts.val_reuse: false``,
-    or a method whose scores read more than the client's stored state).
+    or a method whose scores read more than the client's stored state). ``state_dict()`` travels with each
+    checkpoint, so a resumed run keeps exactly the scores the uninterrupted run keeps.
     """
 
-    def __init__(self, *, enabled: bool) -> None:
+    def __init__(self, *, enabled: bool = True) -> None:
         self.enabled = enabled
         self._aggregations = 0
         self._dispatches: dict[str, int] = {}
@@ -81,6 +82,26 @@ class ScoreLedger:
         """``client``'s validation failed: it has no scores to keep and is scored next time."""
         self._pending.pop(client, None)
         self._kept.pop(client, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint carries (taken at a round's end): counts, and each kept client's round,
+        basis and scores, as plain numbers, strings, lists and dicts."""
+        kept = {client: [rnd, list(basis), {task: dict(metrics) for task, metrics in scores.items()}]
+                for client, (rnd, basis, scores) in self._kept.items()}
+        return {"aggregations": self._aggregations, "dispatches": dict(self._dispatches),
+                "own": sorted(self._own), "kept": kept}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a ``state_dict()``."""
+        self._aggregations = int(state["aggregations"])
+        self._dispatches = {client: int(n) for client, n in state["dispatches"].items()}
+        self._own = set(state["own"])
+        self._pending = {}
+        self._kept = {
+            client: (int(rnd), (int(basis[0]), int(basis[1])),
+                     MappingProxyType({task: MappingProxyType(dict(m)) for task, m in scores.items()}))
+            for client, (rnd, basis, scores) in state["kept"].items()
+        }
 
     def _basis(self, client: str) -> _Basis:
         return self._dispatches.get(client, 0), -1 if client in self._own else self._aggregations

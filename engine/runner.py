@@ -81,8 +81,8 @@ class Engine:
 
     ``resume_round`` and ``participations`` continue a run from a checkpoint taken after that round.
     ``reuse_scores`` False scores every client in every validation round even with ``exp_opts.val_reuse``
-    (for a method whose scores read more than a client's stored state). A resumed run starts with no kept
-    scores: its first validation round scores every client again, with the same results.
+    (for a method whose scores read more than a client's stored state). ``ledger`` is the ledger of kept
+    scores to use (a resumed run's, loaded from its checkpoint); a new one by default.
     """
 
     def __init__(
@@ -96,6 +96,7 @@ class Engine:
         resume_round: int | None = None,
         participations: Mapping[str, int] | None = None,
         reuse_scores: bool = True,
+        ledger: ScoreLedger | None = None,
     ) -> None:
         self.config = config
         self.bus = bus
@@ -114,7 +115,8 @@ class Engine:
         val_model = config.data["exp_opts"]["val_model"]
         self._val_local = val_model in ("local", "both")
         self._val_global = val_model in ("global", "both")
-        self.ledger = ScoreLedger(enabled=reuse_scores and bool(config.data["exp_opts"].get("val_reuse", True)))
+        self.ledger = ledger if ledger is not None else ScoreLedger()
+        self.ledger.enabled = reuse_scores and bool(config.data["exp_opts"].get("val_reuse", True))
 
     def stop(self, signal_name: str) -> None:
         """Stop soon (a signal arrived): dispatch nothing more, cancel the running phase, end the run."""
