@@ -93,7 +93,8 @@ class LiveProgress:
             ExperimentStarted: self._on_started, RoundStarted: self._on_round_started,
             ClientDispatched: self._on_dispatched, TrainStarted: self._on_train_started,
             TrainDone: self._on_train_done, ValScheduled: self._on_val_scheduled, ValStarted: self._on_val_started,
-            ValDone: self._on_val_done, ValReused: self._on_val_reused, ClientFailed: self._on_failed, RoundFinished: self._on_round_finished,
+            ValDone: self._on_val_done, ValReused: self._on_val_reused, ClientFailed: self._on_failed,
+            RoundFinished: self._on_round_finished,
             ExperimentFinished: self._on_end, ExperimentFailed: self._on_end, ExperimentInterrupted: self._on_end,
         }
         subs = [bus.subscribe(kind, handler, priority=priority) for kind, handler in handlers.items()]
