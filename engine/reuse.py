@@ -35,8 +35,10 @@ class ScoreLedger:
         self._dispatches: dict[str, int] = {}
         self._own: set[str] = set()  # clients that stored a state of their own in this process
         self._pending: dict[str, dict[str, Mapping[str, float]]] = {}
-        # client -> (round scored in, what it was computed from, its scores by task)
-        self._kept: dict[str, tuple[int, _Basis, Mapping[str, Mapping[str, float]]]] = {}
+        # client -> (round scored in, what it was computed from, its scores as ((task, ((metric, value), ...)), ...)).
+        # Tuples of strings and numbers only: the garbage collector stops tracking them, where dicts kept for
+        # 100,000 clients would be walked by every full collection and cost more than the scores save.
+        self._kept: dict[str, tuple[int, _Basis, tuple[tuple[str, tuple[tuple[str, float], ...]], ...]]] = {}
 
     def dispatched(self, client: str) -> None:
         """``client`` was sent to train: whatever it stores from now on is a new state."""
@@ -65,7 +67,7 @@ class ScoreLedger:
     def reused(self, clients: Sequence[str]) -> tuple[tuple[int, ...], tuple[Mapping[str, Mapping[str, float]], ...]]:
         """For ``clients`` (from ``split``): the rounds their kept scores come from, and the scores."""
         kept = self._kept
-        return tuple(kept[c][0] for c in clients), tuple(kept[c][2] for c in clients)
+        return tuple(kept[c][0] for c in clients), tuple(_mapping(kept[c][2]) for c in clients)
 
     def score(self, client: str, task: str, metrics: Mapping[str, float]) -> None:
         """One task's scores of ``client`` arrived (a ValDone)."""
@@ -76,7 +78,7 @@ class ScoreLedger:
         """``client`` was scored on all its tasks in round ``rnd``: keep those scores."""
         scores = self._pending.pop(client, None)
         if self.enabled and scores is not None:
-            self._kept[client] = (rnd, self._basis(client), MappingProxyType(scores))
+            self._kept[client] = (rnd, self._basis(client), _flat(scores))
 
     def failed(self, client: str) -> None:
         """``client``'s validation failed: it has no scores to keep and is scored next time."""
@@ -86,7 +88,7 @@ class ScoreLedger:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint carries (taken at a round's end): counts, and each kept client's round,
         basis and scores, as plain numbers, strings, lists and dicts."""
-        kept = {client: [rnd, list(basis), {task: dict(metrics) for task, metrics in scores.items()}]
+        kept = {client: [rnd, list(basis), {task: dict(metrics) for task, metrics in scores}]
                 for client, (rnd, basis, scores) in self._kept.items()}
         return {"aggregations": self._aggregations, "dispatches": dict(self._dispatches),
                 "own": sorted(self._own), "kept": kept}
@@ -97,11 +99,16 @@ class ScoreLedger:
         self._dispatches = {client: int(n) for client, n in state["dispatches"].items()}
         self._own = set(state["own"])
         self._pending = {}
-        self._kept = {
-            client: (int(rnd), (int(basis[0]), int(basis[1])),
-                     MappingProxyType({task: MappingProxyType(dict(m)) for task, m in scores.items()}))
-            for client, (rnd, basis, scores) in state["kept"].items()
-        }
+        self._kept = {client: (int(rnd), (int(basis[0]), int(basis[1])), _flat(scores))
+                      for client, (rnd, basis, scores) in state["kept"].items()}
 
     def _basis(self, client: str) -> _Basis:
         return self._dispatches.get(client, 0), -1 if client in self._own else self._aggregations
+
+
+def _flat(scores: Mapping[str, Mapping[str, float]]) -> tuple[tuple[str, tuple[tuple[str, float], ...]], ...]:
+    return tuple((task, tuple(metrics.items())) for task, metrics in scores.items())
+
+
+def _mapping(flat: tuple[tuple[str, tuple[tuple[str, float], ...]], ...]) -> Mapping[str, Mapping[str, float]]:
+    return MappingProxyType({task: MappingProxyType(dict(metrics)) for task, metrics in flat})
