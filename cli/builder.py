@@ -15,6 +15,7 @@ from fedevents.engine.vocabulary import Vocabulary
 from fedevents.federated import Federation, check_device
 from fedevents.federated.check import check_config
 from fedevents.federated.fingerprint import data_fingerprint
+from fedevents.federated.methods import method_class
 from fedevents.federated.vocabulary import CATALOGUES
 from fedevents.handlers import ClientWork, JsonRecorder, LogSink, TraceRecorder
 from fedevents.handlers.checkpoint import (
@@ -189,7 +190,10 @@ def build_experiment(
                 raise ConfigError(f"checkpoint {checkpoint.path}: expected the record of the rounds before it, found "
                                   f"none, so a resumed record would lack them")
             recorder.load_state_dict(checkpoint.components["record"])
-        _add_work(exp, checkpoint, {} if recorder is None else {"record": recorder}, executor)
+        if checkpoint is not None and "scores" in checkpoint.components:  # older checkpoints: score all again
+            exp.scores.load_state_dict(checkpoint.components["scores"])
+        components = {"scores": exp.scores, **({} if recorder is None else {"record": recorder})}
+        _add_work(exp, checkpoint, components, executor)
         if recorder is not None:
             _add_sinks(exp, console, progress, recorder)
         handlers += _trackers(tensorboard, mlflow)
@@ -309,6 +313,8 @@ def _add_work(exp: Experiment, checkpoint: Checkpoint | None, components: dict[s
     checkpointer (its dry-run twin in a dry run), which saves ``components``' state with each checkpoint."""
     config = exp.config
     opts = config.data["exp_opts"]
+    # The dry run asks the method too, so that it keeps or re-scores exactly the clients a real run would.
+    exp.reuse_scores = method_class(config.method).reusable_scores
     if exp.dry_run:
         exp.add(ClientWork(SimulatedFederation(config.data), SimulatedExecutor(config.data), exp.pool, exp.bus,
                            exp.context))

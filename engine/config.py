@@ -102,6 +102,7 @@ def _schema() -> Section:
                         "online_clients": Field(Int(min=1), None),
                         "val_clients": Field(Str(choices=("all", "online")), "all"),
                         "val_model": Field(Str(choices=("both", "global", "local")), "local"),
+                        "val_reuse": Field(Bool(), True),
                         "failure_policy": Field(Str(choices=("fail", "tolerate")), "fail"),
                         "min_clients": Field(Int(min=1), 1),
                         "client_timeout_s": Field(Float(positive=True), None),

@@ -31,6 +31,7 @@ __all__ = [
     "ValScheduled",
     "ValStarted",
     "ValDone",
+    "ValReused",
     "GlobalValScheduled",
     "GlobalValDone",
     "UploadsClosed",
@@ -190,6 +191,22 @@ class ValDone(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ValReused(Event):
+    """Clients whose stored state has not changed since they were last scored keep those scores this round.
+
+    No validation job runs for them. ``clients`` are in client order; for the client at position ``i``,
+    ``scored_in[i]`` is the round whose scores it keeps and ``scores[i]`` those scores, by task (the metrics
+    of its ValDone events of that round). One event per validation round stands for what would otherwise
+    be a ValScheduled, a ValStarted and a ValDone per task of each of these clients.
+    """
+
+    round: int
+    clients: tuple[str, ...]
+    scored_in: tuple[int, ...]
+    scores: tuple[Mapping[str, Mapping[str, float]], ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GlobalValScheduled(Event):
     """The engine asked for the global (aggregated) model to be scored on ``tasks``' server-side test sets."""
 
@@ -230,13 +247,15 @@ class Aggregated(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RoundFinished(Event):
-    """A round ended; ``trained`` and ``failed`` count this round's clients."""
+    """A round ended; ``trained`` and ``failed`` count this round's clients, ``validated`` those with scores
+    for the round, of which ``reused`` kept earlier ones (ValReused)."""
 
     round: int
     trained: int
     failed: int
     validated: int
     seconds: float
+    reused: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -302,6 +321,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     ValScheduled,
     ValStarted,
     ValDone,
+    ValReused,
     GlobalValScheduled,
     GlobalValDone,
     UploadsClosed,

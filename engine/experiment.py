@@ -19,6 +19,7 @@ from .context import RunContext, new_run_id
 from .devices import DevicePool
 from .errors import ConfigError, FedEventsError, RunFailed
 from .results import ResultTracker, RunResult
+from .reuse import ScoreLedger
 from .runner import STOP_GRACE_S, Engine
 
 __all__ = ["Experiment", "ResumePoint", "RunPaths", "ABANDON_AFTER_S"]
@@ -87,6 +88,11 @@ class Experiment:
         self.components: list[Any] = []
         #: What steering handlers may do to this run (set by ``provide_control``); None until then.
         self.control: Any = None
+        #: Whether validation may keep the scores of clients whose stored state has not changed (with
+        #: ``exp_opts.val_reuse``); whoever builds the experiment clears it for a method that does not allow it.
+        self.reuse_scores = True
+        #: The ledger of kept validation scores; its ``state_dict()`` travels with checkpoints.
+        self.scores = ScoreLedger()
         self.engine: Engine | None = None
         self._closers: list[Callable[[], None]] = []
         self._abandoners: list[Callable[[str], None]] = []
@@ -165,7 +171,8 @@ class Experiment:
             self.engine = Engine(self.config, self.bus, self.context, dry_run=self.dry_run,
                                  max_in_flight=self.max_in_flight,
                                  resume_round=None if resume is None else resume.round,
-                                 participations=None if resume is None else resume.participations)
+                                 participations=None if resume is None else resume.participations,
+                                 reuse_scores=self.reuse_scores, ledger=self.scores)
             if handle_signals and threading.current_thread() is threading.main_thread():
                 watchdog = _Watchdog(self.engine, self._abandoners)
                 await _run_with_signals(self.engine, watchdog)

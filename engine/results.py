@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .bus import EventBus, Subscription
-from .events import ExperimentFinished, GlobalValDone, TrainDone, ValDone
+from .events import ExperimentFinished, GlobalValDone, TrainDone, ValDone, ValReused
 
 __all__ = ["RoundMetrics", "RunResult", "ResultTracker"]
 
@@ -58,9 +58,16 @@ class ResultTracker:
         return [
             bus.subscribe(TrainDone, lambda ev: self._add(ev.round, "train", ev.metrics)),
             bus.subscribe(ValDone, lambda ev: self._add(ev.round, "val", ev.metrics)),
+            bus.subscribe(ValReused, self._reused),
             bus.subscribe(GlobalValDone, lambda ev: self._add(ev.round, "global_val", ev.metrics)),
             bus.subscribe(ExperimentFinished, self._finish),
         ]
+
+    def _reused(self, ev: ValReused) -> None:
+        # Kept scores count in the round's means as the ValDone events they stand for would.
+        for scores in ev.scores:
+            for metrics in scores.values():
+                self._add(ev.round, "val", metrics)
 
     def _finish(self, ev: ExperimentFinished) -> None:
         self.finished = ev

@@ -3,8 +3,10 @@
 Round 0 validates every client (when ``val_clients`` is ``all``). Each later round: sample the online
 clients, dispatch each one (integrated state to a new client, incremental to a known one) and let the train
 work handler train and upload it, validate every ``val_interval`` rounds and in the last round, close the
-uploads so the aggregate work handler combines them, finish the round. The engine owns the sampling
-generator; everything with torch happens in handlers.
+uploads so the aggregate work handler combines them, finish the round. A validation round scores only the
+clients whose scores may have changed since they were last scored (``ScoreLedger``); the others keep theirs,
+named by one ValReused event. The engine owns the sampling generator; everything with torch happens in
+handlers.
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ from .events import (
     RoundFinished,
     RoundStarted,
     UploadsClosed,
+    ValDone,
+    ValReused,
     ValScheduled,
 )
+from .reuse import ScoreLedger
 
 __all__ = ["Engine", "STOP_GRACE_S", "due", "sample_seed", "task_index"]
 
@@ -75,6 +80,9 @@ class Engine:
     """Runs one experiment's rounds on a bus; work handlers must be subscribed before ``run``.
 
     ``resume_round`` and ``participations`` continue a run from a checkpoint taken after that round.
+    ``reuse_scores`` False scores every client in every validation round even with ``exp_opts.val_reuse``
+    (for a method whose scores read more than a client's stored state). ``ledger`` is the ledger of kept
+    scores to use (a resumed run's, loaded from its checkpoint); a new one by default.
     """
 
     def __init__(
@@ -87,6 +95,8 @@ class Engine:
         max_in_flight: int = 64,
         resume_round: int | None = None,
         participations: Mapping[str, int] | None = None,
+        reuse_scores: bool = True,
+        ledger: ScoreLedger | None = None,
     ) -> None:
         self.config = config
         self.bus = bus
@@ -105,6 +115,8 @@ class Engine:
         val_model = config.data["exp_opts"]["val_model"]
         self._val_local = val_model in ("local", "both")
         self._val_global = val_model in ("global", "both")
+        self.ledger = ledger if ledger is not None else ScoreLedger()
+        self.ledger.enabled = reuse_scores and bool(config.data["exp_opts"].get("val_reuse", True))
 
     def stop(self, signal_name: str) -> None:
         """Stop soon (a signal arrived): dispatch nothing more, cancel the running phase, end the run."""
@@ -141,6 +153,7 @@ class Engine:
         started = time.monotonic()
         first = self.first_round()
         watch = self.bus.subscribe(CheckpointSaved, self._checkpointed)
+        scores = self.bus.subscribe(ValDone, self._scored)
         try:
             with anyio.CancelScope() as self._run_scope:
                 await self._rounds(first)
@@ -168,6 +181,7 @@ class Engine:
             raise
         finally:
             watch.unsubscribe()
+            scores.unsubscribe()
         rounds = self.round if self._finish else cfg.rounds
         await self.emit(ExperimentFinished, rounds=rounds, seconds=time.monotonic() - started, stopped=self._finish)
 
@@ -218,6 +232,9 @@ class Engine:
     def _checkpointed(self, ev: CheckpointSaved) -> None:
         self.last_checkpoint = ev.round
 
+    def _scored(self, ev: ValDone) -> None:
+        self.ledger.score(ev.client, ev.task, ev.metrics)
+
     def _check_stop(self) -> None:
         if self.bus.output_error is not None:  # a run whose files cannot be written must not go on
             raise self.bus.output_error
@@ -228,14 +245,15 @@ class Engine:
         self.round = 0
         started = time.monotonic()
         await self.emit(RoundStarted, round=0)
-        validated = await self._validate(0, self.config.clients.names) if self._val_local else 0
+        validated, reused = await self._validate(0, self.config.clients.names) if self._val_local else (0, 0)
         await self._validate_global(0)
-        await self._finish_round(0, 0, 0, validated, started)
+        await self._finish_round(0, 0, 0, validated, reused, started)
 
-    async def _finish_round(self, rnd: int, trained: int, failed: int, validated: int, started: float) -> None:
+    async def _finish_round(self, rnd: int, trained: int, failed: int, validated: int, reused: int,
+                            started: float) -> None:
         try:
             await self.emit(RoundFinished, round=rnd, trained=trained, failed=failed, validated=validated,
-                            seconds=time.monotonic() - started)
+                            seconds=time.monotonic() - started, reused=reused)
         except OutputError:  # a sink could not write the round: its checkpoint was not saved
             raise
         except Exception as exc:  # a work handler of RoundFinished (the checkpoint) failed
@@ -260,11 +278,12 @@ class Engine:
         if len(uploaded) < least:
             raise RunFailed(f"round {rnd}: {len(uploaded)} of {len(online)} clients trained, fewer than "
                             f"exp_opts.min_clients = {least}")
-        validated = 0
+        validated = reused = 0
         validating = due(rnd, cfg.val_interval, cfg.rounds)
         if validating and self._val_local:
             scope = cfg.clients.names if cfg.data["exp_opts"]["val_clients"] == "all" else uploaded
-            validated = await self._validate(rnd, scope)
+            validated, reused = await self._validate(rnd, scope)
+        self.ledger.aggregated()  # from here on the global model may differ
         try:
             await self.emit(UploadsClosed, round=rnd, clients=uploaded)
         except OutputError:
@@ -274,7 +293,7 @@ class Engine:
         self._check_stop()
         if validating:
             await self._validate_global(rnd)
-        await self._finish_round(rnd, len(train.done), len(train.failed), validated, started)
+        await self._finish_round(rnd, len(train.done), len(train.failed), validated, reused, started)
 
     async def _validate_global(self, rnd: int) -> None:
         """Score the aggregated model on every task's server-side test set (``exp_opts.val_model``)."""
@@ -286,9 +305,15 @@ class Engine:
             raise RunFailed(f"round {rnd}: validating the global model failed: {type(exc).__name__}: {exc}") from exc
         self._check_stop()
 
-    async def _validate(self, rnd: int, clients: Sequence[str]) -> int:
-        phase = await self._phase(rnd, clients, self._validate_one)
-        return len(phase.done)
+    async def _validate(self, rnd: int, clients: Sequence[str]) -> tuple[int, int]:
+        """Score ``clients`` whose scores may have changed, and name the others in one ValReused; give how
+        many have scores for the round and how many of them were kept."""
+        score, keep = self.ledger.split(clients)
+        if keep:
+            scored_in, scores = self.ledger.reused(keep)
+            await self.emit(ValReused, round=rnd, clients=tuple(keep), scored_in=scored_in, scores=scores)
+        phase = await self._phase(rnd, score, self._validate_one)
+        return len(phase.done) + len(keep), len(keep)
 
     async def _phase(self, rnd: int, clients: Sequence[str], work) -> _Phase:
         """Run ``work`` for every client, at most ``max_in_flight`` at once, in client order."""
@@ -316,12 +341,14 @@ class Engine:
         task = tasks[task_index(done_before, self.config.sustain_rounds, len(tasks))]
         state = "incremental" if client in self.participations else "integrated"
         self.participations[client] = done_before + 1
+        self.ledger.dispatched(client)
         with bound_contextvars(round=rnd, client=client, task=task):
             try:
                 await self.emit(ClientDispatched, round=rnd, client=client, task=task, state=state)
             except Exception as exc:
                 await self._client_failed(rnd, client, task, "train", exc, phase, scope)
             else:
+                self.ledger.trained(client)
                 phase.done.append(client)
 
     async def _validate_one(self, rnd: int, client: str, phase: _Phase, scope: anyio.CancelScope) -> None:
@@ -330,8 +357,10 @@ class Engine:
             try:
                 await self.emit(ValScheduled, round=rnd, client=client, tasks=tasks)
             except Exception as exc:
+                self.ledger.failed(client)
                 await self._client_failed(rnd, client, ",".join(tasks), "validate", exc, phase, scope)
             else:
+                self.ledger.scored(client, rnd)
                 phase.done.append(client)
 
     async def _client_failed(self, rnd: int, client: str, task: str, phase_name: str, exc: Exception,

@@ -74,6 +74,7 @@ SAFE_TO_CHANGE = (
     "exp_opts.checkpoint_interval",
     "exp_opts.checkpoint_keep",
     "exp_opts.handler_timeout_s",
+    "exp_opts.val_reuse",  # kept scores equal recomputed ones
     "device",
     "parallel",
     "executor",

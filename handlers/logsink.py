@@ -42,6 +42,7 @@ from fedevents.engine.events import (
     TrainDone,
     ValDone,
     SCHEMA_VERSION,
+    ValReused,
     json_safe,
     strict_json,
     to_dict,
@@ -438,6 +439,11 @@ class LogSink:
             _RoundStats.add(self._stats[event.round].train, event.metrics)
         elif kind is ValDone:
             _RoundStats.add(self._stats[event.round].val, event.metrics)
+        elif kind is ValReused:  # kept scores count in the round's means as fresh ones would
+            into = self._stats[event.round].val
+            for scores in event.scores:
+                for metrics in scores.values():
+                    _RoundStats.add(into, metrics)
         elif kind is GlobalValDone:
             _RoundStats.add(self._stats[event.round].glob, event.metrics)
         elif kind is RoundFinished:

@@ -38,6 +38,7 @@ from fedevents.engine.events import (
     TrainDone,
     TrainStarted,
     ValDone,
+    ValReused,
     ValScheduled,
     ValStarted,
 )
@@ -92,7 +93,8 @@ class LiveProgress:
             ExperimentStarted: self._on_started, RoundStarted: self._on_round_started,
             ClientDispatched: self._on_dispatched, TrainStarted: self._on_train_started,
             TrainDone: self._on_train_done, ValScheduled: self._on_val_scheduled, ValStarted: self._on_val_started,
-            ValDone: self._on_val_done, ClientFailed: self._on_failed, RoundFinished: self._on_round_finished,
+            ValDone: self._on_val_done, ValReused: self._on_val_reused, ClientFailed: self._on_failed,
+            RoundFinished: self._on_round_finished,
             ExperimentFinished: self._on_end, ExperimentFailed: self._on_end, ExperimentInterrupted: self._on_end,
         }
         subs = [bus.subscribe(kind, handler, priority=priority) for kind, handler in handlers.items()]
@@ -168,6 +170,11 @@ class LiveProgress:
             if left <= 0:
                 s.val.done += 1
                 self._free(ev.client)
+
+    def _on_val_reused(self, ev: ValReused) -> None:
+        with self._lock:  # clients that keep their scores count as validated at once
+            self._state.val.sent += len(ev.clients)
+            self._state.val.done += len(ev.clients)
 
     def _on_failed(self, ev: ClientFailed) -> None:
         with self._lock:

@@ -1,14 +1,16 @@
 """The JSON recorder: the FedSTIL experiment record, ``data.<client>.<round>.<task>.<metric>``.
 
 Training and validation metrics of one (client, round, task) are merged into one dict, so neither erases
-the other. The record is kept in memory and written whole, atomically (temporary file, fsync, rename),
-only when a round finishes and when the run ends, never on every event.
+the other. Clients that keep their scores in a round (ValReused) get the scores they keep under that round.
+The record is kept in memory, its finished rounds as text (``RecordData``), and written whole, atomically
+(temporary file, fsync, rename), only when a round finishes and when the run ends, never on every event.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,6 +27,7 @@ from fedevents.engine.events import (
     TrainDone,
     GlobalValDone,
     ValDone,
+    ValReused,
     json_safe,
     strict_json,
 )
@@ -32,9 +35,9 @@ from fedevents.engine.events import (
 from .atomic import output_failed, write_text_atomic
 from .logsink import SINK_PRIORITY
 
-__all__ = ["JsonRecorder", "format_client", "format_record", "write_json_atomic", "write_text_atomic"]
+__all__ = ["JsonRecorder", "RecordData", "format_record", "write_json_atomic", "write_text_atomic"]
 
-_EVENTS = (ExperimentStarted, TrainDone, ValDone, GlobalValDone, ClientUploaded, ClientFailed, RoundFinished, ExperimentFinished,
+_EVENTS = (ExperimentStarted, TrainDone, ValDone, ValReused, GlobalValDone, ClientUploaded, ClientFailed, RoundFinished, ExperimentFinished,
            ExperimentFailed,
            ExperimentInterrupted)
 
@@ -44,27 +47,136 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, strict_json(obj))
 
 
-def format_client(client: str, rounds: Mapping[str, Any]) -> str:
-    """One client's line under the record's ``data``."""
-    return f"    {json.dumps(client)}: {strict_json(rounds, separators=(', ', ': '))}"
-
-
-def format_record(record: Mapping[str, Any], client_lines: Mapping[str, str] | None = None) -> str:
+def format_record(record: Mapping[str, Any]) -> str:
     """The record as JSON a person can read and diff: one line per client under ``data``.
 
     Indenting everything would double the size and run the pure-Python encoder over every metric.
-    ``client_lines`` holds ``format_client`` lines already made for (some of) the clients under ``data``.
     """
-    made = client_lines or {}
+    return _compose(record, lambda data: [f"    {json.dumps(c)}: {_text(r)}" for c, r in data.items()])
+
+
+def _compose(record: Mapping[str, Any], data_lines: Any) -> str:
+    """``format_record``'s layout, with the lines under ``data`` made by ``data_lines(record["data"])``."""
     parts = []
     for key, value in record.items():
         if key == "data":
-            clients = ",\n".join(made.get(c) or format_client(c, r) for c, r in value.items())
+            clients = ",\n".join(data_lines(value))
             body = "{\n" + clients + "\n  }" if clients else "{}"
         else:
             body = strict_json(value, indent=2).replace("\n", "\n  ")
         parts.append(f"  {json.dumps(key)}: {body}")
     return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+_encode = json.JSONEncoder(separators=(", ", ": "), allow_nan=False, default=str).encode
+
+
+def _text(value: Any) -> str:
+    """``strict_json(value, separators=(', ', ': '))``, with an encoder made once instead of per call."""
+    try:
+        return _encode(value)
+    except ValueError:  # a NaN or an infinity somewhere
+        return _encode(json_safe(value))
+
+
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics read back from the record's text, with ``"NaN"`` and the infinities numbers again."""
+    return {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in metrics.items()}
+
+
+class RecordData:
+    """The record's ``data``: per client, its finished rounds as the text the record holds, and its open
+    rounds (those whose events may still arrive) as dicts.
+
+    A run of 100,000 clients over 10 rounds holds a million (client, round) entries; as dicts of dicts they
+    would take several hundred MiB, as text a few dozen. A round is sealed (encoded, and its dicts dropped)
+    when it finishes; its metrics never change after that, so every round is encoded once, however often
+    the record is written. Clients keep the order in which they first appeared.
+    """
+
+    def __init__(self) -> None:
+        # client -> [its name as a JSON string, its finished rounds' text, its open rounds: key -> task -> metrics]
+        self._clients: dict[str, list[Any]] = {}
+        self._open: set[str] = set()  # clients with open rounds
+        self._sealed = -1  # every round up to this one is sealed
+        self._keys: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def merge(self, client: str, rnd: int, task: str, metrics: Mapping[str, float]) -> None:
+        """Merge ``metrics`` into those of (``client``, ``rnd``, ``task``)."""
+        entry = self._clients.get(client)
+        if entry is None:
+            entry = self._clients[client] = [json.dumps(client), "", {}]
+        elif rnd <= self._sealed and entry[1]:  # never seen in a run: a round reopened after it finished
+            entry[2] = {**self._parsed(entry), **entry[2]}
+            entry[1] = ""
+        key = self._keys.get(rnd) or self._keys.setdefault(rnd, str(rnd))
+        tasks = entry[2].get(key)
+        if tasks is None:
+            tasks = entry[2][key] = {}
+        slot = tasks.get(task)
+        if slot is None:
+            tasks[task] = dict(metrics)
+        else:
+            slot.update(metrics)
+        self._open.add(client)
+
+    def seal(self, upto: int) -> None:
+        """Encode every open round up to ``upto`` (they are finished) and drop their dicts."""
+        for client in self._open:
+            entry = self._clients[client]
+            rounds = entry[2]
+            done = sorted((k for k in rounds if int(k) <= upto), key=int)
+            if done:
+                text = ", ".join([f"{json.dumps(k)}: {_text(rounds.pop(k))}" for k in done])
+                entry[1] = f"{entry[1]}, {text}" if entry[1] else text
+        self._open = {c for c in self._open if self._clients[c][2]}
+        self._sealed = max(self._sealed, upto)
+
+    def lines(self) -> list[str]:
+        """Each client's line under ``data``, as ``format_record`` writes it."""
+        out = []
+        for name, text, rounds in self._clients.values():
+            if rounds:
+                more = ", ".join([f"{json.dumps(k)}: {_text(v)}" for k, v in sorted(rounds.items(), key=lambda kv: int(kv[0]))])
+                text = f"{text}, {more}" if text else more
+            out.append(f"    {name}: {{{text}}}")
+        return out
+
+    def rounds(self, client: str) -> dict[str, Any]:
+        """``client``'s rounds as dicts (round key -> task -> metrics), in round order."""
+        entry = self._clients.get(client)
+        if entry is None:
+            return {}
+        merged = {**self._parsed(entry), **entry[2]}
+        return dict(sorted(merged.items(), key=lambda kv: int(kv[0])))
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """Every client's rounds as dicts: a fresh copy, what a checkpoint carries."""
+        return {client: self.rounds(client) for client in self._clients}
+
+    @staticmethod
+    def _parsed(entry: list[Any]) -> dict[str, Any]:
+        if not entry[1]:
+            return {}
+        rounds = json.loads("{" + entry[1] + "}")
+        return {r: {t: _numbers(m) for t, m in tasks.items()} for r, tasks in rounds.items()}
+
+    @classmethod
+    def of(cls, data: Mapping[str, Mapping[str, Any]], first_round: int) -> "RecordData":
+        """The data of a resumed run's earlier rounds (all before ``first_round``), sealed."""
+        out = cls()
+        for client, rounds in data.items():
+            for key, tasks in rounds.items():
+                for task, metrics in tasks.items():
+                    out.merge(client, int(key), task, metrics)
+        out.seal(first_round - 1)
+        return out
 
 
 class JsonRecorder:
@@ -80,14 +192,11 @@ class JsonRecorder:
         self.path = Path(path)
         self.config = config
         self.record: dict[str, Any] | None = None
-        self._data: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+        self._data = RecordData()
         self._failures: list[dict[str, Any]] = []
         self._comm: dict[str, list[int]] = {}  # round -> [uploads, bytes]
         self._global: dict[str, dict[str, dict[str, float]]] = {}  # round -> task -> metrics of the global model
         self._dirty = False
-        # Each client's line of the record, kept until the client's metrics change: a round's write encodes
-        # the clients of that round, not every client of the run again (issue 12: repeated serialisation).
-        self._lines: dict[str, str] = {}
         self._subs: list[Subscription] = []
         self._restored: dict[str, Any] | None = None
 
@@ -99,7 +208,11 @@ class JsonRecorder:
         kind = type(event)
         if kind is TrainDone or kind is ValDone:
             if self.record is not None:
-                self._merge(event.client, event.round, event.task, event.metrics)  # type: ignore[attr-defined]
+                self._data.merge(event.client, event.round, event.task, event.metrics)  # type: ignore[attr-defined]
+                self._dirty = True
+        elif kind is ValReused:
+            if self.record is not None:
+                self._reused(event)  # type: ignore[arg-type]
         elif kind is GlobalValDone:
             if self.record is not None:
                 tasks = self._global.setdefault(str(event.round), {})  # type: ignore[attr-defined]
@@ -113,6 +226,7 @@ class JsonRecorder:
         elif kind is RoundFinished:
             if self.record is not None:
                 self.record["last_round"] = event.round  # type: ignore[attr-defined]
+                self._data.seal(event.round)  # type: ignore[attr-defined]
                 self.write()
         elif kind is ExperimentStarted:
             if self.record is None:
@@ -131,11 +245,11 @@ class JsonRecorder:
 
     def metrics(self, client: str, round: int, task: str) -> dict[str, float]:
         """The merged metrics recorded for one (client, round, task); empty when there are none."""
-        return dict(self._data.get(client, {}).get(str(round), {}).get(task, {}))
+        return dict(self._data.rounds(client).get(str(round), {}).get(task, {}))
 
     def state_dict(self) -> dict[str, Any]:
         """The record of the rounds so far (metrics, upload counts, failures): what a checkpoint carries."""
-        return {"data": self._data, "comm": self._comm, "failures": self._failures, "global": self._global}
+        return {"data": self._data.as_dict(), "comm": self._comm, "failures": self._failures, "global": self._global}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Take the earlier rounds of a resumed run from ``state_dict()`` of its checkpoint, not from the file."""
@@ -147,19 +261,10 @@ class JsonRecorder:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            for client, rounds in self._data.items():
-                if client not in self._lines:
-                    self._lines[client] = format_client(client, _in_order(rounds))
-            write_text_atomic(self.path, format_record(self._snapshot(self._lines), self._lines))
+            write_text_atomic(self.path, _compose(self._snapshot(), lambda data: data.lines()))
         except OSError as exc:  # the previous record stays whole; the run stops before its checkpoint
             raise output_failed(self.path, exc) from None
         self._dirty = False
-
-    def abandon(self, reason: str) -> None:
-        """Mark a running record interrupted and write it: called from another thread when a signalled run
-        cannot stop on its own (a sync handler holds the event loop, so nothing else touches the record)."""
-        if self.record is not None and self.record["status"] == "running":
-            self._end("interrupted", reason)
 
     def close(self) -> None:
         """Write the final record; a run that neither finished nor failed is recorded as failed."""
@@ -179,26 +284,18 @@ class JsonRecorder:
         if ev.dry_run:  # no scores in it: the report leaves such a record out
             self.record["dry_run"] = True
         if ev.resumed and self._restored is not None:
-            self._data, self._comm, self._failures, self._global = _restored_rounds(self._restored, ev.first_round)
+            data, self._comm, self._failures, self._global = _restored_rounds(self._restored, ev.first_round)
+            self._data = RecordData.of(data, ev.first_round)
         elif ev.resumed:
-            self._data, self._comm, self._global = _earlier_rounds(self.path, ev.first_round)
-        self._lines.clear()
+            data, self._comm, self._global = _earlier_rounds(self.path, ev.first_round)
+            self._data = RecordData.of(data, ev.first_round)
         self.write()
 
-    def _merge(self, client: str, rnd: int, task: str, metrics: Mapping[str, float]) -> None:
-        rounds = self._data.get(client)
-        if rounds is None:
-            rounds = self._data[client] = {}
-        key = str(rnd)
-        tasks = rounds.get(key)
-        if tasks is None:
-            tasks = rounds[key] = {}
-        slot = tasks.get(task)
-        if slot is None:
-            tasks[task] = dict(metrics)
-        else:
-            slot.update(metrics)
-        self._lines.pop(client, None)
+    def _reused(self, ev: ValReused) -> None:
+        merge = self._data.merge
+        for client, scores in zip(ev.clients, ev.scores):
+            for task, metrics in scores.items():
+                merge(client, ev.round, task, metrics)
         self._dirty = True
 
     def _failed_client(self, ev: ClientFailed) -> None:
@@ -219,11 +316,9 @@ class JsonRecorder:
         self.record.update(extra)
         self.write()
 
-    def _snapshot(self, lines: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """The record as written; clients with a line in ``lines`` keep their rounds unsorted (unused)."""
+    def _snapshot(self) -> dict[str, Any]:
         out = dict(self.record or {})
-        made = lines or {}
-        out["data"] = {client: rounds if client in made else _in_order(rounds) for client, rounds in self._data.items()}
+        out["data"] = self._data  # written by RecordData.lines
         if self._comm:
             by_round = dict(sorted(self._comm.items(), key=lambda kv: int(kv[0])))
             out["comm"] = {"uploads": sum(v[0] for v in by_round.values()),
@@ -233,11 +328,6 @@ class JsonRecorder:
         if self._failures:
             out["failures"] = list(self._failures)
         return out
-
-
-def _in_order(rounds: Mapping[str, Any]) -> dict[str, Any]:
-    """A client's rounds in numeric order ("10" after "9"): they arrive in order except after a resume."""
-    return dict(sorted(rounds.items(), key=lambda kv: int(kv[0])))
 
 
 def _earlier_rounds(path: Path, first_round: int) -> tuple[dict[str, dict[str, Any]], dict[str, list[int]],

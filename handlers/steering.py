@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from fedevents.engine.bus import EventBus, Subscription
-from fedevents.engine.events import GlobalValDone, RoundFinished, ValDone
+from fedevents.engine.events import GlobalValDone, RoundFinished, ValDone, ValReused
 
 from .atomic import write_atomic
 
@@ -64,13 +64,23 @@ class _WatchMetric:
         self._sums: dict[int, list[float]] = {}
 
     def subscribe(self, bus: EventBus, on_round: Any) -> list[Subscription]:
-        scored = GlobalValDone if self.scope == "global" else ValDone
-        return [bus.subscribe(scored, self._scored), bus.subscribe(RoundFinished, on_round)]
+        if self.scope == "global":
+            return [bus.subscribe(GlobalValDone, self._scored), bus.subscribe(RoundFinished, on_round)]
+        return [bus.subscribe(ValDone, self._scored), bus.subscribe(ValReused, self._kept),
+                bus.subscribe(RoundFinished, on_round)]
+
+    def _kept(self, ev: ValReused) -> None:
+        for scores in ev.scores:
+            for metrics in scores.values():
+                self._add(ev.round, metrics)
 
     def _scored(self, ev: GlobalValDone | ValDone) -> None:
-        value = ev.metrics.get(self.metric)
+        self._add(ev.round, ev.metrics)
+
+    def _add(self, rnd: int, metrics: Any) -> None:
+        value = metrics.get(self.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
-            acc = self._sums.setdefault(ev.round, [0.0, 0])
+            acc = self._sums.setdefault(rnd, [0.0, 0])
             acc[0] += value
             acc[1] += 1
 

@@ -37,6 +37,7 @@ from fedevents.engine.events import (
     RoundFinished,
     TrainDone,
     ValDone,
+    ValReused,
 )
 
 from .logsink import SINK_PRIORITY
@@ -116,6 +117,7 @@ class _Tracker(ABC):
 
     def subscribe(self, bus: EventBus, *, priority: int = TRACKER_PRIORITY) -> list[Subscription]:
         handlers = {ExperimentStarted: self._started, TrainDone: self._train_done, ValDone: self._val_done,
+                    ValReused: self._val_reused,
                     GlobalValDone: lambda ev: self._scalars.add_global(ev.metrics),
                     ClientUploaded: self._uploaded, RoundFinished: self._round_finished,
                     **{kind: self._ended for kind in _END}}
@@ -140,6 +142,11 @@ class _Tracker(ABC):
 
     def _val_done(self, ev: ValDone) -> None:
         self._scalars.add_val(ev.client, ev.metrics)
+
+    def _val_reused(self, ev: ValReused) -> None:
+        for client, scores in zip(ev.clients, ev.scores):
+            for metrics in scores.values():
+                self._scalars.add_val(client, metrics)
 
     def _uploaded(self, ev: ClientUploaded) -> None:
         self._scalars.upload_bytes += ev.nbytes

@@ -17,7 +17,8 @@ from .fedweit import FedWeIT
 from .icarl import ICaRL
 from .mas import MAS
 
-__all__ = ["LocalRound", "Method", "ModelOutput", "ServerState", "REGISTRY", "METHODS", "CATALOGUE", "build_method"]
+__all__ = ["LocalRound", "Method", "ModelOutput", "ServerState", "REGISTRY", "METHODS", "CATALOGUE", "build_method",
+           "method_class"]
 
 REGISTRY: dict[str, type[Method]] = {
     m.name: m for m in (Baseline, EWC, FedAvg, FedCurv, FedProx, FedSTIL, FedSTILAtten, FedWeIT, ICaRL, MAS)
@@ -49,6 +50,14 @@ def build_method(
     A ``"package.module:Name"`` was imported when the config was checked (from the config's folder if it
     sits there), so importing it again finds the loaded module.
     """
+    method = method_class(name)(options)
+    method.seed = seed
+    method.legacy = legacy
+    return method
+
+
+def method_class(name: str) -> type[Method]:
+    """The class ``exp_method`` names (what it declares, such as ``reusable_scores``, without building it)."""
     if name in REGISTRY:
         cls = REGISTRY[name]
     elif is_target(name):
@@ -58,7 +67,4 @@ def build_method(
             raise ValueError(f"exp_method: expected {problem}, found {name}")
     else:
         raise ValueError(f"exp_method: expected one of {', '.join(sorted(REGISTRY))}, found {name!r}")
-    method = cls(options)
-    method.seed = seed
-    method.legacy = legacy
-    return method
+    return cls

@@ -89,6 +89,11 @@ class Method:
     #: FedSTIL's checkpoint naming: True for a method that, for a client without ``model_ckpt_name``, keeps
     #: one model per task and validates each task with that task's model (baseline's ``mm`` form).
     models_per_task: ClassVar[bool] = False
+    #: True when a client's validation scores depend on its stored state and the task alone (the worker
+    #: scores the stored model, or models, with no draw): a client whose state has not changed may then keep
+    #: its last scores (``exp_opts.val_reuse``). A method whose validation reads anything else, the server's
+    #: state, its dispatch or the round, sets it False and every client is scored in every validation round.
+    reusable_scores: ClassVar[bool] = True
 
     #: The experiment's seed (``build_method`` sets it), for a method's own draws (FedWeIT's knowledge base).
     seed: int = 0

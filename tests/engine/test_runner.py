@@ -69,7 +69,7 @@ def experiment(tmp_path: Path, **changes) -> Experiment:
 
 
 async def test_rounds_follow_the_documented_choreography(tmp_path: Path) -> None:
-    exp = experiment(tmp_path)
+    exp = experiment(tmp_path, exp_opts__val_reuse=False)
     exp.add(FakeWork(exp))
     rec = EventRecorder(exp.bus)
     await exp.run_async()
@@ -84,6 +84,21 @@ async def test_rounds_follow_the_documented_choreography(tmp_path: Path) -> None
         assert in_round[-2:] == ["Aggregated", "RoundFinished"]
         assert in_round.count("ClientDispatched") == 3
     assert [e.seq for e in rec.events] == list(range(1, len(rec) + 1))
+
+
+async def test_with_kept_scores_each_validation_round_covers_every_client_once(tmp_path: Path) -> None:
+    exp = experiment(tmp_path)
+    exp.add(FakeWork(exp))
+    rec = EventRecorder(exp.bus)
+    await exp.run_async()
+    sent = {e.round: set(e.clients) for e in rec.of(ClientsSampled)}
+    for rnd in (0, 2, 4):
+        scored = [e.client for e in rec.of(ValScheduled) if e.round == rnd]
+        kept = [c for e in rec.events if type(e).__name__ == "ValReused" and e.round == rnd for c in e.clients]
+        assert sorted(scored + kept) == [f"c{i}" for i in range(6)]
+        assert not set(kept) & (sent.get(rnd - 1, set()) | sent.get(rnd, set()))  # trained since: scored
+    finished = {e.round: (e.validated, e.reused) for e in rec.events if type(e).__name__ == "RoundFinished"}
+    assert all(finished[r][0] == 6 for r in (0, 2, 4)) and finished[0][1] == 0
 
 
 async def test_sampling_is_seeded_and_recorded(tmp_path: Path) -> None:

@@ -274,6 +274,9 @@ _SAMPLES = {
     "bool": [True, False],
     "tuple[str, ...]": [("synth",), (), ("a", "ü")],
     "Mapping[str, float]": [{"acc": 0.5, "loss": 1e-7}, {}, {"loss": float("nan")}, {"n": 3}, {"ü": _Float64(1.0)}],
+    "tuple[int, ...]": [(0, 3), (), (2**70,)],
+    "tuple[Mapping[str, Mapping[str, float]], ...]": [({"t0": {"val_acc": 0.5, "val_loss": float("inf")}},), (),
+                                                      ({"ü": {}}, {"t": {"n": 3}})],
 }
 
 
@@ -295,3 +298,16 @@ def test_event_json_writes_every_event_exactly_as_strict_json_of_to_dict() -> No
             checked += 1
     assert checked == 10 * len(EVENT_TYPES)
     assert json.loads(event_json(event))["event"] == EVENT_TYPES[-1].__name__
+
+
+async def test_kept_scores_count_in_the_round_means(sink, run, console) -> None:
+    from fedevents.engine.events import RoundFinished, RoundStarted, ValDone, ValReused
+
+    await run.start(rounds=2)
+    await run.emit(RoundStarted, 0.25, round=1)
+    await run.emit(ValDone, 0.5, round=1, client="c0", task="t0", device="cpu", slot=0, ran_s=0.25, samples=4,
+                   metrics={"val_acc": 0.375, "val_loss": 1.0})
+    await run.emit(ValReused, 0.5, round=1, clients=("c1",), scored_in=(0,),
+                   scores=({"t0": {"val_acc": 0.875, "val_loss": 0.5}},))
+    await run.emit(RoundFinished, 1.25, round=1, trained=0, failed=0, validated=2, seconds=1.0, reused=1)
+    assert console_messages(console)[-1] == "[info] round 1/2  clients 2 validated  val_acc 0.625  1.00s"

@@ -108,3 +108,13 @@ async def test_a_failed_client_counts_as_done_and_frees_its_slot(progress, run) 
     lines = screen(progress)
     assert lines[1] == "  train    1/1 clients done, 1 failed"
     assert "  cuda:0 slot 0  idle" in lines
+
+
+async def test_clients_that_keep_their_scores_count_as_validated(progress, run) -> None:
+    from fedevents.engine.events import ValReused
+
+    await run.start(rounds=2)
+    await run.round_one()
+    await run.emit(RoundStarted, 5.0, round=2)
+    await run.emit(ValReused, 5.0, round=2, clients=("c1", "c2"), scored_in=(0, 0), scores=({}, {}))
+    assert "  validate 2/2 clients done" in screen(progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -171,23 +172,26 @@ async def test_the_record_keeps_one_line_per_client(recorder, run) -> None:
     assert '    "c1": {"1": {"t0": {"tr_acc": 0.7, "tr_loss": 0.8}}}\n' in text
 
 
-async def test_a_clients_line_is_made_again_only_when_its_metrics_change(recorder, run, monkeypatch) -> None:
+async def test_a_finished_round_is_encoded_once_however_often_the_record_is_written(recorder, run,
+                                                                                    monkeypatch) -> None:
     """Issue 12: every round's write encoded every client of the run again."""
     from fedevents.handlers import recorder as module
 
-    made: list[str] = []
-    encode = module.format_client
-    monkeypatch.setattr(module, "format_client", lambda c, r: made.append(c) or encode(c, r))
+    made: list[object] = []
+    encode = module._text
+    monkeypatch.setattr(module, "_text", lambda value: made.append(value) or encode(value))
     await run.start()
     await train_done(run, "c0", 1, "t0", tr_acc=0.5)
     await train_done(run, "c1", 1, "t0", tr_acc=0.25)
     await round_finished(run, 1)
-    await val_done(run, "c1", 1, "t0", val_acc=0.75)
+    assert sorted(made, key=str) == [{"t0": {"tr_acc": 0.25}}, {"t0": {"tr_acc": 0.5}}]
+    made.clear()
     await train_done(run, "c2", 2, "t0", tr_acc=0.125)
     await round_finished(run, 2)
-    assert made == ["c0", "c1", "c1", "c2"]
-    assert recorder.path.read_text() == module.format_record(recorder._snapshot())
-    assert load(recorder.path)["data"]["c1"] == {"1": {"t0": {"tr_acc": 0.25, "val_acc": 0.75}}}
+    await round_finished(run, 3)
+    assert made == [{"t0": {"tr_acc": 0.125}}]  # c0's and c1's round 1 were written from their text
+    assert recorder.path.read_text() == module.format_record(recorder._snapshot() | {"data": recorder._data.as_dict()})
+    assert load(recorder.path)["data"]["c1"] == {"1": {"t0": {"tr_acc": 0.25}}}
 
 
 async def uploaded(run, client: str, rnd: int, nbytes: int) -> None:
@@ -216,3 +220,40 @@ async def test_a_resumed_run_counts_uploads_of_repeated_rounds_once(tmp_path: Pa
     await round_finished(run, 2)
     recorder.close()
     assert load(path)["comm"] == {"uploads": 2, "upload_bytes": 30, "by_round": {"1": [1, 10], "2": [1, 20]}}
+
+
+async def test_kept_scores_land_under_each_round_that_keeps_them(recorder, run, tmp_path: Path) -> None:
+    from fedevents.engine.events import ValReused
+
+    await run.start()
+    await train_done(run, "c0", 1, "t0", tr_acc=0.5)
+    await val_done(run, "c0", 1, "t0", val_acc=0.25)
+    await val_done(run, "c0", 1, "t1", val_acc=0.75)
+    await round_finished(run, 1)
+    kept = ({"t0": {"val_acc": 0.25}, "t1": {"val_acc": 0.75}},)
+    for rnd in (2, 3):
+        await run.emit(ValReused, round=rnd, clients=("c0",), scored_in=(1,), scores=kept)
+        await round_finished(run, rnd)
+    await train_done(run, "c0", 3, "t1", tr_acc=0.875)  # never seen in a run; must not reach round 2
+    data = load(recorder.path)["data"]["c0"]
+    assert data["1"] == {"t0": {"tr_acc": 0.5, "val_acc": 0.25}, "t1": {"val_acc": 0.75}}
+    assert data["2"] == data["3"] == {"t0": {"val_acc": 0.25}, "t1": {"val_acc": 0.75}}
+    assert recorder.metrics("c0", 3, "t1") == {"val_acc": 0.75, "tr_acc": 0.875}
+    assert recorder.metrics("c0", 2, "t1") == {"val_acc": 0.75}
+
+
+async def test_the_record_text_is_the_same_when_rounds_are_written_again(recorder, run) -> None:
+    # The recorder keeps the text of earlier rounds; each write must equal a fresh encoding of the whole.
+    from fedevents.handlers.recorder import format_record
+
+    await run.start()
+    for rnd in (1, 2, 3):
+        await val_done(run, "c0", rnd, "t0", val_acc=rnd / 4, val_loss=float("nan") if rnd == 2 else 1.0)
+        if rnd != 2:
+            await train_done(run, "c1", rnd, "t0", tr_acc=rnd / 8)
+        await round_finished(run, rnd)
+        text = recorder.path.read_text()
+        assert text == format_record(json.loads(text))
+    assert load(recorder.path)["data"]["c0"]["2"]["t0"]["val_loss"] == "NaN"
+    assert math.isnan(recorder.metrics("c0", 2, "t0")["val_loss"]) and recorder.metrics("c0", 3, "t0")["val_acc"] == 0.75
+    assert list(load(recorder.path)["data"]["c0"]) == ["1", "2", "3"] and list(load(recorder.path)["data"]) == ["c0", "c1"]

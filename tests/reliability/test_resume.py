@@ -110,7 +110,7 @@ def test_resume_refuses_a_changed_config_and_allows_more_rounds(tmp_path: Path) 
     assert refused.stderr.strip().splitlines()[-1].endswith(
         "optimizer_opts.lr, task_opts.batch_size differ from the checkpoint (only exp_opts.comm_rounds, "
         "exp_opts.clients_in_memory, exp_opts.checkpoint_interval, exp_opts.checkpoint_keep, "
-        "exp_opts.handler_timeout_s, device, parallel, executor, ray, group, "
+        "exp_opts.handler_timeout_s, exp_opts.val_reuse, device, parallel, executor, ray, group, "
         "logs_dir, checkpoints_dir, datasets_dir, handlers, dry_run_opts may change)")
     extended = fedevents("run", str(exp), "--resume", "--set", "exp_opts.comm_rounds=5", cwd=tmp_path)
     assert extended.returncode == 0, extended.stderr
