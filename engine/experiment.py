@@ -96,6 +96,7 @@ class Experiment:
         self.engine: Engine | None = None
         self._closers: list[Callable[[], None]] = []
         self._abandoners: list[Callable[[str], None]] = []
+        self._settlers: list[Callable[[float], int | None]] = []
         self._results = ResultTracker()
         self._results.subscribe(self.bus)
 
@@ -109,7 +110,9 @@ class Experiment:
     def add(self, component: Any) -> Any:
         """Attach a component with ``subscribe(bus)`` (and, optionally, ``close()``, called after the run,
         ``bind(control)``, called with the run's control so that it may steer the run, and
-        ``abandon(reason)``, called from another thread when a signalled run cannot stop on its own)."""
+        ``abandon(reason)``, called from another thread when a signalled run cannot stop on its own, after
+        ``settle_now(timeout)``, which finishes work in flight there and gives the round of a checkpoint it
+        completed, or None)."""
         component.subscribe(self.bus)
         self.components.append(component)
         close = getattr(component, "close", None)
@@ -118,6 +121,9 @@ class Experiment:
         abandon = getattr(component, "abandon", None)
         if callable(abandon):
             self._abandoners.append(abandon)
+        settle_now = getattr(component, "settle_now", None)
+        if callable(settle_now):
+            self._settlers.append(settle_now)
         self._bind(component)
         return component
 
@@ -174,7 +180,7 @@ class Experiment:
                                  participations=None if resume is None else resume.participations,
                                  reuse_scores=self.reuse_scores, ledger=self.scores)
             if handle_signals and threading.current_thread() is threading.main_thread():
-                watchdog = _Watchdog(self.engine, self._abandoners)
+                watchdog = _Watchdog(self.engine, self._settlers, self._abandoners)
                 await _run_with_signals(self.engine, watchdog)
             else:
                 await self.engine.run()
@@ -211,8 +217,10 @@ class _Watchdog:
     (the record is marked interrupted) and exits with the signal's status.
     """
 
-    def __init__(self, engine: Engine, abandoners: Sequence[Callable[[str], None]]) -> None:
+    def __init__(self, engine: Engine, settlers: Sequence[Callable[[float], int | None]],
+                 abandoners: Sequence[Callable[[str], None]]) -> None:
         self.engine = engine
+        self.settlers = settlers
         self.abandoners = abandoners
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -240,7 +248,15 @@ class _Watchdog:
         if self._done.wait(ABANDON_AFTER_S):
             return
         name = signal.Signals(signum).name
-        reason = f"stopped by {name}; resume from round {self.engine.last_checkpoint}"
+        checkpoint = self.engine.last_checkpoint
+        for settle_now in self.settlers:  # a checkpoint being written when the loop stopped is the one to resume from
+            try:
+                written = settle_now(ABANDON_AFTER_S)
+            except Exception:  # noqa: BLE001 - the older checkpoint is still whole
+                written = None
+            if written is not None:
+                checkpoint = max(checkpoint, written)
+        reason = f"stopped by {name}; resume from round {checkpoint}"
         for abandon in self.abandoners:
             try:
                 abandon(reason)
@@ -248,7 +264,7 @@ class _Watchdog:
                 pass
         os.write(2, (f"fedevents: interrupted: interrupted by {name} in round {self.engine.round}; a handler held "
                      f"the event loop for {ABANDON_AFTER_S:g}s after the signal, so the run ended without its last "
-                     f"events; resume from round {self.engine.last_checkpoint} with --resume\n").encode())
+                     f"events; resume from round {checkpoint} with --resume\n").encode())
         os._exit(128 + signum)
 
 

@@ -209,6 +209,12 @@ class Checkpointer:
         await self.bus.emit(self.context.make(CheckpointSaved, round=pending.round, path=str(path),
                                               nbytes=nbytes, seconds=pending.seconds))
 
+    def settle_now(self, timeout: float) -> int | None:
+        """From another thread, when the event loop is held and cannot flush: wait up to ``timeout`` for the
+        checkpoint being written and give its round if it was written whole (None if none or it failed)."""
+        pending = self._pending
+        return None if pending is None else pending.join(timeout)
+
     async def _finished(self, ev: ExperimentFinished) -> None:
         await self.flush()  # the run waited for it already, unless something else drove the bus
         # A finished run is only ever resumed to extend it, which needs its last checkpoint alone.
@@ -410,6 +416,11 @@ class _Write:
         except BaseException as exc:  # handed to the event loop, which raises it
             self._error = exc
         self.seconds = time.monotonic() - self._began
+
+    def join(self, timeout: float) -> int | None:
+        """Wait for the write in this thread, up to ``timeout``; its round if it completed, else None."""
+        self._thread.join(timeout)
+        return None if self._thread.is_alive() or self._error is not None else self.round
 
     async def wait(self) -> tuple[Path, int]:
         await anyio.to_thread.run_sync(self._thread.join)

@@ -266,6 +266,12 @@ class JsonRecorder:
             raise output_failed(self.path, exc) from None
         self._dirty = False
 
+    def abandon(self, reason: str) -> None:
+        """Mark a running record interrupted and write it: called from another thread when a signalled run
+        cannot stop on its own (a sync handler holds the event loop, so nothing else touches the record)."""
+        if self.record is not None and self.record["status"] == "running":
+            self._end("interrupted", reason)
+
     def close(self) -> None:
         """Write the final record; a run that neither finished nor failed is recorded as failed."""
         for sub in self._subs:
