@@ -29,10 +29,12 @@ def overrides(tmp_path: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in sets.items()]
 
 
-def test_early_stopping_from_yaml_ends_the_run_as_stopped_with_exit_0_and_a_complete_record(tmp_path: Path) -> None:
+def test_early_stopping_from_yaml_ends_the_run_as_stopped_with_exit_0_and_keeps_the_best_model(tmp_path: Path) -> None:
     data = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
     data["handlers"] = [{"target": "fedevents.handlers.steering:EarlyStopping",
-                         "kwargs": {"metric": "val_acc", "patience": 2, "min_delta": 0.9}}]
+                         "kwargs": {"metric": "val_acc", "patience": 2, "min_delta": 0.9}},
+                        {"target": "fedevents.handlers.steering:BestModel",
+                         "kwargs": {"path": str(tmp_path / "best.pt"), "metric": "val_acc"}}]
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(data))
     run = subprocess.run([sys.executable, "-m", "fedevents.cli", "run", str(tmp_path / "exp.yaml"),
                           *[a for o in overrides(tmp_path) for a in ("--set", o)]],
@@ -46,6 +48,11 @@ def test_early_stopping_from_yaml_ends_the_run_as_stopped_with_exit_0_and_a_comp
     assert record["stopped"].endswith("(round 0) for 2 validation rounds")
     assert list(record["global"]) == ["0", "1", "2"]
     assert "experiment demo stopped after 2 rounds (early stopping" in run.stderr
+    # The best model, kept by the second handler, is the global model of the best of the rounds run.
+    scores = {int(r): tasks["synth"]["val_acc"] for r, tasks in record["global"].items()}
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["metric"] == "val_acc" and best["value"] == max(scores.values())
+    assert best["round"] == min(r for r, v in scores.items() if v == best["value"])
     assert sorted(p.name for p in next((tmp_path / "ckpts").iterdir()).glob("round-*.pt"))[-1] == "round-000002.pt"
 
 
