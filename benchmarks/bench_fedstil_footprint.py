@@ -29,7 +29,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -37,61 +36,18 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe  # noqa: E402
+from _process import run_sampled  # noqa: E402
 
 CLIENTS, TASKS, IDS, PER_ID, SIZE, SUSTAIN = 3, 2, 40, 8, (64, 32), 2
 ROUNDS = 3
 NUM_CLASSES = 241  # the original uses person ids as class indices; synth-reid's run from 1 to 240
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def tree_rss(root: int) -> int:
-    """Bytes resident in process ``root`` and all its descendants now."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended while being read
-        children.setdefault(int(fields[1]), []).append(int(entry))
-        rss[int(entry)] = int(fields[21]) * _PAGE
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo.extend(children.get(pid, []))
-    return total
-
-
 def measure(command: list[str], cwd: Path, env: dict[str, str], checkpoints: Path, log: Path) -> dict:
     """Run ``command``; give its wall time, the peak RSS of its process tree and what it checkpointed."""
-    peak = 0
-    with log.open("w") as out:
-        start = time.perf_counter()
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        done = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not done.wait(0.05):
-                peak = max(peak, tree_rss(process.pid))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-        process.returncode = code = os.waitstatus_to_exitcode(status)
-        done.set()
-        sampler.join()
-    if code != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {code}; see {log}:\n{log.read_text()[-2000:]}")
+    done = run_sampled(command, log, cwd=cwd, env=env, tail=2000)
     files = [p for p in checkpoints.rglob("*") if p.is_file()] if checkpoints.exists() else []
     # CPU seconds of the command and the descendants it waited for: on a shared machine wall time alone
     # measures the neighbours too.
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": peak / 2**20,
+    return {"wall_s": done.wall_s, "cpu_s": done.cpu_s, "peak_rss_mib": done.peak_rss / 2**20,
             "checkpoint_bytes": sum(p.stat().st_size for p in files), "checkpoint_files": len(files)}
 
 

@@ -31,10 +31,8 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -43,7 +41,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _machine import describe  # noqa: E402
-from bench_fedstil_footprint import tree_rss  # noqa: E402
+from _process import run_sampled  # noqa: E402
 from workload import PRESETS, QUICK, Preset  # noqa: E402
 
 CONTENDERS = ("fedevents", "loop", "flower")
@@ -72,28 +70,9 @@ def fedevents_config(preset: Preset, folder: Path, parallel: int) -> dict:
 
 def measure(command: list[str], log: Path, env: dict[str, str] | None = None) -> dict:
     """Run ``command``; give its start and exit (wall clock), CPU seconds and the peak RSS of its tree."""
-    peak = 0
-    with log.open("w") as out:
-        started = time.time()
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        done = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not done.wait(0.05):
-                peak = max(peak, tree_rss(process.pid))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, status, usage = os.wait4(process.pid, 0)
-        exited = time.time()
-        done.set()
-        sampler.join()
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {code}; see {log}:\n{log.read_text()[-3000:]}")
-    return {"started": started, "exited": exited, "wall_s": exited - started,
-            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": peak / 2**20}
+    done = run_sampled(command, log, env=env)
+    return {"started": done.started, "exited": done.exited, "wall_s": done.exited - done.started,
+            "cpu_s": done.cpu_s, "peak_rss_mib": done.peak_rss / 2**20}
 
 
 def run_fedevents(preset: Preset, folder: Path, parallel: int) -> dict:
