@@ -95,7 +95,7 @@ class Experiment:
         self.scores = ScoreLedger()
         self.engine: Engine | None = None
         self._closers: list[Callable[[], None]] = []
-        self._abandoners: list[Callable[[str], None]] = []
+        self._abandoners: list[Callable[[str, int], None]] = []
         self._settlers: list[Callable[[float], int | None]] = []
         self._results = ResultTracker()
         self._results.subscribe(self.bus)
@@ -110,7 +110,7 @@ class Experiment:
     def add(self, component: Any) -> Any:
         """Attach a component with ``subscribe(bus)`` (and, optionally, ``close()``, called after the run,
         ``bind(control)``, called with the run's control so that it may steer the run, and
-        ``abandon(reason)``, called from another thread when a signalled run cannot stop on its own, after
+        ``abandon(signal_name, last_checkpoint)``, called from another thread when a signalled run cannot stop on its own, after
         ``settle_now(timeout)``, which finishes work in flight there and gives the round of a checkpoint it
         completed, or None)."""
         component.subscribe(self.bus)
@@ -218,7 +218,7 @@ class _Watchdog:
     """
 
     def __init__(self, engine: Engine, settlers: Sequence[Callable[[float], int | None]],
-                 abandoners: Sequence[Callable[[str], None]]) -> None:
+                 abandoners: Sequence[Callable[[str, int], None]]) -> None:
         self.engine = engine
         self.settlers = settlers
         self.abandoners = abandoners
@@ -256,10 +256,9 @@ class _Watchdog:
                 written = None
             if written is not None:
                 checkpoint = max(checkpoint, written)
-        reason = f"stopped by {name}; resume from round {checkpoint}"
         for abandon in self.abandoners:
             try:
-                abandon(reason)
+                abandon(name, checkpoint)
             except Exception:  # noqa: BLE001 - exiting anyway: one component's failure must not keep the others
                 pass
         os.write(2, (f"fedevents: interrupted: interrupted by {name} in round {self.engine.round}; a handler held "

@@ -241,7 +241,7 @@ class JsonRecorder:
         elif kind is ExperimentFailed:
             self._end("failed", event.reason)  # type: ignore[attr-defined]
         elif kind is ExperimentInterrupted:
-            self._end("interrupted", f"stopped by {event.signal}; resume from round {event.last_checkpoint}")  # type: ignore[attr-defined]
+            self._end("interrupted", _interrupted(event.signal, event.last_checkpoint))  # type: ignore[attr-defined]
 
     def metrics(self, client: str, round: int, task: str) -> dict[str, float]:
         """The merged metrics recorded for one (client, round, task); empty when there are none."""
@@ -266,11 +266,11 @@ class JsonRecorder:
             raise output_failed(self.path, exc) from None
         self._dirty = False
 
-    def abandon(self, reason: str) -> None:
+    def abandon(self, signal_name: str, last_checkpoint: int) -> None:
         """Mark a running record interrupted and write it: called from another thread when a signalled run
         cannot stop on its own (a sync handler holds the event loop, so nothing else touches the record)."""
         if self.record is not None and self.record["status"] == "running":
-            self._end("interrupted", reason)
+            self._end("interrupted", _interrupted(signal_name, last_checkpoint))
 
     def close(self) -> None:
         """Write the final record; a run that neither finished nor failed is recorded as failed."""
@@ -334,6 +334,11 @@ class JsonRecorder:
         if self._failures:
             out["failures"] = list(self._failures)
         return out
+
+
+def _interrupted(signal_name: str, last_checkpoint: int) -> str:
+    """The record's ``error`` of an interrupted run: what stopped it and where ``--resume`` continues."""
+    return f"stopped by {signal_name}; resume from round {last_checkpoint}"
 
 
 def _earlier_rounds(path: Path, first_round: int) -> tuple[dict[str, dict[str, Any]], dict[str, list[int]],
