@@ -109,3 +109,49 @@ def test_evaluate_scores_in_eval_mode_without_gradients() -> None:
     assert scores.acc == 0.25
     assert not model.training
     assert model.weight.grad is None
+
+
+class _Subclassed(torch.nn.CrossEntropyLoss):
+    """A user's subclass: its own forward must be called, not ``F.cross_entropy``."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(logits, target)
+
+
+def _trained(criterion: torch.nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
+    model, optimizer, scheduler, x, y = _setup()
+    scores = train_local(model, optimizer, scheduler, criterion, x, y, epochs=2, batch_size=3,
+                         shuffle=generator(0, "shuffle"))
+    return scores.loss, model.state_dict()
+
+
+def _by_module_call(criterion: torch.nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
+    # A forward hook that changes nothing keeps train_local on the module's own __call__ path.
+    handle = criterion.register_forward_hook(lambda module, args, out: None)
+    try:
+        return _trained(criterion)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"weight": torch.tensor([1.0, 2.0, 0.5])},
+                                     {"ignore_index": 1}])
+def test_a_plain_cross_entropy_trains_to_the_bits_of_calling_the_module(options: dict) -> None:
+    direct_loss, direct = _trained(torch.nn.CrossEntropyLoss(**options))
+    module_loss, via_module = _by_module_call(torch.nn.CrossEntropyLoss(**options))
+    # ignore_index can leave a batch with nothing to score (NaN, as the module gives): compare bit for bit.
+    torch.testing.assert_close(torch.tensor(direct_loss), torch.tensor(module_loss), rtol=0, atol=0, equal_nan=True)
+    for name in direct:
+        torch.testing.assert_close(direct[name], via_module[name], rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_criterion_with_hooks_or_a_subclass_is_called_as_it_is() -> None:
+    calls = []
+    plain = torch.nn.CrossEntropyLoss()
+    plain.register_forward_hook(lambda module, args, out: calls.append(out.item()))
+    _trained(plain)
+    assert len(calls) == 8  # 2 epochs x ceil(10 / 3) batches
+    doubled_loss, _ = _trained(_Subclassed())
+    plain_loss, _ = _trained(torch.nn.CrossEntropyLoss())
+    assert doubled_loss == pytest.approx(2.0 * plain_loss, rel=0.2)
+    assert doubled_loss > 1.5 * plain_loss
