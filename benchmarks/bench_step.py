@@ -4,7 +4,9 @@
 
 The issue-12 workload: an MLP 256-384-10 on 1x16x16 inputs, 10 classes, SGD (lr 0.05, no momentum), batch 32,
 one torch thread. The bare loop draws the same permutations and steps the same optimizer, without keeping
-loss or accuracy; ``train_local`` also sums both (what the record shows). Both start from the same weights
+loss or accuracy; ``train_local`` takes each batch the way a client's training in a run does (the model's
+output read as logits and features, the configured loss, the method's batch_loss hook) and sums loss and
+accuracy (what the record shows). Both start from the same weights
 and must end with bit-identical weights, or the benchmark stops. Repeats alternate between the two; the
 figure is the median CPU time per SGD step (one torch thread: on a shared machine steadier than wall time,
 and the same on an idle one), and the overhead the median of the per-repeat ratios.
@@ -26,7 +28,9 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe  # noqa: E402
 
+from fedevents.federated.methods.base import Method  # noqa: E402
 from fedevents.federated.training import build_optimizer, train_local  # noqa: E402
+from fedevents.federated.worker import build_loss, model_output  # noqa: E402
 from fedevents.handlers.logsink import configure_logging  # noqa: E402
 
 
@@ -50,9 +54,18 @@ def bare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch:
 
 def fedevents(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, seed: int) -> float:
     optimizer = build_optimizer({"name": "sgd", "lr": 0.05}, model.parameters())
+    # Each batch goes the way a client's training takes it in a run (federated/worker.py): the model's output
+    # read as logits and features, the criterion_opts loss, then the method's batch_loss hook (FedAvg's
+    # leaves the loss as it is).
+    criterion = build_loss({"name": "cross_entropy"}, None)
+
+    def batch_loss(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model_output(model(xb))
+        return Method.batch_loss(None, None, xb, yb, out, criterion(out.logits, out.features, yb)), out.logits
+
     began = time.process_time()
-    train_local(model, optimizer, None, nn.CrossEntropyLoss(), x, y, epochs=epochs, batch_size=batch,
-                shuffle=torch.Generator().manual_seed(seed))
+    train_local(model, optimizer, None, None, x, y, epochs=epochs, batch_size=batch,
+                shuffle=torch.Generator().manual_seed(seed), batch_loss=batch_loss)
     return time.process_time() - began
 
 

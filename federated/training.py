@@ -31,6 +31,7 @@ __all__ = [
     "build_scheduler",
     "EarlyStop",
     "build_criterion",
+    "direct_call",
     "train_local",
     "evaluate",
 ]
@@ -183,7 +184,7 @@ def train_local(
         if criterion is None:
             raise ValueError("train_local: expected a criterion or a batch_loss, found neither")
 
-        loss_of = _direct(criterion)
+        loss_of = direct_call(criterion)
 
         def batch_loss(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logits = model(xb)
@@ -213,7 +214,7 @@ def train_local(
     return Scores(samples=seen, loss=total_loss / seen, acc=total_correct / seen)
 
 
-def _direct(criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
+def direct_call(criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
     """``criterion`` as the function its module would call, where that is certain to compute the same.
 
     A plain ``nn.CrossEntropyLoss`` without hooks calls ``F.cross_entropy`` with its attributes; calling that

@@ -23,7 +23,7 @@ from .methods import LocalRound, Method, ModelOutput, build_method
 from .seeds import generator
 from .store import ClientState
 from .tasks import TaskSource, build_task_source
-from .training import build_criterion, build_optimizer, build_scheduler, train_local
+from .training import build_criterion, build_optimizer, build_scheduler, direct_call, train_local
 
 __all__ = ["TrainJob", "TrainOutcome", "ValJob", "ValResult", "Worker", "build_loss", "to_cpu"]
 
@@ -209,7 +209,7 @@ def build_loss(opts: Any, num_classes: int | None) -> Callable[[torch.Tensor, to
     weighted sum of ReID losses.
     """
     if isinstance(opts, Mapping) and opts.get("name") == "cross_entropy" and opts.get("weight", 1.0) == 1.0:
-        ce = build_criterion(opts)
+        ce = direct_call(build_criterion(opts))
         return lambda logits, features, targets: ce(logits, targets)
     return build_reid_criterion(opts, num_classes=num_classes)
 
