@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from fedevents.engine.bus import ALL, EventBus, Subscription
 from fedevents.engine.errors import OutputError
-from fedevents.engine.eventfile import first_line, is_header, stream_header
+from fedevents.engine.eventfile import first_line, stream_header
 from fedevents.engine.events import (
     Aggregated,
     ClientFailed,
@@ -176,11 +176,12 @@ class TraceRecorder:
             self._pid(device)
 
     def _start_stream(self, stream: LineStream, path: Path, ev: ExperimentStarted) -> None:
-        """Write the header, unless the stream this run continues begins with its own.
+        """Write the header, unless the stream this run continues begins with this very header.
 
         A resumed stream (already cut back to its last whole line) that is empty, its header cut by a
-        kill, gets the header now; one written before streams had headers gets it as its next line, which
-        then applies to the lines after it. A stream of another run is refused, not mixed in.
+        kill, gets the header now. One written before streams had headers, or under another schema version
+        or experiment name, gets it as its next line, which then applies to the lines after it. A stream of
+        another run is refused, not mixed in.
         """
         self._run_id, self._exp_name = ev.run_id, ev.exp_name
         try:
@@ -188,11 +189,12 @@ class TraceRecorder:
         except ValueError as exc:  # its first line is not JSON
             self._refuse(str(exc))
         except (OSError, EOFError) as exc:  # a damaged gzip stream
-            self._refuse(f"{path}: expected a fedevents events stream, found {exc or type(exc).__name__}")
+            self._refuse(f"{path}: expected a fedevents events stream, found {str(exc) or type(exc).__name__}")
         if start is not None and start.get("run_id", ev.run_id) != ev.run_id:
             self._refuse(f"{path}: expected the events of run {ev.run_id}, found those of run {start['run_id']}")
-        if start is None or not is_header(start):
-            stream.write(_encode(stream_header(ev.run_id, ev.exp_name)) + "\n")
+        header = stream_header(ev.run_id, ev.exp_name)
+        if start != header:
+            stream.write(_encode(header) + "\n")
             stream.flush()  # whole before any event: a stream with events always has its header
 
     def _refuse(self, message: str) -> NoReturn:

@@ -144,6 +144,16 @@ async def test_a_stream_from_before_headers_gets_one_before_the_resumed_events(t
     assert list(read_events(stream(tmp_path, False))) == [older, to_dict(run.emitted[0])]
 
 
+async def test_a_stream_under_another_experiment_name_gets_this_runs_header_before_its_events(tmp_path, run) -> None:
+    renamed = {**HEADER, "exp_name": "old name"}
+    older = {"event": "RoundStarted", "seq": 1, "wall_time": 1.0, "mono_time": 2.0, "round": 0}
+    stream(tmp_path, False).write_text(json.dumps(renamed) + "\n" + json.dumps(older) + "\n")
+    tracer = await resume(run, tmp_path, False)
+    tracer.close()
+    assert raw_lines(stream(tmp_path, False))[2] == HEADER
+    assert [e["exp_name"] for e in read_events(stream(tmp_path, False))] == ["old name", "demo"]
+
+
 @pytest.mark.parametrize(("first", "message"), [
     (json.dumps({**HEADER, "run_id": "other-run"}),
      ": expected the events of run demo-run, found those of run other-run"),
