@@ -34,6 +34,7 @@ from bench_vs_loop import fedevents_config  # noqa: E402
 from workload import PRESETS, Preset, build_model, client_data, train  # noqa: E402
 
 from fedevents.cli import build_experiment  # noqa: E402
+from fedevents.engine import read_events  # noqa: E402
 from fedevents.federated.training import build_criterion, build_optimizer, train_local  # noqa: E402
 
 
@@ -98,7 +99,7 @@ def engine_cost(clients: int, per_round: int, rounds: int, sinks: bool) -> dict[
         exp.run()
         seconds, cpu_s = time.perf_counter() - built, time.process_time() - cpu
         events_files = list((Path(scratch) / "logs").glob("*.events.jsonl"))
-        events = len(events_files[0].read_text().splitlines()) if events_files else None
+        events = sum(1 for _ in read_events(events_files[0])) if events_files else None
     trainings = per_round * rounds
     return {"build_s": built - began, "run_s": seconds, "cpu_s": cpu_s, "trainings": trainings, "events": events,
             "ms_per_training": seconds / trainings * 1e3,

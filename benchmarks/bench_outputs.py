@@ -12,8 +12,6 @@ PYTHONPATH, to run an older checkout's code on the same experiment.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import os
 import subprocess
 import sys
@@ -24,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import describe  # noqa: E402
+
+from fedevents.engine import read_events  # noqa: E402
 
 EXPERIMENT = """\
 exp_name: outputs
@@ -57,10 +57,9 @@ def run(args: argparse.Namespace, folder: Path) -> tuple[float, dict[str, int]]:
 
 
 def count_events(logs: Path) -> Counter[str]:
+    """The events of the stream under ``logs`` by type, read as a user reads them (older streams too)."""
     (path,) = [p for p in logs.iterdir() if ".events.jsonl" in p.name]
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return Counter(json.loads(line)["event"] for line in f)
+    return Counter(e["event"] for e in read_events(path))
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ CPU time (user + system) of the whole process is given too: on a shared machine 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -27,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe  # noqa: E402
+
+from fedevents.engine import read_events  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +83,7 @@ def fedevents_run(rounds: int, folder: Path) -> dict[str, float]:
            "--logs-dir", str(folder / "logs"), "--set", f"exp_opts.comm_rounds={rounds}",
            "--set", "task_opts.synthetic.samples_per_client=64", "--set", f"checkpoints_dir={folder / 'ckpts'}"]
     began, ended, _, cpu = _timed(cmd, folder)
-    events = [json.loads(line) for line in next((folder / "logs").glob("*.events.jsonl")).read_text().splitlines()]
+    events = list(read_events(next((folder / "logs").glob("*.events.jsonl"))))
     first = next(e["wall_time"] for e in events if e["event"] == "TrainStarted")
     last = next(e["wall_time"] for e in events if e["event"] == "ExperimentFinished")
     return {"start": first - began, "exit": ended - last, "total": ended - began, "cpu": cpu}

@@ -34,6 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe  # noqa: E402
 
+from fedevents.engine import read_events  # noqa: E402
+
 VARIANTS = {
     "reuse": {"exp_opts": {"val_clients": "all", "val_reuse": True}},
     "rescore": {"exp_opts": {"val_clients": "all", "val_reuse": False}},
@@ -69,7 +71,7 @@ def run_one(args: argparse.Namespace, variant: str) -> dict[str, float]:
         peak = usage.ru_maxrss
         files = list((folder / "logs").iterdir())
         written = sum(f.stat().st_size for f in files)
-        events = sum(1 for f in files if f.name.endswith(".events.jsonl") for _ in open(f, encoding="utf-8"))
+        events = sum(1 for f in files if f.name.endswith(".events.jsonl") for _ in read_events(f))
     # The largest resident set of any child of this process: it has this one child only.
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": peak / 1024,
             "written_mb": written / 1e6, "events": events}

@@ -44,6 +44,8 @@ from _machine import describe  # noqa: E402
 from _process import run_sampled  # noqa: E402
 from workload import PRESETS, QUICK, Preset  # noqa: E402
 
+from fedevents.engine import read_events  # noqa: E402
+
 CONTENDERS = ("fedevents", "loop", "flower")
 
 
@@ -81,7 +83,7 @@ def run_fedevents(preset: Preset, folder: Path, parallel: int) -> dict:
     config.write_text(yaml.safe_dump(fedevents_config(preset, folder, parallel)))
     result = measure([sys.executable, "-m", "fedevents.cli", "run", str(config), "--quiet"], folder / "run.log")
     (events_file,) = (folder / "logs").glob("*.events.jsonl")
-    events = [json.loads(line) for line in events_file.read_text().splitlines()]
+    events = list(read_events(events_file))
     first = min(e["wall_time"] for e in events if e["event"] == "TrainStarted")
     rounds = [(e["round"], e["wall_time"], e["metrics"]["val_acc"]) for e in events if e["event"] == "GlobalValDone"]
     trained = [e for e in events if e["event"] == "TrainDone"]

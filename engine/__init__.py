@@ -7,6 +7,7 @@ from .devices import DevicePool, Slot
 from .errors import CheckpointError, ConfigError, DeviceError, FedEventsError, HandlerLoadError, Interrupted, RunFailed
 from .events import *  # noqa: F403 - the event classes are the public vocabulary
 from .events import __all__ as _event_names
+from .eventfile import read_events
 from .experiment import Experiment, ResumePoint, RunPaths
 from .results import RoundMetrics, RunResult
 from .runner import Engine
@@ -34,5 +35,6 @@ __all__ = [
     "RunResult",
     "RunPaths",
     "Engine",
+    "read_events",
     *_event_names,
 ]

@@ -29,6 +29,7 @@ from typing import IO, Any, Mapping, TextIO
 import structlog
 
 from fedevents.engine.bus import ALL, EventBus, Subscription
+from fedevents.engine.eventfile import RUN_FIELDS
 from fedevents.engine.events import (
     ClientFailed,
     Event,
@@ -41,7 +42,6 @@ from fedevents.engine.events import (
     RoundFinished,
     TrainDone,
     ValDone,
-    SCHEMA_VERSION,
     ValReused,
     json_safe,
     strict_json,
@@ -51,7 +51,7 @@ from fedevents.engine.events import (
 from .streams import LineStream, trim_partial_tail
 from .atomic import close_quietly, output_failed
 
-__all__ = ["LEVELS", "LogSink", "LoggingSetup", "SINK_PRIORITY", "configure_logging", "event_json"]
+__all__ = ["LEVELS", "LogSink", "LoggingSetup", "SINK_PRIORITY", "configure_logging", "event_line"]
 
 #: Sinks run before work handlers (priority 0), so they see every event as soon as it is emitted, in
 #: sequence order, rather than after the work it triggers.
@@ -70,8 +70,9 @@ _float_repr, _int_repr = float.__repr__, int.__repr__
 _last_event: tuple[Event | None, str] = (None, "")
 
 
-def event_json(event: Event) -> str:
-    """``to_dict(event)`` as compact JSON; every sink of one event gets the same string, built once."""
+def event_line(event: Event) -> str:
+    """The event's line in the events stream: ``to_dict(event)`` as compact JSON, without the run id and
+    experiment name its stream's header holds (``fedevents.engine.eventfile``); built once per event."""
     global _last_event
     seen, text = _last_event  # one tuple, swapped whole, so a thread never pairs an event with another's text
     if seen is not event:
@@ -85,16 +86,17 @@ _LAYOUTS: dict[type, tuple[str, tuple[tuple[str, str], ...]] | None] = {}
 
 
 def _layout(cls: type) -> tuple[str, tuple[tuple[str, str], ...]] | None:
-    names = tuple(f.name for f in dataclasses.fields(cls))
-    if "event" in names or "schema" in names:  # would replace to_dict's own keys: left to to_dict
+    fields = tuple(f.name for f in dataclasses.fields(cls))
+    if "event" in fields or "schema" in fields:  # would replace to_dict's own keys: left to to_dict
         return None
-    head = f'{{"event":{_json_str(cls.__name__)},"schema":{_encode(SCHEMA_VERSION)}'
+    names = tuple(name for name in fields if name not in RUN_FIELDS)
+    head = f'{{"event":{_json_str(cls.__name__)}'
     return head, tuple((name, f",{_json_str(name)}:") for name in names)
 
 
 def _event_text(event: Event) -> str:
-    """``strict_json(to_dict(event))``, byte for byte, without the dict: the text of the plain fields (str,
-    int, finite float, bool, None) is written directly, the rest through ``json_safe`` and the encoder.
+    """``strict_json`` of ``to_dict(event)`` less ``RUN_FIELDS``, byte for byte, without the dict: the text of
+    the plain fields (str, int, finite float, bool, None) is written directly, the rest through ``json_safe``.
 
     This is the one encoding every event goes through (the events stream), 40 % of its cost as a dict.
     """
@@ -102,7 +104,7 @@ def _event_text(event: Event) -> str:
     layout = _LAYOUTS.get(cls, False)
     if layout is False:
         layout = _LAYOUTS[cls] = _layout(cls)
-    if layout is None:
+    if layout is None:  # every field, the run's too: a line's own run fields win over its header's
         return _encode(to_dict(event))
     head, keys = layout
     parts = [head]

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fedevents.engine.bus import ALL, EventBus, Subscription
+from fedevents.engine.errors import OutputError
+from fedevents.engine.eventfile import first_line, stream_header
 from fedevents.engine.events import (
     Aggregated,
     ClientFailed,
@@ -30,11 +32,12 @@ from fedevents.engine.events import (
     ValDone,
     ValStarted,
     strict_json,
+    to_dict,
 )
 
 from .atomic import close_quietly, output_failed
 from .jsonarray import AppendArray
-from .logsink import SINK_PRIORITY, event_json
+from .logsink import SINK_PRIORITY, event_line
 from .streams import LineStream, trim_partial_tail
 
 __all__ = ["TraceRecorder"]
@@ -47,7 +50,9 @@ class TraceRecorder:
     """Writes ``events_path`` (JSON lines) and ``chrome_path`` (Chrome trace event format).
 
     Either path may be None to leave that file out; ``summary()`` counts the same either way.
-    ``compress_events`` writes the events as a gzip stream (name the path ``….jsonl.gz``).
+    ``compress_events`` writes the events as a gzip stream (name the path ``….jsonl.gz``). The events stream
+    begins with one header line holding the run id, experiment name and schema version, which its event
+    lines then leave out (``fedevents.engine.eventfile``; ``read_events`` reads it back).
     """
 
     def __init__(self, events_path: Path | None, chrome_path: Path | None, *,
@@ -57,6 +62,7 @@ class TraceRecorder:
         self.compress_events = compress_events
         self._opened = False
         self._file: LineStream | None = None
+        self._run_id = self._exp_name = ""  # what the events stream's header holds
         self._t0: float | None = None
         self._last_mono = 0.0
         self._chrome: AppendArray | None = None
@@ -96,7 +102,7 @@ class TraceRecorder:
                 return
             self._open(event)
         if self._file is not None:
-            self._file.write(event_json(event) + "\n")
+            self._file.write(self._line(event))
         self._last_mono = event.mono_time
         kind = type(event)
         if kind is TrainStarted:
@@ -150,18 +156,52 @@ class TraceRecorder:
             if stream is not None:
                 stream.flush()
 
+    def _line(self, event: Event) -> str:
+        if event.run_id == self._run_id and event.exp_name == self._exp_name:
+            return event_line(event) + "\n"
+        return _encode(to_dict(event)) + "\n"  # an event of another run keeps its own run fields
+
     def _open(self, ev: ExperimentStarted) -> None:
         self._opened = True
         # A resumed run continues the events and the trace of the run it resumes.
         if self.events_path is not None:
             self.events_path.parent.mkdir(parents=True, exist_ok=True)
             self._file = LineStream(self.events_path, keep=ev.resumed, compress=self.compress_events)
+            self._start_stream(self._file, self.events_path, ev)
         self._t0 = ev.mono_time
         if self.chrome_path is not None:
             self.chrome_path.parent.mkdir(parents=True, exist_ok=True)
             self._chrome = self._open_chrome(ev.resumed)
         for device in ev.devices:
             self._pid(device)
+
+    def _start_stream(self, stream: LineStream, path: Path, ev: ExperimentStarted) -> None:
+        """Write the header, unless the stream this run continues begins with this very header.
+
+        A resumed stream (already cut back to its last whole line) that is empty, its header cut by a
+        kill, gets the header now. One written before streams had headers, or under another schema version
+        or experiment name, gets it as its next line, which then applies to the lines after it. A stream of
+        another run is refused, not mixed in.
+        """
+        self._run_id, self._exp_name = ev.run_id, ev.exp_name
+        try:
+            start = first_line(path) if ev.resumed else None
+        except ValueError as exc:  # its first line is not JSON
+            self._refuse(str(exc))
+        except (OSError, EOFError) as exc:  # a damaged gzip stream
+            self._refuse(f"{path}: expected a fedevents events stream, found {str(exc) or type(exc).__name__}")
+        if start is not None and start.get("run_id", ev.run_id) != ev.run_id:
+            self._refuse(f"{path}: expected the events of run {ev.run_id}, found those of run {start['run_id']}")
+        header = stream_header(ev.run_id, ev.exp_name)
+        if start != header:
+            stream.write(_encode(header) + "\n")
+            stream.flush()  # whole before any event: a stream with events always has its header
+
+    def _refuse(self, message: str) -> NoReturn:
+        """Stop the run rather than write this run's events into a stream they do not belong to."""
+        close_quietly(self._file)
+        self._file, self._closed = None, True
+        raise OutputError(f"{message}; move it away and run the same command with --resume")
 
     def _open_chrome(self, resumed: bool) -> AppendArray:
         """The trace as a JSON array that parses after every write; spans are appended as they end.

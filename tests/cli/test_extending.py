@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from fedevents.cli import main
+from fedevents.engine import read_events
 from fedevents.federated.models import build_model
 from fedevents.federated.seeds import generator
 from fedevents.federated.tasks import build_task_source
@@ -82,7 +83,7 @@ def record(folder: Path, name: str) -> dict[str, Any]:
 
 def events(folder: Path, name: str, kind: str) -> list[dict[str, Any]]:
     (path,) = (folder / "logs").glob(f"{name}-*.events.jsonl")
-    return [e for e in map(json.loads, path.read_text().splitlines()) if e["event"] == kind]
+    return [e for e in read_events(path) if e["event"] == kind]
 
 
 def server(folder: Path, name: str) -> dict[str, Any]:

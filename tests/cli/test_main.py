@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedevents.engine import read_events
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--set", "exp_opts.comm_rounds=3", "--set", "task_opts.synthetic.samples_per_client=64",
          "--set", "task_opts.synthetic.test_size=32"]
@@ -46,7 +48,7 @@ def test_dry_run_prints_a_summary_and_writes_the_trace_without_training(tmp_path
     out = run.stdout
     assert "dry run of demo: 12 rounds, 10 clients (5 online per round), 2 device(s) x 2 slot(s)" in out
     assert "cuda:0/slot0" in out and "cuda:1/slot1" in out and "predicted makespan" in out
-    events = [json.loads(line) for line in next((tmp_path / "logs").glob("*.events.jsonl")).read_text().splitlines()]
+    events = list(read_events(next((tmp_path / "logs").glob("*.events.jsonl"))))
     done = [e for e in events if e["event"] == "TrainDone"]
     assert len(done) == 12 * 5 and all(e["metrics"] == {} for e in done)
 
@@ -140,7 +142,7 @@ def test_failing_handler_from_yaml_fails_the_run_cleanly_with_exit_1(tmp_path: P
     record = json.loads(next(p for p in (tmp_path / "logs").glob("*.json") if ".trace" not in p.name).read_text())
     assert record["status"] == "failed"
     assert "1" in record["data"]["client-0"]  # round 1 results were flushed
-    events = (next((tmp_path / "logs").glob("*.events.jsonl"))).read_text().splitlines()
-    assert json.loads(events[-1])["event"] == "ExperimentFailed"
+    events = list(read_events(next((tmp_path / "logs").glob("*.events.jsonl"))))
+    assert events[-1]["event"] == "ExperimentFailed"
     log = next((tmp_path / "logs").glob("*.log.jsonl")).read_text()
     assert "injected failure" in log and "Traceback" in log

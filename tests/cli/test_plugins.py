@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedevents.cli import build_experiment, main
+from fedevents.engine import read_events
 
 FEDAVGM = '''
 import torch
@@ -276,7 +277,7 @@ def test_a_user_model_on_a_user_data_set_trains_on_its_samples(
         data_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(data_folder, monkeypatch, DATA_EXPERIMENT.replace("NAME", "counted")) == 0, capsys.readouterr().err
     (events,) = (data_folder / "logs").glob("counted-*.events.jsonl")
-    done = [json.loads(line) for line in events.read_text().splitlines() if '"TrainDone"' in line]
+    done = [e for e in read_events(events) if e["event"] == "TrainDone"]
     assert sorted((e["client"], e["samples"]) for e in done) == [("client-0", 1), ("client-1", 2), ("client-2", 3)]
     (record,) = (p for p in (data_folder / "logs").glob("counted-*.json") if not p.name.endswith(".trace.json"))
     config = json.loads(record.read_text())["config"]

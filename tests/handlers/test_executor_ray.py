@@ -19,6 +19,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from fedevents.cli import build_experiment  # noqa: E402
+from fedevents.engine import read_events  # noqa: E402
 from fedevents.engine.errors import ConfigError, DeviceError, Interrupted, RunFailed  # noqa: E402
 from fedevents.engine.events import ClientFailed, ExperimentFinished, TrainDone, TrainStarted  # noqa: E402
 from fedevents.engine.testing import EventRecorder  # noqa: E402
@@ -186,7 +187,7 @@ def test_cli_runs_the_demo_on_a_private_ray_and_leaves_no_ray_process(cluster: C
     assert done.returncode == 0, done.stderr
     assert "experiment demo finished" in done.stderr
     (events_file,) = (tmp_path / "logs").glob("*.events.jsonl")
-    devices = {json.loads(line).get("device") for line in events_file.read_text().splitlines()} - {None}
+    devices = {e.get("device") for e in read_events(events_file)} - {None}
     assert devices == {"cpu"}  # its own one-node Ray, not the test cluster that also runs on this machine
     assert survivors(processes_under(tmp)) == set()
     assert cluster.remaining_processes_alive()

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import pytest
 
-from fedevents.engine.events import ClientFailed, ExperimentStarted, RoundStarted, TrainStarted, to_dict
+from fedevents.engine import read_events
+from fedevents.engine.errors import OutputError
+from fedevents.engine.eventfile import is_header
+from fedevents.engine.events import (
+    ClientFailed,
+    ExperimentStarted,
+    RoundStarted,
+    TrainStarted,
+    json_safe,
+    to_dict,
+)
 from fedevents.handlers import TraceRecorder
 
+from .conftest import Run
+
 pytestmark = pytest.mark.anyio
+
+HEADER = {"stream": "fedevents.events", "schema": 1, "run_id": "demo-run", "exp_name": "demo"}
 
 
 @pytest.fixture
@@ -41,20 +56,116 @@ async def test_no_file_before_experiment_started(tracer, run) -> None:
     assert not tracer.events_path.parent.exists()
 
 
-async def test_events_file_has_one_line_per_event_in_seq_order(tracer, run) -> None:
+async def test_events_file_is_one_header_then_one_line_per_event_in_seq_order(tracer, run) -> None:
     await run.start()
     await run.round_one()
     await run.finish()
     tracer.close()
-    lines = [json.loads(line) for line in tracer.events_path.read_text().splitlines()]
-    assert lines == [to_dict(e) for e in run.emitted]
+    header, *lines = [json.loads(line) for line in tracer.events_path.read_text().splitlines()]
+    assert header == HEADER
+    assert lines == [{k: v for k, v in json_safe(to_dict(e)).items() if k not in HEADER} for e in run.emitted]
+    assert list(read_events(tracer.events_path)) == [json_safe(to_dict(e)) for e in run.emitted]
     assert [line["seq"] for line in lines] == list(range(1, len(run.emitted) + 1))
 
 
 async def test_events_are_flushed_at_round_end(tracer, run) -> None:
     await run.start()
     await run.round_one()
-    assert len(tracer.events_path.read_text().splitlines()) == len(run.emitted)
+    assert len(list(read_events(tracer.events_path))) == len(run.emitted)
+
+
+async def test_an_event_of_another_run_keeps_its_own_run_fields(tracer, run, bus) -> None:
+    await run.start()
+    stray = await Run(bus, run_id="other-run", exp_name="other").emit(RoundStarted, 1.0, round=1)
+    tracer.close()
+    assert list(read_events(tracer.events_path))[-1] == to_dict(stray)
+
+
+def stream(tmp_path: Path, compress: bool) -> Path:
+    return tmp_path / ("run.events.jsonl.gz" if compress else "run.events.jsonl")
+
+
+def raw_lines(path: Path) -> list[dict]:
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
+        return [json.loads(line) for line in f]
+
+
+async def die(tracer: TraceRecorder) -> None:
+    """The process ends without close(): what was flushed stays, nothing more is written."""
+    for sub in tracer._subs:
+        sub.unsubscribe()
+
+
+async def resume(run, tmp_path: Path, compress: bool) -> TraceRecorder:
+    tracer = TraceRecorder(stream(tmp_path, compress), None, compress_events=compress)
+    tracer.subscribe(run.bus)
+    await run.emit(ExperimentStarted, 6.0, method="fedavg", rounds=2, clients=2, online_clients=2,
+                   devices=("cpu", "cuda:0"), parallel=2, seed=1, dry_run=False, first_round=1, resumed=True)
+    return tracer
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gz"])
+async def test_a_stream_resumed_after_a_kill_mid_write_keeps_its_one_header(tmp_path, bus, run, compress) -> None:
+    first = TraceRecorder(stream(tmp_path, compress), None, compress_events=compress)
+    first.subscribe(bus)
+    await run.start()
+    await run.round_one()  # flushed at the round's end
+    await die(first)
+    cut = b'{"event":"RoundStarted","seq":19,"wa'  # a kill in the middle of a write
+    with open(stream(tmp_path, compress), "ab") as f:
+        f.write(gzip.compress(cut + b'll_time":1.0}\n')[:20] if compress else cut)
+
+    second = await resume(run, tmp_path, compress)
+    await run.round_one()
+    second.close()
+    lines = raw_lines(stream(tmp_path, compress))
+    assert lines[0] == HEADER and sum(is_header(line) for line in lines) == 1
+    assert list(read_events(stream(tmp_path, compress))) == [json_safe(to_dict(e)) for e in run.emitted]
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gz"])
+async def test_a_stream_whose_header_was_cut_gets_it_on_resume(tmp_path, run, compress) -> None:
+    cut = b'{"stream":"fedevents.events","sch'
+    stream(tmp_path, compress).write_bytes(gzip.compress(cut)[:15] if compress else cut)
+    tracer = await resume(run, tmp_path, compress)
+    await run.finish()
+    tracer.close()
+    assert raw_lines(stream(tmp_path, compress))[0] == HEADER
+    assert list(read_events(stream(tmp_path, compress))) == [json_safe(to_dict(e)) for e in run.emitted]
+
+
+async def test_a_stream_from_before_headers_gets_one_before_the_resumed_events(tmp_path, run) -> None:
+    older = {"event": "RoundStarted", "schema": 1, "run_id": "demo-run", "exp_name": "demo", "seq": 1,
+             "wall_time": 1.0, "mono_time": 2.0, "round": 0}
+    stream(tmp_path, False).write_text(json.dumps(older) + "\n")
+    tracer = await resume(run, tmp_path, False)
+    tracer.close()
+    assert raw_lines(stream(tmp_path, False))[:2] == [older, HEADER]
+    assert list(read_events(stream(tmp_path, False))) == [older, to_dict(run.emitted[0])]
+
+
+async def test_a_stream_under_another_experiment_name_gets_this_runs_header_before_its_events(tmp_path, run) -> None:
+    renamed = {**HEADER, "exp_name": "old name"}
+    older = {"event": "RoundStarted", "seq": 1, "wall_time": 1.0, "mono_time": 2.0, "round": 0}
+    stream(tmp_path, False).write_text(json.dumps(renamed) + "\n" + json.dumps(older) + "\n")
+    tracer = await resume(run, tmp_path, False)
+    tracer.close()
+    assert raw_lines(stream(tmp_path, False))[2] == HEADER
+    assert [e["exp_name"] for e in read_events(stream(tmp_path, False))] == ["old name", "demo"]
+
+
+@pytest.mark.parametrize(("first", "message"), [
+    (json.dumps({**HEADER, "run_id": "other-run"}),
+     ": expected the events of run demo-run, found those of run other-run"),
+    ("garbage", ":1: expected a JSON object, found 'garbage\\n'"),
+])
+async def test_a_resumed_run_refuses_a_stream_that_is_not_its_own(tmp_path, bus, run, first, message) -> None:
+    text = first + "\n"
+    stream(tmp_path, False).write_text(text)
+    with pytest.raises(OutputError) as info:
+        await resume(run, tmp_path, False)
+    assert str(info.value) == f"{stream(tmp_path, False)}{message}; move it away and run the same command with --resume"
+    assert stream(tmp_path, False).read_text() == text  # left as it was
 
 
 async def test_a_training_span_sits_on_its_device_and_slot(tracer, run) -> None:

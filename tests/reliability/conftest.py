@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
+from fedevents.engine import read_events
+
 ROOT = Path(__file__).resolve().parents[2]
 
 KILLER = '''
@@ -109,7 +111,7 @@ def record(folder: Path) -> dict[str, Any]:
 
 def events(folder: Path) -> list[dict[str, Any]]:
     (path,) = (folder / "logs").glob("*.events.jsonl")
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return list(read_events(path))
 
 
 @pytest.fixture(scope="session")

@@ -58,6 +58,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_record(tmp_path: Path, refe
     assert final["data"] == expected["data"]  # every metric, to the last digit
     assert final["comm"] == expected["comm"]  # uploads and bytes, counted once each
 
+    (stream,) = (tmp_path / "logs").glob("*.events.jsonl")
+    lines = [json.loads(line) for line in stream.read_text().splitlines()]
+    assert [i for i, line in enumerate(lines) if "event" not in line] == [0]  # its one header, still first
+    assert lines[0] == {"stream": "fedevents.events", "schema": 1, "run_id": before["run_id"], "exp_name": "demo"}
     evs = events(tmp_path)
     restart = max(i for i, e in enumerate(evs) if e["event"] == "ExperimentStarted")
     assert evs[restart]["resumed"] is True
