@@ -40,8 +40,12 @@ try:
     _DISABLE_INNER = _code_of(torch._disable_dynamo(_probe))
     _USE_GRAD = _code_of(sys.modules[Optimizer.__module__]._use_grad_for_differentiable(_probe))
     _PROFILE_HOOK = _code_of(Optimizer.profile_hook_step(_probe))
+    #: torch's registries of step hooks for every optimizer (``register_optimizer_step_pre_hook`` and post).
+    _GLOBAL_HOOKS = (sys.modules[Optimizer.__module__]._global_optimizer_pre_hooks,
+                     sys.modules[Optimizer.__module__]._global_optimizer_post_hooks)
 except (AttributeError, KeyError, TypeError):  # a torch without these wrappers: nothing to patch
     _DISABLE_INNER = _USE_GRAD = _PROFILE_HOOK = None
+    _GLOBAL_HOOKS = ({}, {})
 
 
 def _dynamo_loaded() -> bool:
@@ -114,12 +118,34 @@ def _defer_step(cls: type) -> None:
     inner = _closure(step).get("func") if hooked else step
     if _USE_GRAD is None or _code_of(inner) is not _USE_GRAD or "func" not in _closure(inner):
         return
-    lazy = _lazy_use_grad(inner)
-    if hooked:
-        # Keep torch's step hooks and profiler label around the lazy step, as Optimizer.__init__ would.
-        lazy = Optimizer.profile_hook_step(lazy)
-        lazy.hooked = True  # type: ignore[attr-defined]
+    # The step hooks and profiler label around the lazy step, which Optimizer.__init__ would otherwise add
+    # with torch's own wrapper (it wraps a class's step once, unless the step says it is ``hooked``).
+    lazy = _hooked_step(_lazy_use_grad(inner))
+    lazy.hooked = True  # type: ignore[attr-defined]
     owner.step = lazy  # type: ignore[attr-defined]
+
+
+def _hooked_step(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``Optimizer.profile_hook_step(step)`` that opens its profiler range only while a profiler records.
+
+    torch's wrapper enters ``record_function`` on every step, about 30 % of a small model's optimizer step
+    (issue 12: per-step overhead), whether or not anything records it. The step hooks and the step counter
+    it runs are kept exactly; under ``torch.profiler`` the step is labelled as torch labels it.
+    """
+    profiled = Optimizer.profile_hook_step(step)
+    pre_hooks, post_hooks = _GLOBAL_HOOKS
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        self = args[0]
+        if (torch.autograd._profiler_enabled() or pre_hooks or post_hooks or self._optimizer_step_pre_hooks
+                or self._optimizer_step_post_hooks):
+            return profiled(*args, **kwargs)
+        out = step(*args, **kwargs)
+        self._optimizer_step_code()
+        return out
+
+    return wrapper
 
 
 _prepared: set[type] = set()

@@ -86,3 +86,41 @@ def test_optimizers_step_exactly_as_torchs_own_before_and_after_dynamo_is_import
     for half in ("before", "after"):
         assert len(mine[half]) == len(theirs[half]) == 8
         assert all(torch.equal(a, b) for a, b in zip(mine[half], theirs[half])), half
+
+
+def _sgd_step(optimizer_opts: dict | None = None) -> torch.optim.Optimizer:
+    from fedevents.federated.training import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = build_optimizer(optimizer_opts or {"name": "sgd", "lr": 0.1}, model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    return optimizer
+
+
+def test_step_hooks_run_on_every_step_as_torch_runs_them() -> None:
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    calls = []
+    optimizer = _sgd_step()
+    mine = [optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre")),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("post"))]
+    every = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global pre")),
+             register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post"))]
+    try:
+        optimizer.step()
+    finally:
+        for handle in mine + every:
+            handle.remove()
+    optimizer.step()  # hooks removed: nothing more is called
+    assert calls == ["global pre", "pre", "post", "global post"]
+
+
+def test_a_profiler_still_sees_each_optimizer_step_under_torchs_label() -> None:
+    optimizer = _sgd_step()
+    optimizer.step()  # outside the profiler: no range is opened, nothing fails
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        optimizer.step()
+        optimizer.step()
+    names = [event.name for event in prof.events()]
+    assert names.count("Optimizer.step#SGD.step") == 2
