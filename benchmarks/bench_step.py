@@ -3,11 +3,13 @@
     python benchmarks/bench_step.py [--samples 640] [--epochs 5] [--repeats 7]
 
 The issue-12 workload: an MLP 256-384-10 on 1x16x16 inputs, 10 classes, SGD (lr 0.05, no momentum), batch 32,
-one torch thread. The bare loop draws the same permutations and steps the same optimizer, without keeping
-loss or accuracy; ``train_local`` takes each batch the way a client's training in a run does (the model's
+one torch thread. The bare loop is the hand-written loop of bench_vs_loop: it draws the same permutations,
+drops the gradients and writes the SGD update out (torch.optim.SGD's arithmetic without momentum), without
+keeping loss or accuracy; ``train_local`` takes each batch the way a client's training in a run does (the model's
 output read as logits and features, the configured loss, the method's batch_loss hook) and sums loss and
 accuracy (what the record shows). Both start from the same weights
-and must end with bit-identical weights, or the benchmark stops. Repeats alternate between the two; the
+and must end with bit-identical weights, or the benchmark stops. A third loop, the bare one stepping
+torch.optim.SGD, tells what of the difference is torch's optimizer. Repeats interleave the three; the
 figure is the median CPU time per SGD step (one torch thread: on a shared machine steadier than wall time,
 and the same on an idle one), and the overhead the median of the per-repeat ratios.
 """
@@ -40,13 +42,33 @@ def _model() -> nn.Module:
 
 
 def bare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, seed: int) -> float:
-    optimizer = build_optimizer({"name": "sgd", "lr": 0.05}, model.parameters())
+    """The hand-written loop of bench_vs_loop (workload.py): gradients dropped, the SGD update written out."""
+    params = list(model.parameters())
     shuffle = torch.Generator().manual_seed(seed)
     model.train()
     began = time.process_time()
     for _ in range(epochs):
         for idx in torch.randperm(y.shape[0], generator=shuffle).split(batch):
-            optimizer.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            with torch.no_grad():
+                for p in params:
+                    p.add_(p.grad, alpha=-0.05)
+    return time.process_time() - began
+
+
+def bare_optim(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, seed: int) -> float:
+    """The same loop stepping ``torch.optim.SGD`` (built as fedevents builds it): what the optimizer costs."""
+    params = list(model.parameters())
+    optimizer = build_optimizer({"name": "sgd", "lr": 0.05}, params)
+    shuffle = torch.Generator().manual_seed(seed)
+    model.train()
+    began = time.process_time()
+    for _ in range(epochs):
+        for idx in torch.randperm(y.shape[0], generator=shuffle).split(batch):
+            for p in params:
+                p.grad = None
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             optimizer.step()
     return time.process_time() - began
@@ -82,27 +104,29 @@ def main() -> None:
     x = torch.randn(args.samples, 1, 16, 16, generator=gen)
     y = torch.randint(0, 10, (args.samples,), generator=gen)
     steps = args.epochs * -(-args.samples // 32)
-    times: dict[str, list[float]] = {"bare": [], "fedevents": []}
+    contenders = {"bare": bare, "bare + torch.optim.SGD": bare_optim, "fedevents": fedevents}
+    times: dict[str, list[float]] = {name: [] for name in contenders}
     for repeat in range(args.repeats + 1):
         models = {}
-        for name, run in (("bare", bare), ("fedevents", fedevents)) if repeat % 2 else (("fedevents", fedevents),
-                                                                                        ("bare", bare)):
+        order = list(contenders)[repeat % 3:] + list(contenders)[:repeat % 3]  # each goes first in turn
+        for name in order:
             models[name] = _model()
-            took = run(models[name], x, y, args.epochs, 32, seed=repeat)
-            if repeat:  # the first round warms both up
+            took = contenders[name](models[name], x, y, args.epochs, 32, seed=repeat)
+            if repeat:  # the first round warms all up
                 times[name].append(took / steps)
-        same = all(torch.equal(a, b) for a, b in zip(models["bare"].parameters(), models["fedevents"].parameters()))
-        if not same:
-            raise SystemExit("the two loops ended with different weights: they did not do the same arithmetic")
+        first = models["bare"]
+        if not all(all(torch.equal(a, b) for a, b in zip(first.parameters(), m.parameters())) for m in models.values()):
+            raise SystemExit("the loops ended with different weights: they did not do the same arithmetic")
     print(f"machine: {describe()}")
-    print(f"{steps} SGD steps per run, {args.repeats} alternating runs each; median (best)\n")
+    print(f"{steps} SGD steps per run, {args.repeats} interleaved runs each; median (best)\n")
     print("| loop | CPU ms per step |")
     print("|---|---:|")
     for name, runs in times.items():
         print(f"| {name} | {statistics.median(runs) * 1e3:.3f} ({min(runs) * 1e3:.3f}) |")
-    ratio = statistics.median(f / b for f, b in zip(times["fedevents"], times["bare"]))
-    print(f"\nper-step overhead of train_local: {(ratio - 1) * 100:+.1f} % (median of per-run ratios)")
-
+    for base in ("bare", "bare + torch.optim.SGD"):
+        ratio = statistics.median(f / b for f, b in zip(times["fedevents"], times[base]))
+        print(f"\nper-step overhead of train_local against {base}: {(ratio - 1) * 100:+.1f} % "
+              "(median of per-run ratios)")
 
 if __name__ == "__main__":
     main()
