@@ -125,13 +125,14 @@ class Checkpointer:
     ``components`` maps a name to anything with ``state_dict()`` whose state travels with the checkpoint (the
     recorder's, so a resumed record holds every round). ``data`` is the fingerprint of the data trained on.
     ``resume`` is the checkpoint a resumed run continues from: its stored tensors are reused, not rewritten.
-    ``overlap`` False writes each checkpoint before the next round starts (for measuring what overlap saves).
+    ``overlap`` False writes each checkpoint before the next round starts (for measuring what overlap saves);
+    ``leave_out`` False stores every client state whole (for measuring what leaving out replaced entries saves).
     """
 
     def __init__(self, config: ExperimentConfig, federation: Any, bus: EventBus, context: RunContext, *,
                  participations: Mapping[str, int] | None = None, components: Mapping[str, Any] | None = None,
                  data: Mapping[str, Any] | None = None, resume: Checkpoint | None = None,
-                 overlap: bool = True) -> None:
+                 overlap: bool = True, leave_out: bool = True) -> None:
         self.config = config
         self.federation = federation
         self.bus = bus
@@ -143,6 +144,7 @@ class Checkpointer:
         self.components = dict(components or {})
         self.data = dict(data or {})
         self.overlap = overlap
+        self.leave_out = leave_out
         self._pending: _Write | None = None  # the checkpoint being written while the next round trains
         self._encoded: dict[str, dict[str, Any]] = {}  # the newest checkpoint's encoded tensors: key -> how
         self._keys = TensorKeys()
@@ -235,7 +237,7 @@ class Checkpointer:
     def _next_dispatches(self, rnd: int) -> dict[str, str]:
         """The clients round ``rnd + 1`` dispatches to that have a stored state, with the task each will
         train; none under ``failure_policy: tolerate`` (a failed dispatch leaves the stored model in use)."""
-        if self.config.data["exp_opts"]["failure_policy"] != "fail":
+        if not self.leave_out or self.config.data["exp_opts"]["failure_policy"] != "fail":
             return {}
         out = {}
         for client in online_clients(self.config, rnd + 1):
