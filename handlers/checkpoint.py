@@ -466,7 +466,9 @@ def _filled(path: Path, federation: dict[str, Any], dispatched: Any) -> dict[str
             raise CheckpointError(f"checkpoint {path}: expected client state {key!r} and the global model to "
                                   f"hold the entries left out for its dispatch, found them missing")
         left = set(names)
-        whole = {name: glob[name] if name in left else model[name] for name in glob if name in left or name in model}
+        wanted = left | model.keys()
+        # In the global model's order, which is the client model's: the same network.
+        whole = {name: glob[name] if name in left else model[name] for name in glob if name in wanted}
         clients[key] = {**clients[key], "model": {**whole, **model}}
     return federation
 
