@@ -5,6 +5,7 @@ The ``Federation`` drives every method the same way, in a worker thread per clie
     both halves    prepare(model)                      the model the method trains (FedSTIL swaps layers)
     server half    payload(server, client, kind)       what the server sends a client this round
                    aggregate(server, uploads)          the new server state from this round's uploads
+                   replaced_on_dispatch(server, ...)   stored model entries ``start`` overwrites unread
     client half    start(rnd)                          load the payload (or the client's own model)
                    training_data(rnd, x, y)            the samples to train on (e.g. plus exemplars)
                    batch_loss(rnd, xb, yb, out, loss)  the loss of one batch (e.g. plus a penalty)
