@@ -11,14 +11,15 @@ Two experiments, each run once with the checkpoint after every round (the defaul
   FedSTIL's default ``fine_tuning`` (``base.layer4`` and ``classifier`` trainable, the rest frozen): the shape
   of FEDSTIL.md section 8, where the original runner writes 739 MiB of checkpoints.
 
-Each experiment runs in five modes, one run after the other. "before": what the checkpointer did at first,
+Each experiment runs in six modes, one run after the other. "before": what the checkpointer did at first,
 on the same states (same seeds, so the same training): a handler ``torch.save``s the whole state (every
 client's full model and optimizer state) atomically (fsync, rename) after every round and keeps the newest
 ``checkpoint_keep`` (2) files; fedevents' own checkpoints run in round 0 and the last round only. The four
 others are fedevents' checkpointer (``round-NNNNNN.pt`` manifests and ``packs/``) after every round, with the
 optimizer's state kept across rounds or not (``optimizer_opts.keep_state``; the ReID file is a FedSTIL one in
 all but its ``task_opts.dataset``, so it keeps the state unless told) and with the write overlapping the next
-round or not. For each: the bytes the checkpoints wrote, their seconds (from taking the state to the end of
+round or not; the sixth stores every client state whole, as fedevents did before checkpoints left out the
+entries a client's next dispatch replaces. For each: the bytes the checkpoints wrote, their seconds (from taking the state to the end of
 the write, from CheckpointSaved), the bytes left on disk when the run finished, and the run's wall time.
 
 Last, the codecs: the final checkpoint's client weights that differ from the global model's, compressed each
@@ -83,13 +84,15 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-#: name -> (keep the optimizer's state, overlap the write with the next round); None: full copies.
-MODES: dict[str, tuple[bool, bool] | None] = {
+#: name -> (keep the optimizer's state, overlap the write with the next round, leave out the entries the
+#: next dispatch replaces); None: full copies.
+MODES: dict[str, tuple[bool, bool, bool] | None] = {
     "before": None,
-    "kept state, no overlap": (True, False),
-    "kept state, overlap": (True, True),
-    "fresh state, no overlap": (False, False),
-    "fresh state, overlap": (False, True),
+    "kept state, no overlap": (True, False, True),
+    "kept state, overlap": (True, True, True),
+    "fresh state, no overlap": (False, False, True),
+    "fresh state, overlap": (False, True, True),
+    "fresh state, overlap, whole states": (False, True, False),
 }
 
 
@@ -104,7 +107,8 @@ def run_one(name: str, config_path: Path, overrides: list[str], work: Path, chos
             "codecs": codecs(last) if last is not None and MODES[chosen[-1]] is not None else {}}
 
 
-def run_mode(config_path: Path, overrides: list[str], work: Path, how: tuple[bool, bool] | None) -> dict[str, Any]:
+def run_mode(config_path: Path, overrides: list[str], work: Path,
+             how: tuple[bool, bool, bool] | None) -> dict[str, Any]:
     full_copies = how is None
     overrides = [*overrides, f"logs_dir={str(work / 'logs')!r}", f"checkpoints_dir={str(work / 'ckpts')!r}"]
     if full_copies:
@@ -116,6 +120,7 @@ def run_mode(config_path: Path, overrides: list[str], work: Path, how: tuple[boo
     exp = build_experiment(config, console=None)
     if how is not None:
         exp.component(Checkpointer).overlap = how[1]
+        exp.component(Checkpointer).leave_out = how[2]
     full = exp.add(FullCopies(exp.component(Checkpointer), work / "full")) if full_copies else None
     saved: list[CheckpointSaved] = []
     exp.bus.subscribe(CheckpointSaved, saved.append)
@@ -155,6 +160,8 @@ def codecs(manifest: Path) -> dict[str, dict[str, float]]:
         "zlib-1": lambda d: zlib.compress(d, 1), "zstd-1": zstandard.ZstdCompressor(level=1).compress,
         "zstd-3": zstandard.ZstdCompressor(level=3).compress}
     raw = sum(t.numel() * 4 for t, _ in pairs)
+    if not raw:  # every client state of it left out what differs (the next round dispatches to them all)
+        return {}
     out: dict[str, dict[str, float]] = {"raw": {"bytes": raw, "ratio": 1.0, "seconds": 0.0}}
     for form, shape in forms.items():
         for packer, pack in packers.items():

@@ -71,6 +71,9 @@ def run_fedevents(method: str, data: Path, work: Path, threads: int | None) -> d
     sets = [f"--set={key}={_flow(value)}" for key, value in experiment_opts().items()]
     if threads is not None:
         sets.append(f"--set=exp_opts.torch_threads={threads}")
+    # A new optimizer each round, as the original runner does and FedSTIL files say by default (the data
+    # set's own experiment file is not one): Adam's moments kept would be checkpointed, the original has none.
+    sets.append("--set=optimizer_opts.keep_state=false")
     folder = work / f"fedevents-{method}"
     folder.mkdir()
     command = [sys.executable, "-m", "fedevents.cli", "run", str(data / "experiment.yaml"), f"--set=exp_method={method}",

@@ -44,7 +44,7 @@ from .events import (
 )
 from .reuse import ScoreLedger
 
-__all__ = ["Engine", "STOP_GRACE_S", "due", "sample_seed", "task_index"]
+__all__ = ["Engine", "STOP_GRACE_S", "due", "online_clients", "sample_seed", "task_index"]
 
 #: After a signal, how long the run may take to reach a point where it stops by itself (the end of the
 #: handler it is in) before whatever it is awaiting is cancelled: a hung async handler cannot hold it.
@@ -55,6 +55,14 @@ def sample_seed(seed: int, round: int) -> int:
     """The seed of round ``round``'s client sampling: stable across processes and platforms."""
     digest = hashlib.blake2b(f"{seed}/sample/{round}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
+
+
+def online_clients(config: ExperimentConfig, round: int) -> tuple[str, ...]:
+    """The clients round ``round`` samples, in client order: a function of the seed, the round and the
+    client list alone, so a checkpoint can tell which clients the next round dispatches to."""
+    picked = sorted(random.Random(sample_seed(config.seed, round)).sample(range(len(config.clients)),
+                                                                           config.online_clients))
+    return tuple(config.clients.names[i] for i in picked)
 
 
 def due(round: int, interval: int, last: int) -> bool:
@@ -265,10 +273,8 @@ class Engine:
         self.round = rnd
         started = time.monotonic()
         await self.emit(RoundStarted, round=rnd)
-        seed = sample_seed(cfg.seed, rnd)
-        picked = sorted(random.Random(seed).sample(range(len(cfg.clients)), cfg.online_clients))
-        online = tuple(cfg.clients.names[i] for i in picked)
-        await self.emit(ClientsSampled, round=rnd, clients=online, sample_seed=seed)
+        online = online_clients(cfg, rnd)
+        await self.emit(ClientsSampled, round=rnd, clients=online, sample_seed=sample_seed(cfg.seed, rnd))
 
         train = await self._phase(rnd, online, self._train_one)
         # Sampled order, not completion order: aggregation must not depend on thread timing.

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from .fedavg import AggregateResult
-from .methods import METHODS, Method, build_method
+from .methods import METHODS, Method, ServerState, build_method
 from .seeds import generator
 from .server import Server
 from .store import ClientStore, state_nbytes
@@ -205,6 +205,27 @@ class Federation:
         only, so it loads with ``torch.load(..., weights_only=True)``.
         """
         return {"server": self._server.state_dict(), "clients": self._store.export(clients)}
+
+    def replaced_on_dispatch(self, client: str, task: str) -> dict[str, frozenset[str]]:
+        """The stored model entries that ``client``'s next dispatch, to ``task``, overwrites before anything
+        reads them, by store key (the client's, and its model for ``task`` when it keeps one per task).
+
+        Asked at a round's end about a client the next round dispatches to: its method names the entries
+        (``Method.replaced_on_dispatch``), and only those the global model holds alike (name, dtype and
+        shape) count, so that the global's tensor can stand in for them until the dispatch.
+        """
+        keys = [client, _task_key(client, task)] if self._per_task(client) else [client]
+        server = ServerState(**self._server.state_dict())
+        model = server.model
+        out = {}
+        for key, state in self._store.export(keys).items():
+            replaced = self._method.replaced_on_dispatch(server, switching=state["task"] != task)
+            names = frozenset(name for name, t in state["model"].items()
+                              if replaced(name) and name in model and model[name].dtype == t.dtype
+                              and model[name].shape == t.shape)
+            if names:
+                out[key] = names
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a ``state_dict()``: the server's state and the client states are replaced."""

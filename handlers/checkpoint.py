@@ -13,6 +13,13 @@ is written to a temporary file, flushed to disk and renamed, packs before their 
 writing leaves the previous checkpoint as it was. Only plain data and tensors are stored and they are read
 with ``torch.load(..., weights_only=True)``: loading a checkpoint can never run code.
 
+A checkpoint leaves out what nothing will read: the entries of a client's model that the client's next
+dispatch overwrites first (its method names them, ``Method.replaced_on_dispatch``), for each client the
+next round dispatches to (sampling is a function of the seed and the round). The manifest lists them under
+``dispatched``; loading fills each with the global model's tensor of the same name, which the dispatch then
+overwrites, so a resumed run continues with identical results. Under ``failure_policy: tolerate`` a client
+whose next round fails keeps its stored model and may be validated with it, so nothing is left out there.
+
 A client's trained weight is stored as its bitwise difference from the global model's weight of the same
 name, compressed (``tensorcodec``), wherever that saves bytes; loading gives back the very same bits.
 
@@ -48,7 +55,7 @@ from fedevents.engine.events import (
     RoundFinished,
     json_safe,
 )
-from fedevents.engine.runner import due
+from fedevents.engine.runner import due, online_clients, task_index
 from fedevents.federated.fingerprint import describe_change
 
 from .atomic import write_atomic
@@ -60,9 +67,9 @@ __all__ = ["Checkpointer", "Checkpoint", "find_latest", "find_run", "load_checkp
            "SAFE_TO_CHANGE"]
 
 FORMAT = "fedevents-checkpoint"
-VERSION = 3
-#: Versions this code reads: 2 is 3 without encoded tensors.
-READABLE = (2, 3)
+VERSION = 4
+#: Versions this code reads: 3 is 4 without entries left out for a dispatch, 2 is 3 without encoded tensors.
+READABLE = (2, 3, 4)
 PACKS = "packs"
 _FILE = re.compile(r"^round-(\d{6})\.pt$")
 
@@ -118,13 +125,14 @@ class Checkpointer:
     ``components`` maps a name to anything with ``state_dict()`` whose state travels with the checkpoint (the
     recorder's, so a resumed record holds every round). ``data`` is the fingerprint of the data trained on.
     ``resume`` is the checkpoint a resumed run continues from: its stored tensors are reused, not rewritten.
-    ``overlap`` False writes each checkpoint before the next round starts (for measuring what overlap saves).
+    ``overlap`` False writes each checkpoint before the next round starts (for measuring what overlap saves);
+    ``leave_out`` False stores every client state whole (for measuring what leaving out replaced entries saves).
     """
 
     def __init__(self, config: ExperimentConfig, federation: Any, bus: EventBus, context: RunContext, *,
                  participations: Mapping[str, int] | None = None, components: Mapping[str, Any] | None = None,
                  data: Mapping[str, Any] | None = None, resume: Checkpoint | None = None,
-                 overlap: bool = True) -> None:
+                 overlap: bool = True, leave_out: bool = True) -> None:
         self.config = config
         self.federation = federation
         self.bus = bus
@@ -136,6 +144,7 @@ class Checkpointer:
         self.components = dict(components or {})
         self.data = dict(data or {})
         self.overlap = overlap
+        self.leave_out = leave_out
         self._pending: _Write | None = None  # the checkpoint being written while the next round trains
         self._encoded: dict[str, dict[str, Any]] = {}  # the newest checkpoint's encoded tensors: key -> how
         self._keys = TensorKeys()
@@ -143,6 +152,7 @@ class Checkpointer:
         self._sizes: dict[str, int] = {}  # the newest checkpoint's tensors: key -> bytes
         self._generations: dict[str, int] = {}  # the client generations the newest checkpoint holds
         self._clients: dict[str, Any] = {}  # the newest checkpoint's client states, as a skeleton
+        self._left_out: set[str] = set()  # the client states the newest checkpoint holds in part
         self._pack_bytes: dict[str, int] = {}  # pack -> bytes of the tensors in it
         self._manifests: dict[str, set[str]] = {}  # manifest name -> the packs it uses
         self._opened: dict[str, dict[str, torch.Tensor]] = {}  # pack -> its tensors, memory-mapped
@@ -186,8 +196,9 @@ class Checkpointer:
             "components": {name: copy.deepcopy(c.state_dict()) for name, c in self.components.items()},
         }
         began = time.monotonic()
+        nxt = self._next_dispatches(ev.round)
         # Taken in a thread (a spilled client is read back from disk), while the run waits.
-        content = await anyio.to_thread.run_sync(self._take, payload)
+        content = await anyio.to_thread.run_sync(self._take, payload, nxt)
         self._pending = _Write(lambda: self._write(content, ev.round), ev.round, began)
         if not self.overlap:
             await self.flush()
@@ -223,13 +234,40 @@ class Checkpointer:
         except OSError:
             pass  # a checkpoint too many is no failure of a finished run
 
-    def _take(self, payload: dict[str, Any]) -> _Content:
-        """This checkpoint's content: the payload with the federation's skeleton, the tensors it references
-        (with their versions, to catch a change in place while they are written) and the client generations."""
+    def _next_dispatches(self, rnd: int) -> dict[str, str]:
+        """The clients round ``rnd + 1`` dispatches to that have a stored state, with the task each will
+        train; none under ``failure_policy: tolerate`` (a failed dispatch leaves the stored model in use)."""
+        if not self.leave_out or self.config.data["exp_opts"]["failure_policy"] != "fail":
+            return {}
+        out = {}
+        for client in online_clients(self.config, rnd + 1):
+            done = self.participations.get(client, 0)
+            if done:
+                tasks = self.config.clients.tasks(client)
+                out[client] = tasks[task_index(done, self.config.sustain_rounds, len(tasks))]
+        return out
+
+    def _take(self, payload: dict[str, Any], dispatches: Mapping[str, str]) -> _Content:
+        """This checkpoint's content: the payload with the federation's skeleton, less the entries the next
+        dispatches overwrite, the tensors it references (with their versions, to catch a change in place
+        while they are written) and the client generations."""
         tensors: dict[str, torch.Tensor] = {}
-        payload["federation"], generations = self._state(tensors)
+        left_out = self._replaced(dispatches)
+        federation, generations = self._state(tensors, also=self._left_out | left_out.keys())
+        payload["federation"] = {**federation, "clients": _without(federation["clients"], left_out)}
+        payload["dispatched"] = {key: sorted(names) for key, names in sorted(left_out.items())}
         versions = {key: tensor._version for key, tensor in tensors.items()}
-        return _Content(payload, tensors, versions, generations, _bases(payload["federation"]))
+        return _Content(payload, tensors, versions, generations, _bases(payload["federation"]),
+                        federation["clients"], set(left_out))
+
+    def _replaced(self, dispatches: Mapping[str, str]) -> dict[str, frozenset[str]]:
+        """The stored model entries the next round's dispatches overwrite before anything reads them."""
+        ask = getattr(self.federation, "replaced_on_dispatch", None)
+        out: dict[str, frozenset[str]] = {}
+        if callable(ask):
+            for client, task in dispatches.items():
+                out.update(ask(client, task))
+        return out
 
     def _write(self, content: _Content, rnd: int) -> tuple[Path, int]:
         """Write the tensors no kept checkpoint holds into this round's pack, then the manifest; give the
@@ -266,22 +304,25 @@ class Checkpointer:
         _fsync_dir(self.directory)
         self._manifests[final.name] = set(objects.values())
         self._objects, self._sizes, self._encoded = objects, sizes, encoded
-        self._generations, self._clients = generations, payload["federation"]["clients"]
+        # The whole skeletons: a state held in part is exported again by the next checkpoint.
+        self._generations, self._clients, self._left_out = generations, content.clients, content.left_out
         self._prune(keep=self.keep)
         return final, written
 
-    def _state(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, int]]:
+    def _state(self, tensors: dict[str, torch.Tensor], *,
+               also: set[str] = frozenset()) -> tuple[dict[str, Any], dict[str, int]]:
         """The federation's state as a skeleton, and the client generations it was taken at.
 
-        Only the clients whose stored state changed since the last checkpoint are exported (a spilled client
-        that did not train is not even read back); the others keep last checkpoint's skeleton. ``tensors``
-        gets the tensors of what was exported.
+        Only the clients whose stored state changed since the last checkpoint, and those of ``also``, are
+        exported (a spilled client that did not train is not even read back); the others keep last
+        checkpoint's skeleton. ``tensors`` gets the tensors of what was exported.
         """
         store = getattr(self.federation, "store", None)
         if not callable(getattr(store, "generations", None)):
             return split(self.federation.state_dict(), self._keys, tensors), {}
         generations = store.generations()
-        changed = [c for c, g in generations.items() if self._generations.get(c) != g or c not in self._clients]
+        changed = [c for c, g in generations.items()
+                   if self._generations.get(c) != g or c not in self._clients or c in also]
         skeleton = split(self.federation.state_dict(clients=changed), self._keys, tensors)
         fresh = skeleton["clients"]
         skeleton["clients"] = {c: fresh[c] if c in fresh else self._clients[c] for c in generations}
@@ -396,6 +437,40 @@ class _Content:
     generations: dict[str, int]
     #: A client tensor's key -> the key of the global model's tensor of the same name.
     bases: dict[str, str]
+    #: Every client state's whole skeleton, entries left out included.
+    clients: dict[str, Any]
+    #: The client states held in part.
+    left_out: set[str]
+
+
+def _without(clients: Mapping[str, Any], left_out: Mapping[str, frozenset[str]]) -> dict[str, Any]:
+    """The client skeletons with the model entries ``left_out`` names removed."""
+    out = dict(clients)
+    for key, names in left_out.items():
+        if key in out:
+            model = {name: ref for name, ref in out[key]["model"].items() if name not in names}
+            out[key] = {**out[key], "model": model}
+    return out
+
+
+def _filled(path: Path, federation: dict[str, Any], dispatched: Any) -> dict[str, Any]:
+    """The federation's state with each model entry left out for a dispatch filled with the global model's
+    tensor of the same name (the dispatch overwrites it before anything reads it)."""
+    if not isinstance(dispatched, dict):
+        raise CheckpointError(f"checkpoint {path}: expected a map of the entries left out, found "
+                              f"{type(dispatched).__name__}")
+    glob, clients = federation["server"]["model"], federation["clients"]
+    for key, names in dispatched.items():
+        model = clients.get(key, {}).get("model") if isinstance(clients.get(key), dict) else None
+        if not isinstance(model, dict) or not isinstance(names, list) or not set(names) <= glob.keys():
+            raise CheckpointError(f"checkpoint {path}: expected client state {key!r} and the global model to "
+                                  f"hold the entries left out for its dispatch, found them missing")
+        left = set(names)
+        wanted = left | model.keys()
+        # In the global model's order, which is the client model's: the same network.
+        whole = {name: glob[name] if name in left else model[name] for name in glob if name in wanted}
+        clients[key] = {**clients[key], "model": {**whole, **model}}
+    return federation
 
 
 class _Write:
@@ -485,6 +560,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     except KeyError as exc:
         raise CheckpointError(f"checkpoint {path}: expected every tensor it names in its packs, found "
                               f"{exc.args[0]} in none") from None
+    federation = _filled(path, federation, data.get("dispatched") or {})
     return Checkpoint(path=path, run_id=data["run_id"], round=int(data["round"]), config=data["config"],
                       participations=dict(data["participations"]), federation=federation,
                       components=dict(data.get("components") or {}), data=dict(data.get("data") or {}),

@@ -12,13 +12,14 @@ optimizer, and never moved by weight decay.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["AdaptiveLayer", "BankLayer", "ComposedLayer", "WeitLayer", "adapt", "adaptive_layers", "expand_last"]
+__all__ = ["AdaptiveLayer", "BankLayer", "ComposedLayer", "WeitLayer", "adapt", "adaptive_layers", "expand_last",
+           "layer_entries"]
 
 
 def expand_last(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -197,3 +198,8 @@ def adaptive_layers(model: nn.Module) -> Iterator[tuple[str, ComposedLayer]]:
         if isinstance(module, ComposedLayer):
             yield name, module
 
+
+def layer_entries(layers: Iterable[str], parts: Iterable[str]) -> Callable[[str], bool]:
+    """A test of whether a state entry's name is one of ``parts`` of one of ``layers`` (``layer.part``)."""
+    names = frozenset(f"{layer}.{part}" for layer in layers for part in parts)
+    return names.__contains__

@@ -5,6 +5,7 @@ The ``Federation`` drives every method the same way, in a worker thread per clie
     both halves    prepare(model)                      the model the method trains (FedSTIL swaps layers)
     server half    payload(server, client, kind)       what the server sends a client this round
                    aggregate(server, uploads)          the new server state from this round's uploads
+                   replaced_on_dispatch(server, ...)   stored model entries ``start`` overwrites unread
     client half    start(rnd)                          load the payload (or the client's own model)
                    training_data(rnd, x, y)            the samples to train on (e.g. plus exemplars)
                    batch_loss(rnd, xb, yb, out, loss)  the loss of one batch (e.g. plus a penalty)
@@ -26,7 +27,7 @@ from torch import nn
 
 from ..fedavg import Upload, weighted_mean
 
-__all__ = ["LocalRound", "Method", "ModelOutput", "ServerState", "option"]
+__all__ = ["LocalRound", "Method", "ModelOutput", "ServerState", "every_entry", "no_entry", "option"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,16 @@ class LocalRound:
     scratch: dict[str, Any] = field(default_factory=dict)
     #: The augmentation applied to each training batch; a method that trains on features sets it to None.
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+
+
+def no_entry(name: str) -> bool:
+    """``replaced_on_dispatch``'s answer for a method whose dispatch may read every stored entry."""
+    return False
+
+
+def every_entry(name: str) -> bool:
+    """``replaced_on_dispatch``'s answer for a method whose dispatch loads a whole model over the stored one."""
+    return True
 
 
 def option(options: Mapping[str, Any], key: str, default: float, *, method: str, minimum: float = 0.0) -> float:
@@ -124,6 +135,16 @@ class Method:
     def aggregate(self, server: ServerState, uploads: Mapping[str, Upload]) -> ServerState:
         """The new server state: here the sample-weighted mean of this round's models."""
         return ServerState(weighted_mean(uploads), server.extras)
+
+    def replaced_on_dispatch(self, server: ServerState, *, switching: bool) -> Callable[[str], bool]:
+        """Which entries of a known client's stored model its next dispatch overwrites before anything
+        reads them, by name (``switching``: that dispatch starts a task other than the stored state's).
+
+        A checkpoint leaves those out for the clients the next round dispatches to, and a resumed run fills
+        them with the global model's tensor of the same name (docs/reliability.md). None here: a method
+        says what its ``start`` replaces, so a user's method that reads its stored model stays safe.
+        """
+        return no_entry
 
     # client half -------------------------------------------------------------------------------------
     def start(self, rnd: LocalRound) -> None:

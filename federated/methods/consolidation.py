@@ -8,11 +8,11 @@ The server half is FedAvg's.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
-from .base import LocalRound, Method, ModelOutput, option
+from .base import LocalRound, Method, ModelOutput, ServerState, every_entry, no_entry, option
 from .switch import finished_task
 
 __all__ = ["Consolidation"]
@@ -31,6 +31,10 @@ class Consolidation(Method):
     def importance(self, rnd: LocalRound, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each trainable parameter's importance on ``(x, y)``, for the weights now in ``rnd.model``."""
         raise NotImplementedError
+
+    def replaced_on_dispatch(self, server: ServerState, *, switching: bool) -> Callable[[str], bool]:
+        """Every entry, as FedAvg, except at a task switch: ``consolidate`` reads the stored model first."""
+        return no_entry if switching else every_entry
 
     def start(self, rnd: LocalRound) -> None:
         finished = finished_task(rnd)

@@ -13,12 +13,12 @@ among those summed; otherwise (it missed that round) they are not in ``U``, ``V`
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ..fedavg import Upload, weighted_mean
-from .base import LocalRound, Method, ModelOutput, ServerState, option
+from .base import LocalRound, Method, ModelOutput, ServerState, every_entry, option
 from .counts import count_option
 from .importance import fisher_diagonal
 
@@ -66,6 +66,10 @@ class FedCurv(Method):
             "clients": names,
         }
         return ServerState(weighted_mean(uploads), extras)
+
+    def replaced_on_dispatch(self, server: ServerState, *, switching: bool) -> Callable[[str], bool]:
+        """Every entry: ``start`` loads the global model first (``u`` and ``v`` live in the method's memory)."""
+        return every_entry
 
     # client half -------------------------------------------------------------------------------------
     def start(self, rnd: LocalRound) -> None:

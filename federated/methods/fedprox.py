@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import LocalRound, Method, ModelOutput, option
+from typing import Callable
+
+from .base import LocalRound, Method, ModelOutput, ServerState, every_entry, no_entry, option
 
 __all__ = ["FedProx"]
 
@@ -20,6 +22,10 @@ class FedProx(Method):
     def __init__(self, options=None) -> None:
         super().__init__(options)
         self.mu = option(self.options, "mu", 0.01, method=self.name)
+
+    def replaced_on_dispatch(self, server: ServerState, *, switching: bool) -> Callable[[str], bool]:
+        """Every entry, as FedAvg; none under ``legacy``, whose anchor is the client's stored weights."""
+        return no_entry if self.legacy else every_entry
 
     def start(self, rnd: LocalRound) -> None:
         super().start(rnd)

@@ -15,13 +15,13 @@ with ``relevance_weights`` from the token histories.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from ..fedavg import Upload, weighted_mean
-from .adaptive import AdaptiveLayer, adapt, adaptive_layers, expand_last
+from .adaptive import AdaptiveLayer, adapt, adaptive_layers, expand_last, layer_entries
 from .base import LocalRound, Method, ModelOutput, ServerState, option
 from .counts import count_option
 from .prototypes import herd_exemplars, prototypes, split_tail
@@ -88,6 +88,11 @@ class FedSTIL(Method):
     @staticmethod
     def _layer_names(state: Mapping[str, torch.Tensor]) -> list[str]:
         return [key[: -len(".A0")] for key in state if key.endswith(".A0")]
+
+    def replaced_on_dispatch(self, server: ServerState, *, switching: bool) -> Callable[[str], bool]:
+        """Every adaptive layer's ``G``, ``a``, ``A`` and anchors: a known client's payload holds ``G`` for
+        every layer and ``receive`` restarts the rest from it; bias, norms and frozen weights are its own."""
+        return layer_entries(self._layer_names(server.model), ("G", "a", "A", "a0", "A0"))
 
     # client half -------------------------------------------------------------------------------------
     def start(self, rnd: LocalRound) -> None:

@@ -11,13 +11,13 @@ are collected, as in the original, but not used).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from ..fedavg import Upload
-from .adaptive import BankLayer, adapt
+from .adaptive import BankLayer, adapt, layer_entries
 from .base import ServerState
 from .counts import count_option
 from .fedstil import FedSTIL
@@ -44,6 +44,12 @@ class FedSTILAtten(FedSTIL):
             return {"model": server.model}
         return {"global": {key[: -len(".alpha0")]: server.model[key[: -len("alpha0")] + "G"]
                            for key in server.model if key.endswith(".alpha0")}}
+
+    def replaced_on_dispatch(self, server: ServerState, *, switching: bool) -> Callable[[str], bool]:
+        """Every layer's bank ``G``, ``alpha`` and anchors: the payload holds the bank for every layer and
+        ``reset`` restarts the rest; ``A`` persists across rounds, so it is the client's own."""
+        layers = [key[: -len(".alpha0")] for key in server.model if key.endswith(".alpha0")]
+        return layer_entries(layers, ("G", "alpha", "alpha0", "A0"))
 
     def aggregate(self, server: ServerState, uploads: Mapping[str, Upload]) -> ServerState:
         """The bank <- the latest ``theta`` of the ``bank_size`` most recent uploaders, zeros after them."""

@@ -15,15 +15,15 @@ clients have uploaded, draws the knowledge base from their latest ``aw`` with th
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from ..fedavg import Upload, weighted_mean
 from ..seeds import generator
-from .adaptive import WeitLayer, adapt, adaptive_layers
-from .base import LocalRound, Method, ModelOutput, ServerState, option
+from .adaptive import WeitLayer, adapt, adaptive_layers, layer_entries
+from .base import LocalRound, Method, ModelOutput, ServerState, no_entry, option
 from .counts import count_option
 from .switch import finished_task
 
@@ -69,6 +69,18 @@ class FedWeIT(Method):
         if self.kb_cnt and len(aws) >= self.kb_cnt:
             extras["kb"] = draw_knowledge_base(aws, self.kb_cnt, generator(self.seed, server.round, "kb"))
         return ServerState(model, extras)
+
+    def replaced_on_dispatch(self, server: ServerState, *, switching: bool) -> Callable[[str], bool]:
+        """Every layer's ``sw``, ``aw`` and ``atten``, and ``aw_kb`` once a knowledge base is drawn (the payload
+        holds them, ``reset`` restarts the rest); the mask is the client's own. Nothing at a task switch:
+        ``start`` first takes the finished task's ``theta`` from the stored model."""
+        if switching:
+            return no_entry
+        layers = [key[: -len(".aw_kb")] for key in server.model if key.endswith(".aw_kb")]
+        kb = server.extras.get("kb", {})
+        replaced = layer_entries(layers, ("sw", "aw", "atten"))
+        drawn = layer_entries([layer for layer in layers if layer in kb], ("aw_kb",))
+        return lambda name: replaced(name) or drawn(name)
 
     # client half -------------------------------------------------------------------------------------
     def start(self, rnd: LocalRound) -> None:

@@ -14,12 +14,12 @@ classes seen before the new task. Scoring stays the network's classifier (no nea
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch.nn import functional as F
 
-from .base import LocalRound, Method, ModelOutput, option
+from .base import LocalRound, Method, ModelOutput, ServerState, every_entry, no_entry, option
 from .counts import count_option
 from .importance import BATCH
 from .switch import finished_task
@@ -42,6 +42,10 @@ class ICaRL(Method):
         self.memory_size = count_option(self.options, "memory_size", method=self.name)
         self.distill_weight = option(self.options, "distill_weight", 1.0, method=self.name)
         self.temperature = option(self.options, "temperature", 2.0, method=self.name, minimum=1e-6)
+
+    def replaced_on_dispatch(self, server: ServerState, *, switching: bool) -> Callable[[str], bool]:
+        """Every entry, as FedAvg, except at a task switch: ``remember`` reads the stored model first."""
+        return no_entry if switching else every_entry
 
     def start(self, rnd: LocalRound) -> None:
         finished = finished_task(rnd)

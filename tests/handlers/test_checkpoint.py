@@ -180,3 +180,27 @@ async def test_a_few_small_tensors_do_not_keep_a_pack_of_dead_weights(tmp_path: 
     assert sorted(p.name for p in (ck.directory / "packs").iterdir()) == ["000000.pt", "000002.pt"]
     state = load_checkpoint(ck.directory / "round-000002.pt").federation
     assert torch.equal(state["clients"]["a"]["optimizer"]["step"], step)
+
+
+async def test_entries_left_out_for_a_dispatch_load_as_the_global_models_and_a_wrong_list_is_refused(
+        tmp_path: Path) -> None:
+    from fedevents.engine.errors import CheckpointError
+
+    ck, fed, context = checkpointer(tmp_path)
+    fed.train("a", 1.0)
+    await save(ck, context, 0)
+    path = ck.directory / "round-000000.pt"
+    manifest = torch.load(path, weights_only=True)
+    # As a checkpoint whose next round dispatches to "a" writes it: the head left out of a's model.
+    del manifest["federation"]["clients"]["a"]["model"]["head"]
+    manifest["dispatched"] = {"a": ["head"]}
+    torch.save(manifest, path)
+    state = load_checkpoint(path).federation
+    assert list(state["clients"]["a"]["model"]) == ["backbone", "head"]
+    assert state["clients"]["a"]["model"]["head"] is state["server"]["model"]["head"]
+
+    manifest["dispatched"] = {"a": ["neck"]}
+    torch.save(manifest, path)
+    with pytest.raises(CheckpointError, match=r"expected client state 'a' and the global model to hold the "
+                                              r"entries left out for its dispatch, found them missing"):
+        load_checkpoint(path)
