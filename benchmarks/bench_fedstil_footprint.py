@@ -69,6 +69,9 @@ def experiment_opts() -> dict:
 def run_fedevents(method: str, data: Path, work: Path, threads: int | None) -> dict:
     # YAML, not JSON: the CLI reads values as YAML 1.1, where JSON's 1e-05 is a string.
     sets = [f"--set={key}={_flow(value)}" for key, value in experiment_opts().items()]
+    # The original empties its optimizer after every round, as fedevents does for FedSTIL-format files; the
+    # generated experiment file names its data set, so it says so here.
+    sets.append("--set=optimizer_opts.keep_state=false")
     if threads is not None:
         sets.append(f"--set=exp_opts.torch_threads={threads}")
     folder = work / f"fedevents-{method}"
