@@ -42,9 +42,6 @@ class TaskSource:
     """What the Federation asks of a data set."""
 
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
-    #: True when ``score`` depends on the model and the task alone, not on the client (every client of a ReID
-    #: task is scored on the task's query and gallery): a model scored once then scores the same for all.
-    scores_by_task: bool = False
 
     def build_model(self, model_opts: Mapping[str, Any], generator: torch.Generator) -> nn.Module:
         raise NotImplementedError
@@ -109,8 +106,6 @@ class SyntheticTasks(TaskSource):
 
 class ReidTasks(TaskSource):
     """Person re-identification tasks read from disk, each decoded once and cached."""
-
-    scores_by_task = True
 
     def __init__(self, opts: Mapping[str, Any], datasets_dir: str, tasks: Sequence[str], num_classes: int,
                  *, legacy: bool = False) -> None:

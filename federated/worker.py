@@ -100,7 +100,6 @@ class Worker:
         # Building a model costs more than training a small one for a round, so each thread keeps one per
         # device and loads whatever weights a job needs into it.
         self._models = threading.local()
-        self._last_scores = _LastScores()
 
     @property
     def tasks(self) -> Any:
@@ -114,7 +113,6 @@ class Worker:
 
     def train(self, job: TrainJob) -> TrainOutcome:
         """Run ``job``'s local round on its device; the new state comes back on the CPU."""
-        self._last_scores.clear()  # a validation phase is over: the model scored last need not stay alive
         dev = torch.device(job.device)
         model = self.model(dev)
         previous = job.previous
@@ -159,19 +157,10 @@ class Worker:
     def validate(self, job: ValJob) -> dict[str, ValResult]:
         """Score ``job.model`` on each task of ``job``, by task."""
         dev = torch.device(job.device)
-        # Where scores ignore the client, clients that never trained are all scored with the one global model:
-        # the first one's scores serve the others.
-        reusable = job.models is None and getattr(self._tasks, "scores_by_task", False)
-        model = None
+        model = self.model(dev)
+        model.load_state_dict(job.model)
         results = {}
         for task in job.tasks:
-            kept = self._last_scores.get(job.model, job.device, task) if reusable else None
-            if kept is not None:
-                results[task] = kept
-                continue
-            if model is None:
-                model = self.model(dev)
-                model.load_state_dict(job.model)
             if job.models is not None:
                 model.load_state_dict(job.models[task])
             if job.client is None:
@@ -179,8 +168,6 @@ class Worker:
             else:
                 samples, metrics = self._tasks.score(model, job.client, task, dev)
             results[task] = ValResult(samples=samples, metrics=metrics)
-            if reusable:
-                self._last_scores.put(job.model, job.device, task, results[task])
         return results
 
     def model(self, device: torch.device) -> nn.Module:
@@ -215,36 +202,6 @@ class Worker:
         for group in optimizer.param_groups:
             group["lr"] = optimizer.defaults["lr"]
         return scheduler if self._method.runner_schedules_lr else None
-
-
-class _LastScores:
-    """The scores of the model validated last, by device and task, while that very model is asked again."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._model: Mapping[str, torch.Tensor] = {}
-        self._scores: dict[tuple[str, str], ValResult] = {}
-
-    def get(self, model: Mapping[str, torch.Tensor], device: str, task: str) -> ValResult | None:
-        """The kept scores of ``model`` (the same tensors, not equal ones) on ``task``, or None."""
-        with self._lock:
-            return self._scores.get((device, task)) if _same_tensors(model, self._model) else None
-
-    def put(self, model: Mapping[str, torch.Tensor], device: str, task: str, result: ValResult) -> None:
-        """Keep ``result`` as ``model``'s score on ``task`` (forgetting another model's)."""
-        with self._lock:
-            if not _same_tensors(model, self._model):
-                # Holding the tensors keeps their identities from being reused by new ones.
-                self._model, self._scores = dict(model), {}
-            self._scores[(device, task)] = result
-
-    def clear(self) -> None:
-        with self._lock:
-            self._model, self._scores = {}, {}
-
-
-def _same_tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
-    return bool(a) and a.keys() == b.keys() and all(a[key] is b[key] for key in a)
 
 
 def build_loss(opts: Any, num_classes: int | None) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:

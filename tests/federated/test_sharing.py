@@ -68,23 +68,3 @@ def test_fine_tuned_clients_store_the_frozen_trunk_once_with_the_global_model(da
     # BatchNorm's running statistics move in training even where the weights are frozen: they stay per client.
     assert not bitwise_equal(states[0]["base.bn1.running_mean"], states[1]["base.bn1.running_mean"])
 
-
-def test_clients_that_never_trained_share_the_global_models_reid_scores(dataset: Path) -> None:
-    fed = Federation(dict(load_experiment(dataset / "experiment.yaml", overrides=["model_opts.width=8"]).data), seed=0)
-    tasks = fed.worker.tasks
-    scored: list[str] = []
-    score = tasks.score
-
-    def counted(model: torch.nn.Module, client: str, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
-        scored.append(client)
-        return score(model, client, task, device)
-
-    tasks.score = counted
-    first = fed.validate(client="client-0", tasks=["client-0-task-0"], round=0, device="cpu")
-    second = fed.validate(client="client-1", tasks=["client-0-task-0"], round=0, device="cpu")
-    assert scored == ["client-0"] and second == first
-    fed.train(client="client-1", task="client-1-task-0", round=1, device="cpu", state="integrated")
-    fed.validate(client="client-1", tasks=["client-0-task-0"], round=1, device="cpu")
-    fed.validate(client="client-0", tasks=["client-0-task-0"], round=1, device="cpu")
-    # client-1 now has its own model; the global model is scored again once the last scores are dropped.
-    assert scored == ["client-0", "client-1", "client-0"]
