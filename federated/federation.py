@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .allocator import map_large_blocks
+from .allocator import release_free_pages, share_one_heap
 from .fedavg import AggregateResult
 from .methods import METHODS, Method, build_method
 from .seeds import generator
@@ -73,7 +73,7 @@ class Federation:
         spill_dir: str | None = None,
         max_in_memory: int = 256,
     ) -> None:
-        map_large_blocks()
+        share_one_heap()  # before the run's threads allocate
         self._config = config
         self._seed = seed
         #: torch's intra-op threads for the driver's own torch work (payloads, commits, aggregation), as the
@@ -201,7 +201,9 @@ class Federation:
     @in_threads
     def aggregate(self, *, round: int, clients: Sequence[str]) -> AggregateResult:
         """Combine ``round``'s uploads from ``clients`` into the server's new state."""
-        return self._server.aggregate(round, clients)
+        result = self._server.aggregate(round, clients)
+        release_free_pages()  # the previous global model and the sums of the mean are gone now
+        return result
 
     def server_state(self) -> dict[str, torch.Tensor]:
         """Give the global model state (its tensors are never changed in place)."""
