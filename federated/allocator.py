@@ -19,7 +19,10 @@ import ctypes.util
 import os
 import threading
 
-__all__ = ["release_free_pages", "share_one_heap"]
+__all__ = ["RELEASE_FROM", "release_free_pages", "share_one_heap"]
+
+#: Jobs on models smaller than this free too little to matter, and a release costs up to a millisecond.
+RELEASE_FROM = 8 << 20
 
 _M_ARENA_MAX = -8  # glibc's malloc.h
 _lock = threading.Lock()
@@ -34,9 +37,10 @@ def share_one_heap() -> bool:
     return bool(libc.mallopt(_M_ARENA_MAX, 1))
 
 
-def release_free_pages() -> None:
-    """Give the pages of freed blocks back to the system (a no-op without glibc)."""
-    libc = _libc()
+def release_free_pages(model_bytes: int) -> None:
+    """Give the pages of freed blocks back to the system after a job on a model of ``model_bytes`` (nothing
+    for a model under ``RELEASE_FROM``, or without glibc)."""
+    libc = _libc() if model_bytes >= RELEASE_FROM else None
     if libc is not None:
         libc.malloc_trim(0)
 

@@ -202,7 +202,7 @@ class Federation:
     def aggregate(self, *, round: int, clients: Sequence[str]) -> AggregateResult:
         """Combine ``round``'s uploads from ``clients`` into the server's new state."""
         result = self._server.aggregate(round, clients)
-        release_free_pages()  # the previous global model and the sums of the mean are gone now
+        release_free_pages(state_nbytes(self._server.state))  # the old global model and the mean's sums are gone
         return result
 
     def server_state(self) -> dict[str, torch.Tensor]:

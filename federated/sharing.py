@@ -32,7 +32,9 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def share_equal(state: Mapping[str, torch.Tensor], *bases: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+def share_equal(
+    state: Mapping[str, torch.Tensor], *bases: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
     """``state`` with each tensor that is bitwise equal to the tensor of the same name in one of ``bases``
     (the first that has it) replaced by that tensor; the others are kept as they are."""
     out = {}

@@ -22,7 +22,7 @@ from .allocator import release_free_pages, share_one_heap
 from .criteria import build_reid_criterion
 from .methods import LocalRound, Method, ModelOutput, build_method
 from .seeds import generator
-from .store import ClientState
+from .store import ClientState, state_nbytes
 from .tasks import TaskSource, build_task_source
 from .training import build_criterion, build_optimizer, build_scheduler, train_local
 
@@ -114,7 +114,7 @@ class Worker:
     def train(self, job: TrainJob) -> TrainOutcome:
         """Run ``job``'s local round on its device; the new state comes back on the CPU."""
         outcome = self._train(job)
-        release_free_pages()  # the optimizer, its moments and the gradients are gone now
+        release_free_pages(state_nbytes(outcome.state.model))  # the optimizer, moments and gradients are gone
         return outcome
 
     def _train(self, job: TrainJob) -> TrainOutcome:
@@ -162,7 +162,7 @@ class Worker:
     def validate(self, job: ValJob) -> dict[str, ValResult]:
         """Score ``job.model`` on each task of ``job``, by task."""
         results = self._validate(job)
-        release_free_pages()  # the features and activations are gone now
+        release_free_pages(state_nbytes(job.model))  # the features and activations are gone now
         return results
 
     def _validate(self, job: ValJob) -> dict[str, ValResult]:

@@ -11,7 +11,8 @@ import pytest
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's parameters are glibc's")
 
-_PROBE = "from fedevents.federated.allocator import share_one_heap, release_free_pages; release_free_pages(); print(share_one_heap())"
+_PROBE = ("from fedevents.federated.allocator import release_free_pages, share_one_heap; "
+          "release_free_pages(1 << 30); print(share_one_heap())")
 
 
 def _probe(**env: str) -> str:
