@@ -14,6 +14,8 @@ import structlog
 import torch
 from torch import nn
 
+from .sharing import bitwise_equal
+
 __all__ = ["DISPATCH_STATES", "Upload", "AggregateResult", "FedAvgClient", "weighted_mean"]
 
 #: How a client joins a round: "integrated" (new to the server) or "incremental" (trained before).
@@ -66,6 +68,9 @@ def weighted_mean(uploads: Mapping[str, Upload]) -> dict[str, torch.Tensor]:
         for name in names:
             acc.add_(uploads[name].state[key].to(torch.float64), alpha=uploads[name].samples)
         mean[key] = (acc / total).to(reference.dtype)
+        if all(uploads[name].state[key] is reference for name in names) and bitwise_equal(mean[key], reference):
+            # Every client sent the one tensor (a frozen weight they all share): the mean keeps sharing it.
+            mean[key] = reference
     return mean
 
 

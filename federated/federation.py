@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from .allocator import release_free_pages, share_one_heap
 from .fedavg import AggregateResult
 from .methods import METHODS, Method, ServerState, build_method
 from .seeds import generator
 from .server import Server
-from .store import ClientStore, state_nbytes
+from .sharing import share_equal
+from .store import ClientState, ClientStore, state_nbytes
 from .tasks import DATASETS, build_task_source
 from .training import build_optimizer, build_scheduler
 from .threads import in_threads
@@ -71,6 +73,7 @@ class Federation:
         spill_dir: str | None = None,
         max_in_memory: int = 256,
     ) -> None:
+        share_one_heap()  # before the run's threads allocate
         self._config = config
         self._seed = seed
         #: torch's intra-op threads for the driver's own torch work (payloads, commits, aggregation), as the
@@ -139,10 +142,17 @@ class Federation:
         its update can never reach the aggregate.
         """
         check_finite(client, outcome)
-        self._store.put(client, outcome.state)
+        state = self._compact(outcome.state)
+        self._store.put(client, state)
         if self._per_task(client):
-            self._store.put(_task_key(client, outcome.state.task), outcome.state)
+            self._store.put(_task_key(client, state.task), state)
         return TrainResult(samples=outcome.samples, metrics=outcome.metrics)
+
+    def _compact(self, state: ClientState) -> ClientState:
+        """``state`` holding, by reference, every model tensor it shares bit for bit with the global model:
+        a fine-tuned client's frozen weights are then stored once for all clients (with any executor, since
+        the comparison happens here, in the driver)."""
+        return replace(state, model=share_equal(state.model, self._server.state))
 
     @in_threads
     def train(self, *, client: str, task: str, round: int, device: str, state: str) -> TrainResult:
@@ -191,7 +201,9 @@ class Federation:
     @in_threads
     def aggregate(self, *, round: int, clients: Sequence[str]) -> AggregateResult:
         """Combine ``round``'s uploads from ``clients`` into the server's new state."""
-        return self._server.aggregate(round, clients)
+        result = self._server.aggregate(round, clients)
+        release_free_pages(state_nbytes(self._server.state))  # the old global model and the mean's sums are gone
+        return result
 
     def server_state(self) -> dict[str, torch.Tensor]:
         """Give the global model state (its tensors are never changed in place)."""

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from .allocator import release_free_pages, share_one_heap
 from .criteria import build_reid_criterion
 from .methods import LocalRound, Method, ModelOutput, build_method
 from .seeds import generator
-from .store import ClientState
+from .store import ClientState, state_nbytes
 from .tasks import TaskSource, build_task_source
 from .training import build_criterion, build_optimizer, build_scheduler, direct_call, train_local
 
@@ -81,6 +82,7 @@ class Worker:
     """Runs train and validation jobs for one experiment; safe to call from several threads at once."""
 
     def __init__(self, config: Mapping[str, Any], seed: int, *, tasks: TaskSource | None = None) -> None:
+        share_one_heap()  # a worker process's first: its models and training come next
         task_opts = config["task_opts"]
         self._method = build_method(config["exp_method"], config.get("method_opts") or {}, seed=seed,
                                     legacy=bool((config.get("exp_opts") or {}).get("legacy")))
@@ -111,6 +113,11 @@ class Worker:
 
     def train(self, job: TrainJob) -> TrainOutcome:
         """Run ``job``'s local round on its device; the new state comes back on the CPU."""
+        outcome = self._train(job)
+        release_free_pages(state_nbytes(outcome.state.model))  # the optimizer, moments and gradients are gone
+        return outcome
+
+    def _train(self, job: TrainJob) -> TrainOutcome:
         dev = torch.device(job.device)
         model = self.model(dev)
         previous = job.previous
@@ -154,6 +161,11 @@ class Worker:
 
     def validate(self, job: ValJob) -> dict[str, ValResult]:
         """Score ``job.model`` on each task of ``job``, by task."""
+        results = self._validate(job)
+        release_free_pages(state_nbytes(job.model))  # the features and activations are gone now
+        return results
+
+    def _validate(self, job: ValJob) -> dict[str, ValResult]:
         dev = torch.device(job.device)
         model = self.model(dev)
         model.load_state_dict(job.model)
