@@ -14,12 +14,15 @@ import threading
 import zlib
 from pathlib import Path
 
+from fedevents.engine.errors import OutputError
+
 from .atomic import trim_partial_line
 
 __all__ = ["LineStream", "trim_partial_tail"]
 
 _GZIP_WBITS = 31  # zlib's gzip container
 _GZIP_LEVEL = 6
+_GZIP_MAGIC = b"\x1f\x8b"  # the first two bytes of every gzip member
 
 
 class LineStream:
@@ -88,12 +91,19 @@ class LineStream:
 
 def trim_partial_tail(path: Path, *, compress: bool) -> None:
     """Cut ``path`` back to its last whole line (plain) or its last whole gzip member (``compress``); does
-    nothing where the file cannot be written (a read-only disk: a resume trims it later)."""
+    nothing where the file cannot be written (a read-only disk: a resume trims it later).
+
+    A file to continue as a gzip stream that does not begin as one (a plain stream renamed, another file
+    in its place) is not a cut tail: it is refused with an ``OutputError`` and left as it is.
+    """
     if not compress:
         trim_partial_line(path)
         return
     try:
         data = path.read_bytes()
+        if data and not data.startswith(_GZIP_MAGIC[: len(data)]):
+            raise OutputError(f"{path}: expected a gzip stream to continue, found {data[:16]!r}; move it away "
+                              "and run the same command with --resume")
         keep = _whole_members(data)
         if keep < len(data):
             with open(path, "r+b") as f:

@@ -6,6 +6,9 @@ import gzip
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from fedevents.engine.errors import OutputError
 from fedevents.handlers.streams import LineStream, trim_partial_tail
 
 
@@ -66,3 +69,20 @@ def test_a_new_stream_replaces_an_old_file(tmp_path: Path) -> None:
     path.write_text("old\n")
     LineStream(path).close()
     assert path.read_text() == ""
+
+
+def test_a_file_that_is_no_gzip_stream_is_refused_and_left_whole(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl.gz"
+    path.write_bytes(b'{"i":1}\n{"i":2}\n')  # a plain stream under the compressed stream's name
+    with pytest.raises(OutputError, match="expected a gzip stream to continue"):
+        trim_partial_tail(path, compress=True)
+    with pytest.raises(OutputError):
+        LineStream(path, keep=True, compress=True)
+    assert path.read_bytes() == b'{"i":1}\n{"i":2}\n'
+
+
+def test_a_gzip_stream_cut_inside_its_first_member_is_emptied(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"i":1}\n')[:1])  # killed one byte into the first member
+    trim_partial_tail(path, compress=True)
+    assert path.read_bytes() == b""
