@@ -160,6 +160,7 @@ class Engine:
         cfg = self.config
         started = time.monotonic()
         first = self.first_round()
+        self.round = first  # a failure before the first round names the round the run was to start with
         watch = self.bus.subscribe(CheckpointSaved, self._checkpointed)
         scores = self.bus.subscribe(ValDone, self._scored)
         try:

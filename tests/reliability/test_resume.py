@@ -262,3 +262,18 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
     assert run.returncode == 130
     assert "SIGINT again; exiting now" in run.stderr
     json.loads(next(p for p in (tmp_path / "logs").glob("*.json") if ".trace" not in p.name).read_text())
+
+
+def test_a_resume_refused_before_its_first_round_names_that_round(tmp_path: Path) -> None:
+    """The events stream of another run in place: the resume stops at once, naming the round it was to run."""
+    exp = experiment(tmp_path)
+    kill_at(tmp_path, exp)  # after round 5's record, before its checkpoint: the resume starts at round 5
+    (stream,) = (tmp_path / "logs").glob("*.events.jsonl")
+    lines = stream.read_text().splitlines()
+    header = json.loads(lines[0])
+    stream.write_text("\n".join([json.dumps({**header, "run_id": "someone-else"}), *lines[1:]]) + "\n")
+    resumed = fedevents("run", str(exp), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 1
+    error = [line for line in resumed.stderr.splitlines() if line.startswith("fedevents: error:")]
+    assert len(error) == 1 and "found those of run someone-else" in error[0], resumed.stderr
+    assert "experiment demo failed in round 5:" in resumed.stderr
