@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -41,8 +42,9 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(256, 384), nn.ReLU(), nn.Linear(384, 10))
 
 
-def bare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, seed: int) -> float:
-    """The hand-written loop of bench_vs_loop (workload.py): gradients dropped, the SGD update written out."""
+def _loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, seed: int,
+          update: Callable[[list[torch.Tensor]], None]) -> float:
+    """CPU seconds of a bare training loop: gradients dropped, the loss backpropagated, ``update(params)``."""
     params = list(model.parameters())
     shuffle = torch.Generator().manual_seed(seed)
     model.train()
@@ -52,26 +54,25 @@ def bare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch:
             for p in params:
                 p.grad = None
             F.cross_entropy(model(x[idx]), y[idx]).backward()
-            with torch.no_grad():
-                for p in params:
-                    p.add_(p.grad, alpha=-0.05)
+            update(params)
     return time.process_time() - began
+
+
+def _written_out(params: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p in params:
+            p.add_(p.grad, alpha=-0.05)
+
+
+def bare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, seed: int) -> float:
+    """The hand-written loop of bench_vs_loop (workload.py): gradients dropped, the SGD update written out."""
+    return _loop(model, x, y, epochs, batch, seed, _written_out)
 
 
 def bare_optim(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, seed: int) -> float:
     """The same loop stepping ``torch.optim.SGD`` (built as fedevents builds it): what the optimizer costs."""
-    params = list(model.parameters())
-    optimizer = build_optimizer({"name": "sgd", "lr": 0.05}, params)
-    shuffle = torch.Generator().manual_seed(seed)
-    model.train()
-    began = time.process_time()
-    for _ in range(epochs):
-        for idx in torch.randperm(y.shape[0], generator=shuffle).split(batch):
-            for p in params:
-                p.grad = None
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            optimizer.step()
-    return time.process_time() - began
+    optimizer = build_optimizer({"name": "sgd", "lr": 0.05}, model.parameters())
+    return _loop(model, x, y, epochs, batch, seed, lambda params: optimizer.step())
 
 
 def fedevents(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, seed: int) -> float:
