@@ -130,7 +130,8 @@ def _hooked_step(step: Callable[..., Any]) -> Callable[..., Any]:
 
     torch's wrapper enters ``record_function`` on every step, about 30 % of a small model's optimizer step
     (issue 12: per-step overhead), whether or not anything records it. The step hooks and the step counter
-    it runs are kept exactly; under ``torch.profiler`` the step is labelled as torch labels it.
+    it runs are kept exactly; under ``torch.profiler``, with hooks, or once dynamo is imported (something
+    compiles) the step goes through torch's own wrapper.
     """
     profiled = Optimizer.profile_hook_step(step)
     pre_hooks, post_hooks = _GLOBAL_HOOKS
@@ -139,7 +140,7 @@ def _hooked_step(step: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         self = args[0]
         if (torch.autograd._profiler_enabled() or pre_hooks or post_hooks or self._optimizer_step_pre_hooks
-                or self._optimizer_step_post_hooks):
+                or self._optimizer_step_post_hooks or _dynamo_loaded()):  # torch's own wrapper where it matters
             return profiled(*args, **kwargs)
         out = step(*args, **kwargs)
         self._optimizer_step_code()
