@@ -218,20 +218,25 @@ class Federation:
         """
         return {"server": self._server.state_dict(), "clients": self._store.export(clients)}
 
-    def replaced_on_dispatch(self, client: str, task: str) -> dict[str, frozenset[str]]:
-        """The stored model entries that ``client``'s next dispatch, to ``task``, overwrites before anything
-        reads them, by store key (the client's, and its model for ``task`` when it keeps one per task).
+    def replaced_on_dispatch(self, dispatches: Mapping[str, str]) -> dict[str, frozenset[str]]:
+        """The stored model entries that each client's next dispatch, to the task ``dispatches`` gives it,
+        overwrites before anything reads them, by store key (the client's, and its model for that task when it
+        keeps one per task).
 
-        Asked at a round's end about a client the next round dispatches to: its method names the entries
-        (``Method.replaced_on_dispatch``), and only those the global model holds alike (name, dtype and
-        shape) count, so that the global's tensor can stand in for them until the dispatch.
+        Asked at a round's end about the clients the next round dispatches to: their method names the entries
+        (``Method.replaced_on_dispatch``), and only those the global model holds alike (name, dtype and shape)
+        count, so that the global's tensor can stand in for them until the dispatch.
         """
-        keys = [client, _task_key(client, task)] if self._per_task(client) else [client]
+        tasks: dict[str, str] = {}
+        for client, task in dispatches.items():
+            tasks[client] = task
+            if self._per_task(client):
+                tasks[_task_key(client, task)] = task
         server = ServerState(**self._server.state_dict())
         model = server.model
         out = {}
-        for key, state in self._store.export(keys).items():
-            replaced = self._method.replaced_on_dispatch(server, switching=state["task"] != task)
+        for key, state in self._store.export(tasks).items():
+            replaced = self._method.replaced_on_dispatch(server, switching=state["task"] != tasks[key])
             names = frozenset(name for name, t in state["model"].items()
                               if replaced(name) and name in model and model[name].dtype == t.dtype
                               and model[name].shape == t.shape)

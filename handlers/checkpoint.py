@@ -263,11 +263,7 @@ class Checkpointer:
     def _replaced(self, dispatches: Mapping[str, str]) -> dict[str, frozenset[str]]:
         """The stored model entries the next round's dispatches overwrite before anything reads them."""
         ask = getattr(self.federation, "replaced_on_dispatch", None)
-        out: dict[str, frozenset[str]] = {}
-        if callable(ask):
-            for client, task in dispatches.items():
-                out.update(ask(client, task))
-        return out
+        return ask(dispatches) if callable(ask) and dispatches else {}
 
     def _write(self, content: _Content, rnd: int) -> tuple[Path, int]:
         """Write the tensors no kept checkpoint holds into this round's pack, then the manifest; give the

@@ -75,7 +75,7 @@ def test_the_declared_entries_are_overwritten_before_anything_reads_them(
 
     client = CLIENTS[0]
     task = f"{client}-task-{int(switching)}"
-    declared = fed.replaced_on_dispatch(client, task)
+    declared = fed.replaced_on_dispatch({client: task})
     job = fed.train_job(client=client, task=task, round=2, device="cpu", state="incremental")
     assert job.previous is not None
     names = declared.get(client, frozenset())
@@ -115,7 +115,7 @@ def test_the_same_noise_in_an_entry_the_round_reads_changes_its_outcome(
     job = fed.train_job(client=client, task=f"{client}-task-{int(switching)}", round=2, device="cpu",
                         state="incremental")
     assert job.previous is not None
-    declared = fed.replaced_on_dispatch(client, job.task).get(client, frozenset())
+    declared = fed.replaced_on_dispatch({client: job.task}).get(client, frozenset())
     live = frozenset(n for n, t in job.previous.model.items() if n not in declared and t.is_floating_point())
     altered = dataclasses.replace(job, previous=dataclasses.replace(
         job.previous, model=noise(live, dict(job.previous.model))))
