@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import structlog
+
+from fedevents.federated.synth_reid import generate_synth_reid
 
 
 @pytest.fixture
@@ -42,3 +45,12 @@ def quiet_logs() -> Iterator[None]:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     yield
     structlog.configure(**previous)
+
+
+@pytest.fixture(scope="session")
+def two_task_reid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FedSTIL-layout ReID data set: 2 clients x 2 tasks of 3 identities, 4 images each, 32x16."""
+    out = tmp_path_factory.mktemp("reid")
+    generate_synth_reid(out, clients=2, tasks=2, ids_per_task=3, images_per_id=4, cameras=2, img_size=(32, 16),
+                        sustain_rounds=1, seed=5)
+    return out

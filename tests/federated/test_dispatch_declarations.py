@@ -19,19 +19,10 @@ import torch
 from fedevents.engine.config import load_experiment
 from fedevents.federated import Federation
 from fedevents.federated.methods import METHODS
-from fedevents.federated.synth_reid import generate_synth_reid
 
 CLIENTS = ("client-0", "client-1")
 OPTIONS = {"fedweit": {"kb_cnt": 2}, "fedstil": {"lambda_k": 6}, "fedstil-atten": {"lambda_k": 6, "bank_size": 2},
            "icarl": {"memory_size": 6}}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("reid")
-    generate_synth_reid(out, clients=2, tasks=2, ids_per_task=3, images_per_id=4, cameras=2, img_size=(32, 16),
-                        sustain_rounds=1, seed=5)
-    return out
 
 
 def federation(dataset: Path, method: str) -> Federation:
@@ -63,22 +54,27 @@ def same(a: Any, b: Any) -> bool:
         torch.equal(x, fb[k]) if isinstance(x, torch.Tensor) else x == fb[k] for k, x in fa.items())
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("switching", [False, True], ids=["same task", "task switch"])
-def test_the_declared_entries_are_overwritten_before_anything_reads_them(
-        dataset: Path, method: str, switching: bool, quiet_logs: None) -> None:
+def round_two(dataset: Path, method: str, switching: bool) -> tuple[Federation, Any, frozenset[str]]:
+    """Both clients trained and aggregated in round 1; client-0's round-2 job (its next task when
+    ``switching``) and the entries its dispatch is declared to overwrite."""
     fed = federation(dataset, method)
     for client in CLIENTS:
         fed.train(client=client, task=f"{client}-task-0", round=1, device="cpu", state="integrated")
         fed.upload(client=client, round=1)
     fed.aggregate(round=1, clients=list(CLIENTS))
-
     client = CLIENTS[0]
     task = f"{client}-task-{int(switching)}"
-    declared = fed.replaced_on_dispatch({client: task})
+    declared = fed.replaced_on_dispatch({client: task}).get(client, frozenset())
     job = fed.train_job(client=client, task=task, round=2, device="cpu", state="incremental")
     assert job.previous is not None
-    names = declared.get(client, frozenset())
+    return fed, job, declared
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("switching", [False, True], ids=["same task", "task switch"])
+def test_the_declared_entries_are_overwritten_before_anything_reads_them(
+        two_task_reid: Path, method: str, switching: bool, quiet_logs: None) -> None:
+    fed, job, names = round_two(two_task_reid, method, switching)
     altered = dataclasses.replace(job, previous=dataclasses.replace(
         job.previous, model=noise(names, dict(job.previous.model))))
 
@@ -103,19 +99,10 @@ def test_the_declared_entries_are_overwritten_before_anything_reads_them(
 
 @pytest.mark.parametrize(("method", "switching"), [("baseline", False), ("fedweit", True), ("fedstil", False)])
 def test_the_same_noise_in_an_entry_the_round_reads_changes_its_outcome(
-        dataset: Path, method: str, switching: bool, quiet_logs: None) -> None:
+        two_task_reid: Path, method: str, switching: bool, quiet_logs: None) -> None:
     """The test above can fail: the baseline trains its stored model on, FedWeIT reads the finished task's
     model at a switch, and FedSTIL keeps its own biases and norms."""
-    fed = federation(dataset, method)
-    for client in CLIENTS:
-        fed.train(client=client, task=f"{client}-task-0", round=1, device="cpu", state="integrated")
-        fed.upload(client=client, round=1)
-    fed.aggregate(round=1, clients=list(CLIENTS))
-    client = CLIENTS[0]
-    job = fed.train_job(client=client, task=f"{client}-task-{int(switching)}", round=2, device="cpu",
-                        state="incremental")
-    assert job.previous is not None
-    declared = fed.replaced_on_dispatch({client: job.task}).get(client, frozenset())
+    fed, job, declared = round_two(two_task_reid, method, switching)
     live = frozenset(n for n, t in job.previous.model.items() if n not in declared and t.is_floating_point())
     altered = dataclasses.replace(job, previous=dataclasses.replace(
         job.previous, model=noise(live, dict(job.previous.model))))

@@ -12,7 +12,6 @@ import torch
 
 from fedevents.engine.config import load_experiment
 from fedevents.federated import Federation
-from fedevents.federated.synth_reid import generate_synth_reid
 
 CLIENTS = ("client-0", "client-1")
 OPTIONS = {
@@ -20,14 +19,6 @@ OPTIONS = {
     "fedstil-atten": {"lambda_k": 6, "atten_default": 0.0, "bank_size": 2},
     "fedweit": {"kb_cnt": 2, "lambda_l1": 1e-4, "lambda_l2": 1e-2},
 }
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("reid")
-    generate_synth_reid(out, clients=2, tasks=2, ids_per_task=3, images_per_id=4, cameras=2, img_size=(32, 16),
-                        sustain_rounds=1, seed=5)
-    return out
 
 
 def config(dataset: Path, method: str) -> dict[str, Any]:
@@ -72,27 +63,28 @@ def same(a: Any, b: Any) -> bool:
 
 
 @pytest.mark.parametrize("method", sorted(OPTIONS))
-def test_a_run_is_deterministic_and_resumes_identically(dataset: Path, method: str, quiet_logs: None) -> None:
-    whole = Federation(config(dataset, method), seed=7)
+def test_a_run_is_deterministic_and_resumes_identically(
+        two_task_reid: Path, method: str, quiet_logs: None) -> None:
+    whole = Federation(config(two_task_reid, method), seed=7)
     metrics = play(whole, range(1, 4))
     assert all(value == value for m in metrics for value in m.values())  # no NaN anywhere
     assert metrics[-1]["val_rank_1"] > 0.0
 
     # A second run of the first two rounds repeats the first run's numbers exactly ...
-    first = Federation(config(dataset, method), seed=7)
+    first = Federation(config(two_task_reid, method), seed=7)
     assert play(first, range(1, 3))[:4] == metrics[:4]
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)  # a checkpoint holds only what weights_only loading accepts
     buffer.seek(0)
-    resumed = Federation(config(dataset, method), seed=7)
+    resumed = Federation(config(two_task_reid, method), seed=7)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     # ... and a run resumed from its checkpoint ends exactly where the uninterrupted one did.
     assert play(resumed, range(3, 4)) == metrics[4:]
     assert same(resumed.state_dict(), whole.state_dict())
 
 
-def test_fedstil_trains_only_what_its_layers_leave_trainable(dataset: Path, quiet_logs: None) -> None:
-    fed = Federation(config(dataset, "fedstil"), seed=7)
+def test_fedstil_trains_only_what_its_layers_leave_trainable(two_task_reid: Path, quiet_logs: None) -> None:
+    fed = Federation(config(two_task_reid, "fedstil"), seed=7)
     initial = {k: v.clone() for k, v in fed.server_state().items()}
     play(fed, range(1, 2))
     model = fed.store.get("client-0").model
