@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import describe  # noqa: E402
+from _machine import compile_fedevents, describe  # noqa: E402
 
 from fedevents.engine import read_events  # noqa: E402
 
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     print(f"machine: {describe()}; load average {os.getloadavg()[0]:.1f} at start")
+    print(compile_fedevents())
     print(f"{args.pairs} interleaved runs of each; demo, {args.rounds} rounds, 5 of 10 clients, 64 samples each\n")
     runs: dict[str, list[dict[str, float]]] = {"fedevents": [], "bare, hand-written SGD": [],
                                                "bare, torch.optim.SGD": []}

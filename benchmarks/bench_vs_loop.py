@@ -40,7 +40,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _machine import describe  # noqa: E402
+from _machine import compile_fedevents, describe  # noqa: E402
 from _process import run_sampled  # noqa: E402
 from workload import PRESETS, QUICK, Preset  # noqa: E402
 
@@ -200,6 +200,7 @@ def main() -> None:
         print("Flower skipped: " + ("--no-flower" if args.no_flower else
                                     "flwr is not installed (pip install 'fedevents[bench]')"), flush=True)
     print(f"machine: {describe()}", flush=True)
+    print(compile_fedevents(), flush=True)
     print(f"load average before: {os.getloadavg()}", flush=True)
     results: dict[str, dict[str, list[dict]]] = {}
     document = {"machine": describe(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
