@@ -41,9 +41,19 @@ def check_finite(client: str, outcome: TrainOutcome) -> None:
     if bad:
         raise ClientDiverged(f"{client} diverged: {', '.join(f'{n} = {outcome.metrics[n]}' for n in bad)}")
     for name, tensor in outcome.state.model.items():
-        # One isfinite per tensor; integer buffers (batch counts) cannot hold a NaN.
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        # Integer buffers (batch counts) cannot hold a NaN.
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise ClientDiverged(f"{client} diverged: weight {name} is not finite")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element of floating-point ``tensor`` is finite.
+
+    A sum over a NaN or an infinity is never finite, in whatever order it adds, so a finite sum settles it
+    at a tenth of ``isfinite``'s cost per element (which matched a small client's whole training); only a
+    sum that overflowed, or a tensor that is not finite, is looked at element by element.
+    """
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 @dataclass(frozen=True, slots=True)
