@@ -81,16 +81,17 @@ def run(folder: Path, exp: Path, *handlers: dict[str, Any], resume: bool = False
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
-    """Uninterrupted runs, each checkpoint's manifest kept: by (method, val_model)."""
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, str], Path]:
+    """Uninterrupted runs, each checkpoint's manifest kept: by (method, val_model, val_clients)."""
     out = {}
-    for method, val_model in (("fedavg", "global"), ("ewc", "global"), ("fedstil", "global"),
-                              ("fedweit", "global"), ("fedavg", "both")):
-        folder = tmp_path_factory.mktemp(f"reference-{method}-{val_model}")
-        exp = experiment(folder, method, val_model=val_model, val_reuse=False)
+    for method, val_model, val_clients in (("fedavg", "global", "all"), ("ewc", "global", "all"),
+                                           ("fedstil", "global", "all"), ("fedweit", "global", "all"),
+                                           ("fedavg", "both", "all"), ("fedavg", "local", "online")):
+        folder = tmp_path_factory.mktemp(f"reference-{method}-{val_model}-{val_clients}")
+        exp = experiment(folder, method, val_model=val_model, val_clients=val_clients, val_reuse=False)
         done = run(folder, exp, {"target": "helpers:Keeper", "kwargs": {"into": str(folder / "manifests")}})
         assert done.returncode == 0, done.stderr
-        out[method, val_model] = folder
+        out[method, val_model, val_clients] = folder
     return out
 
 
@@ -118,12 +119,24 @@ def killed_and_resumed(folder: Path, method: str, kill_round: int, *careless: st
     ("fedweit", 6),  # a knowledge base drawn after some clients' entries were left out
 ])
 def test_a_run_killed_after_checkpoints_that_left_out_idle_clients_resumes_exactly(
-        tmp_path: Path, references: dict[tuple[str, str], Path], method: str, kill_round: int) -> None:
+        tmp_path: Path, references: dict[tuple[str, str, str], Path], method: str, kill_round: int) -> None:
     final = killed_and_resumed(tmp_path, method, kill_round)
-    expected = record(references[method, "global"])
+    expected = record(references[method, "global", "all"])
     assert final["status"] == "finished"
     assert final["global"] == expected["global"]  # the global model's every score, to the last digit
     assert final["data"] == expected["data"]  # every client's training metrics
+    assert final["comm"] == expected["comm"]
+
+
+def test_clients_scored_only_after_they_train_are_left_out_too_and_resume_exactly(
+        tmp_path: Path, references: dict[tuple[str, str, str], Path]) -> None:
+    """Under val_clients online a client's own model is scored only in the rounds it trains, after it trains."""
+    folder = references["fedavg", "local", "online"]
+    assert set(manifest(folder, 5)["dispatched"]) == {f"client-{c}" for c in range(6)}
+    final = killed_and_resumed(tmp_path, "fedavg", 6, val_model="local", val_clients="online")
+    expected = record(folder)
+    assert final["status"] == "finished"
+    assert final["data"] == expected["data"]  # every client's own scores, to the last digit
     assert final["comm"] == expected["comm"]
 
 
@@ -132,18 +145,18 @@ def test_a_run_killed_after_checkpoints_that_left_out_idle_clients_resumes_exact
     ("fedavg", "IdleClientsUnread", {"val_model": "both"}),  # the stored model of a client that sits out, scored
 ])
 def test_these_resumes_would_differ_if_a_live_entry_were_left_out(
-        tmp_path: Path, references: dict[tuple[str, str], Path], method: str, careless: str,
+        tmp_path: Path, references: dict[tuple[str, str, str], Path], method: str, careless: str,
         exp_opts: dict[str, Any]) -> None:
     """The test above can fail: a checkpoint that leaves out an entry still read gives another record."""
     final = killed_and_resumed(tmp_path, method, 4, careless, **exp_opts)
-    expected = record(references[method, exp_opts.get("val_model", "global")])
+    expected = record(references[method, exp_opts.get("val_model", "global"), "all"])
     assert final["status"] == "finished"
     assert final["data"] != expected["data"]
 
 
 def test_every_client_that_trained_is_left_out_until_its_next_dispatch(
-        references: dict[tuple[str, str], Path]) -> None:
-    folder = references["fedavg", "global"]
+        references: dict[tuple[str, str, str], Path]) -> None:
+    folder = references["fedavg", "global", "all"]
     every = sorted(manifest(folder, 0)["federation"]["server"]["model"])
     trained: set[int] = set()
     for rnd in range(8):
@@ -155,17 +168,17 @@ def test_every_client_that_trained_is_left_out_until_its_next_dispatch(
             assert client["model"] == {}
     # Under val_model both, the clients that sit out round 5 are scored with their stored models at its
     # end: checkpoint 4 leaves out only the clients round 5 dispatches to (1 trained in round 1, 2 in 2).
-    both = manifest(references["fedavg", "both"], 4)["dispatched"]
+    both = manifest(references["fedavg", "both", "all"], 4)["dispatched"]
     assert both == {"client-1": every, "client-2": every}
 
 
-def test_a_task_switch_keeps_what_the_method_reads_there(references: dict[tuple[str, str], Path]) -> None:
+def test_a_task_switch_keeps_what_the_method_reads_there(references: dict[tuple[str, str, str], Path]) -> None:
     # After round 3 every client has trained once: each next dispatch switches to t2, where EWC reads the
     # stored model, so nothing is left out; after round 4, clients 0 and 3 have switched and are.
-    assert manifest(references["ewc", "global"], 3)["dispatched"] == {}
-    assert set(manifest(references["ewc", "global"], 4)["dispatched"]) == {"client-0", "client-3"}
+    assert manifest(references["ewc", "global", "all"], 3)["dispatched"] == {}
+    assert set(manifest(references["ewc", "global", "all"], 4)["dispatched"]) == {"client-0", "client-3"}
     # FedSTIL leaves out the adaptive layers of each client's latest model and of its model for the task of
     # its next dispatch, never the model it keeps for a finished task.
-    fedstil = manifest(references["fedstil", "global"], 7)["dispatched"]
+    fedstil = manifest(references["fedstil", "global", "all"], 7)["dispatched"]
     assert set(fedstil) == {"client-0", "client-0@t2", "client-1", "client-1@t2", "client-2", "client-2@t2",
                             "client-3", "client-3@t2", "client-4", "client-4@t2", "client-5"}
