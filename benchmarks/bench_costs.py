@@ -1,6 +1,6 @@
 """Unit costs behind the side-by-side benchmark: µs per SGD step, and the engine's cost per client and per event.
 
-    python benchmarks/bench_costs.py [--repeat 5] [--clients 1000 --per-round 100 --rounds 10]
+    python benchmarks/bench_costs.py [--repeat 5] [--clients 1000 --per-round 100 --rounds 10] [--only divergence]
 
 Per step: one local training of the heavy preset (8,192 samples of 1x16x16, 3 epochs of batches of 32: 768
 steps, MLP 256-384-10, SGD lr 0.05, torch threads 1), from the same initial weights and the same shuffling
@@ -12,6 +12,9 @@ Per client and per event: a dry run of fedevents (the engine, the bus, the clien
 simulated executor, nothing trained) of ``--clients`` clients, ``--per-round`` trained per round, for
 ``--rounds`` rounds with the global model scored each round, with the default sinks (log, events, trace, the
 record, checkpoints of the dry run) and without any; wall time over trainings and over emitted events.
+
+Per commit: the divergence check of one trained client of the wide preset (its MLP's four weight tensors),
+element by element with ``isfinite`` and as fedevents does it (``all_finite``: a sum first); CPU µs per client.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from workload import PRESETS, Preset, build_model, client_data, train  # noqa: E
 
 from fedevents.cli import build_experiment  # noqa: E402
 from fedevents.engine import read_events  # noqa: E402
+from fedevents.federated.federation import all_finite  # noqa: E402
 from fedevents.federated.training import build_criterion, build_optimizer, train_local  # noqa: E402
 
 
@@ -88,6 +92,22 @@ def per_step(repeat: int) -> dict[str, dict[str, float]]:
     return {name: {k: statistics.median(v[1:]) for k, v in t.items()} for name, t in times.items()}
 
 
+def divergence_check(repeat: int, calls: int = 200) -> dict[str, float]:
+    """Median CPU µs per client of each way to check a trained wide client's weights for NaN and infinity."""
+    weights = [t for t in build_model(PRESETS["wide"], seed=0).state_dict().values() if t.is_floating_point()]
+    ways = {"isfinite, element by element": lambda t: bool(torch.isfinite(t).all()),
+            "all_finite (a sum first)": all_finite}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(repeat + 1):  # the first round warms caches and is dropped
+        for name, check in ways.items():
+            began = time.process_time()
+            for _ in range(calls):
+                if not all(check(t) for t in weights):
+                    raise SystemExit(f"{name}: found a finite model not finite; the comparison is void")
+            times[name].append((time.process_time() - began) / calls * 1e6)
+    return {name: statistics.median(v[1:]) for name, v in times.items()}
+
+
 def engine_cost(clients: int, per_round: int, rounds: int, sinks: bool) -> dict[str, float]:
     """Wall seconds of a dry run, per training and per event."""
     preset = Preset("engine", clients=clients, per_round=per_round, rounds=rounds, epochs=1, samples=64)
@@ -114,10 +134,18 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--only", choices=("divergence",), help="measure only the divergence check")
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"machine: {describe()}", flush=True)
+    checks = divergence_check(args.repeat)
+    print(f"\ndivergence check of one trained wide client (MLP 256-384-10), median of {args.repeat}\n")
+    print("| check | CPU µs per client |\n|---|---:|")
+    for name, us in checks.items():
+        print(f"| {name} | {us:.0f} |")
+    if args.only == "divergence":
+        return
     steps = per_step(args.repeat)
     bare = steps["bare loop"]
     print(f"\nheavy preset, one training of {PRESETS['heavy'].steps_per_training} steps, median of {args.repeat}; "
@@ -144,7 +172,8 @@ def main() -> None:
               f"{seconds / events * 1e6:.1f} | {cpu / events * 1e6:.1f} |")
     if args.out:
         date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        document = {"machine": describe(), "date": date, "us_per_step": steps, "dry_runs": runs}
+        document = {"machine": describe(), "date": date, "us_per_step": steps, "dry_runs": runs,
+                    "us_per_divergence_check": checks}
         args.out.write_text(json.dumps(document, indent=1))
 
 

@@ -1,7 +1,7 @@
 """Side by side: fedevents, a hand-written loop and Flower's simulation on the same workload, whole processes.
 
     python benchmarks/bench_vs_loop.py [--presets small,wide,heavy] [--repeat 3] [--quick] [--parallel 1]
-                                       [--actors 2] [--no-flower] [--out bench_vs_loop.json]
+                                       [--actors 2] [--no-flower] [--before TREE] [--out bench_vs_loop.json]
 
 Presets (workload.py): small (N=100 clients, K=10 per round, R=5 rounds, E=1 epoch, 64 samples each), wide
 (N=1000, K=100, R=3, E=1, 64) and heavy (N=20, K=10, R=3, E=3, 8,192); synthetic 1x16x16 inputs, 10 classes,
@@ -13,7 +13,9 @@ after each round. Contenders, each a process of its own:
   (default outputs and checkpoints, as a user gets them);
 - loop: handloop.py, no framework;
 - Flower: flower_sim.py (Ray backend, ``--actors`` actors of one CPU), when ``flwr`` is installed
-  (``pip install 'fedevents[bench]'``); otherwise skipped with a note.
+  (``pip install 'fedevents[bench]'``); otherwise skipped with a note;
+- before (with ``--before TREE``): fedevents again, imported from another source tree (``git archive`` of an
+  earlier commit, say), so that a change is measured against the code before it in the same interleaved run.
 
 Runs are paired and interleaved (fedevents, loop, Flower, fedevents, loop, Flower, ...); the table gives
 medians and the ratios of interleaved pairs (median, and the range over pairs). Per run: wall time of the
@@ -47,6 +49,8 @@ from workload import PRESETS, QUICK, Preset  # noqa: E402
 from fedevents.engine import read_events  # noqa: E402
 
 CONTENDERS = ("fedevents", "loop", "flower")
+#: fedevents' code folders, each imported as ``fedevents.<name>`` (pyproject.toml's package-dir).
+SUBPACKAGES = ("cli", "engine", "federated", "handlers")
 
 
 def fedevents_config(preset: Preset, folder: Path, parallel: int) -> dict:
@@ -77,11 +81,25 @@ def measure(command: list[str], log: Path, env: dict[str, str] | None = None) ->
             "cpu_s": done.cpu_s, "peak_rss_mib": done.peak_rss / 2**20}
 
 
-def run_fedevents(preset: Preset, folder: Path, parallel: int) -> dict:
+def source_path(tree: Path, scratch: Path) -> dict[str, str]:
+    """An environment whose ``fedevents`` package is the one in source tree ``tree``: a folder on PYTHONPATH
+    whose ``fedevents/<name>`` links to each code folder of ``tree``, found before the installed package."""
+    missing = [name for name in SUBPACKAGES if not (tree / name / "__init__.py").is_file()]
+    if missing:
+        raise SystemExit(f"--before {tree}: expected a fedevents source tree, found no {missing[0]}/__init__.py")
+    shim = scratch / "before-path" / "fedevents"
+    shim.mkdir(parents=True)
+    for name in SUBPACKAGES:
+        (shim / name).symlink_to((tree / name).resolve(), target_is_directory=True)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(shim.parent), os.environ.get("PYTHONPATH")])))
+
+
+def run_fedevents(preset: Preset, folder: Path, parallel: int, env: dict[str, str] | None = None) -> dict:
     folder.mkdir(parents=True)
     config = folder / f"{preset.name}.yaml"
     config.write_text(yaml.safe_dump(fedevents_config(preset, folder, parallel)))
-    result = measure([sys.executable, "-m", "fedevents.cli", "run", str(config), "--quiet"], folder / "run.log")
+    result = measure([sys.executable, "-m", "fedevents.cli", "run", str(config), "--quiet"], folder / "run.log",
+                     env=env)
     (events_file,) = (folder / "logs").glob("*.events.jsonl")
     events = list(read_events(events_file))
     first = min(e["wall_time"] for e in events if e["event"] == "TrainStarted")
@@ -127,6 +145,8 @@ def _summary(result: dict, first_train: float, rounds: list[tuple[int, float, fl
 def run_once(contender: str, preset: Preset, folder: Path, args: argparse.Namespace) -> dict:
     if contender == "fedevents":
         return run_fedevents(preset, folder, args.parallel)
+    if contender == "before":
+        return run_fedevents(preset, folder, args.parallel, args.before_env)
     if contender == "loop":
         return run_marked("handloop.py", preset, folder, args.quick, [])
     return run_marked("flower_sim.py", preset, folder, args.quick, ["--actors", str(args.actors)])
@@ -170,6 +190,14 @@ def table(results: dict, contenders: tuple[str, ...]) -> str:
                      f"{_ratio(pair_ratios(runs, 'fedevents', 'loop', 'cpu_s'))} | "
                      f"{_ratio(pair_ratios(runs, 'flower', 'fedevents'))} | "
                      f"{_ratio(pair_ratios(runs, 'flower', 'loop'))} |")
+    if "before" in contenders:
+        lines += ["", "| preset | before / loop | before / loop, CPU s | fedevents / before | fedevents / before, "
+                  "CPU s |", "|---|---:|---:|---:|---:|"]
+        for name, runs in results.items():
+            lines.append(f"| {name} | {_ratio(pair_ratios(runs, 'before', 'loop'))} | "
+                         f"{_ratio(pair_ratios(runs, 'before', 'loop', 'cpu_s'))} | "
+                         f"{_ratio(pair_ratios(runs, 'fedevents', 'before'))} | "
+                         f"{_ratio(pair_ratios(runs, 'fedevents', 'before', 'cpu_s'))} |")
     return "\n".join(lines)
 
 
@@ -190,6 +218,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="fedevents' slots on the CPU")
     parser.add_argument("--actors", type=int, default=2, help="Flower's Ray actors (one CPU each)")
     parser.add_argument("--no-flower", action="store_true", help="leave Flower out even when installed")
+    parser.add_argument("--before", type=Path, help="a fedevents source tree run beside this one as 'before'")
     parser.add_argument("--out", type=Path, default=Path("bench_vs_loop.json"), help="where the JSON goes")
     args = parser.parse_args()
     repeat = 1 if args.quick else args.repeat
@@ -199,6 +228,8 @@ def main() -> None:
         contenders = CONTENDERS[:2]
         print("Flower skipped: " + ("--no-flower" if args.no_flower else
                                     "flwr is not installed (pip install 'fedevents[bench]')"), flush=True)
+    if args.before is not None:
+        contenders = ("fedevents", "before", *contenders[1:])
     print(f"machine: {describe()}", flush=True)
     print(compile_fedevents(), flush=True)
     print(f"load average before: {os.getloadavg()}", flush=True)
@@ -209,6 +240,7 @@ def main() -> None:
                                      "epochs": p.epochs, "samples": p.samples, "steps": p.steps} for p in presets},
                 "runs": results}
     with tempfile.TemporaryDirectory() as scratch:
+        args.before_env = None if args.before is None else source_path(args.before, Path(scratch))
         for preset in presets:
             runs = results[preset.name] = {c: [] for c in contenders}
             for i in range(repeat):

@@ -44,7 +44,7 @@ from .events import (
 )
 from .reuse import ScoreLedger
 
-__all__ = ["Engine", "STOP_GRACE_S", "due", "online_clients", "sample_seed", "task_index"]
+__all__ = ["Engine", "STOP_GRACE_S", "due", "online_clients", "sample_seed", "scores_idle_clients", "task_index"]
 
 #: After a signal, how long the run may take to reach a point where it stops by itself (the end of the
 #: handler it is in) before whatever it is awaiting is cancelled: a hung async handler cannot hold it.
@@ -69,6 +69,15 @@ def due(round: int, interval: int, last: int) -> bool:
     """Whether a thing done every ``interval`` rounds (validation, checkpoints) is done in ``round``: round 0
     counts as a multiple, and the last round always does it."""
     return round % interval == 0 or round == last
+
+
+def scores_idle_clients(config: ExperimentConfig) -> bool:
+    """Whether a validation round scores clients that did not train in it, with the state they stored
+    before (``val_model`` local or both, ``val_clients: all``). Otherwise a client's stored state is read
+    only at its own dispatch and, once it has trained, by that round's validation: a checkpoint may then
+    leave out whatever the client's next dispatch overwrites, however many rounds away that is."""
+    opts = config.data["exp_opts"]
+    return opts["val_model"] in ("local", "both") and opts["val_clients"] == "all"
 
 
 def task_index(participations: int, sustain_rounds: int, n_tasks: int) -> int:

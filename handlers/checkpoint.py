@@ -15,10 +15,14 @@ with ``torch.load(..., weights_only=True)``: loading a checkpoint can never run 
 
 A checkpoint leaves out what nothing will read: the entries of a client's model that the client's next
 dispatch overwrites first (its method names them, ``Method.replaced_on_dispatch``), for each client the
-next round dispatches to (sampling is a function of the seed and the round). The manifest lists them under
-``dispatched``; loading fills each with the global model's tensor of the same name, which the dispatch then
-overwrites, so a resumed run continues with identical results. Under ``failure_policy: tolerate`` a client
-whose next round fails keeps its stored model and may be validated with it, so nothing is left out there.
+next round dispatches to (sampling is a function of the seed and the round). Where no validation scores a
+client that sat out a round (``engine.runner.scores_idle_clients``), nothing reads a client's stored model
+between its dispatches, so they are left out for every client, whenever its next dispatch comes; a client
+that has not trained since keeps what an earlier checkpoint left out, without being exported again. The
+manifest lists them under ``dispatched``; loading fills each with the global model's tensor of the same
+name, which the dispatch then overwrites, so a resumed run continues with identical results. Under
+``failure_policy: tolerate`` a client whose next round fails keeps its stored model and may be validated
+with it, so nothing is left out there.
 
 A client's trained weight is stored as its bitwise difference from the global model's weight of the same
 name, compressed (``tensorcodec``), wherever that saves bytes; loading gives back the very same bits.
@@ -40,7 +44,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Iterable, Mapping
 
 import anyio
 import torch
@@ -55,7 +59,7 @@ from fedevents.engine.events import (
     RoundFinished,
     json_safe,
 )
-from fedevents.engine.runner import due, online_clients, task_index
+from fedevents.engine.runner import due, online_clients, scores_idle_clients, task_index
 from fedevents.federated.fingerprint import describe_change
 
 from .atomic import write_atomic
@@ -145,6 +149,10 @@ class Checkpointer:
         self.data = dict(data or {})
         self.overlap = overlap
         self.leave_out = leave_out
+        # Nothing reads a stored model between its client's dispatches: leave out for every client, not only
+        # for the next round's.
+        self._until_dispatch = (leave_out and config.data["exp_opts"]["failure_policy"] == "fail"
+                                and not scores_idle_clients(config))
         self._pending: _Write | None = None  # the checkpoint being written while the next round trains
         self._encoded: dict[str, dict[str, Any]] = {}  # the newest checkpoint's encoded tensors: key -> how
         self._keys = TensorKeys()
@@ -152,7 +160,7 @@ class Checkpointer:
         self._sizes: dict[str, int] = {}  # the newest checkpoint's tensors: key -> bytes
         self._generations: dict[str, int] = {}  # the client generations the newest checkpoint holds
         self._clients: dict[str, Any] = {}  # the newest checkpoint's client states, as a skeleton
-        self._left_out: set[str] = set()  # the client states the newest checkpoint holds in part
+        self._left_out: dict[str, frozenset[str]] = {}  # the newest checkpoint's client states held in part
         self._pack_bytes: dict[str, int] = {}  # pack -> bytes of the tensors in it
         self._manifests: dict[str, set[str]] = {}  # manifest name -> the packs it uses
         self._opened: dict[str, dict[str, torch.Tensor]] = {}  # pack -> its tensors, memory-mapped
@@ -239,31 +247,48 @@ class Checkpointer:
         train; none under ``failure_policy: tolerate`` (a failed dispatch leaves the stored model in use)."""
         if not self.leave_out or self.config.data["exp_opts"]["failure_policy"] != "fail":
             return {}
-        out = {}
-        for client in online_clients(self.config, rnd + 1):
-            done = self.participations.get(client, 0)
-            if done:
-                tasks = self.config.clients.tasks(client)
-                out[client] = tasks[task_index(done, self.config.sustain_rounds, len(tasks))]
-        return out
+        return self._next_tasks(online_clients(self.config, rnd + 1))
 
     def _take(self, payload: dict[str, Any], dispatches: Mapping[str, str]) -> _Content:
         """This checkpoint's content: the payload with the federation's skeleton, less the entries the next
         dispatches overwrite, the tensors it references (with their versions, to catch a change in place
         while they are written) and the client generations."""
         tensors: dict[str, torch.Tensor] = {}
-        left_out = self._replaced(dispatches)
-        federation, generations = self._state(tensors, also=self._left_out | left_out.keys())
+        if self._until_dispatch:
+            federation, generations, exported = self._state(tensors)
+            # A state not exported has not changed, and its client has not been dispatched since (a dispatch
+            # under failure_policy 'fail' stores a new state or fails the run): what was left out still is.
+            left_out = {key: names for key, names in self._left_out.items() if key not in exported}
+            left_out.update(self._replaced(self._next_tasks(exported), exported))
+        else:
+            left_out = self._replaced(dispatches)
+            federation, generations, _ = self._state(tensors, also=self._left_out.keys() | left_out.keys())
+        left_out = {key: names for key, names in left_out.items() if names}
         payload["federation"] = {**federation, "clients": _without(federation["clients"], left_out)}
         payload["dispatched"] = {key: sorted(names) for key, names in sorted(left_out.items())}
         versions = {key: tensor._version for key, tensor in tensors.items()}
         return _Content(payload, tensors, versions, generations, _bases(payload["federation"]),
-                        federation["clients"], set(left_out))
+                        federation["clients"], left_out)
 
-    def _replaced(self, dispatches: Mapping[str, str]) -> dict[str, frozenset[str]]:
-        """The stored model entries the next round's dispatches overwrite before anything reads them."""
+    def _next_tasks(self, keys: Iterable[str]) -> dict[str, str]:
+        """The task each client among ``keys`` that has trained trains at its next dispatch, whenever that
+        comes: its number of dispatches so far decides it (other keys are skipped)."""
+        out = {}
+        for client in keys:
+            done = self.participations.get(client, 0)
+            if done:
+                tasks = self.config.clients.tasks(client)
+                out[client] = tasks[task_index(done, self.config.sustain_rounds, len(tasks))]
+        return out
+
+    def _replaced(self, dispatches: Mapping[str, str],
+                  states: Mapping[str, Any] | None = None) -> dict[str, frozenset[str]]:
+        """The stored model entries the next dispatches of ``dispatches``' clients overwrite before anything
+        reads them (``states``: those states as exported already)."""
         ask = getattr(self.federation, "replaced_on_dispatch", None)
-        return ask(dispatches) if callable(ask) and dispatches else {}
+        if not callable(ask) or not dispatches:
+            return {}
+        return ask(dispatches) if states is None else ask(dispatches, states=states)
 
     def _write(self, content: _Content, rnd: int) -> tuple[Path, int]:
         """Write the tensors no kept checkpoint holds into this round's pack, then the manifest; give the
@@ -305,9 +330,10 @@ class Checkpointer:
         self._prune(keep=self.keep)
         return final, written
 
-    def _state(self, tensors: dict[str, torch.Tensor], *,
-               also: set[str] = frozenset()) -> tuple[dict[str, Any], dict[str, int]]:
-        """The federation's state as a skeleton, and the client generations it was taken at.
+    def _state(self, tensors: dict[str, torch.Tensor], *, also: Collection[str] = frozenset()
+               ) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]]:
+        """The federation's state as a skeleton, the client generations it was taken at, and the client
+        states exported for it.
 
         Only the clients whose stored state changed since the last checkpoint, and those of ``also``, are
         exported (a spilled client that did not train is not even read back); the others keep last
@@ -315,14 +341,16 @@ class Checkpointer:
         """
         store = getattr(self.federation, "store", None)
         if not callable(getattr(store, "generations", None)):
-            return split(self.federation.state_dict(), self._keys, tensors), {}
+            state = self.federation.state_dict()
+            return split(state, self._keys, tensors), {}, state["clients"]
         generations = store.generations()
         changed = [c for c, g in generations.items()
                    if self._generations.get(c) != g or c not in self._clients or c in also]
-        skeleton = split(self.federation.state_dict(clients=changed), self._keys, tensors)
+        state = self.federation.state_dict(clients=changed)
+        skeleton = split(state, self._keys, tensors)
         fresh = skeleton["clients"]
         skeleton["clients"] = {c: fresh[c] if c in fresh else self._clients[c] for c in generations}
-        return skeleton, generations
+        return skeleton, generations, state["clients"]
 
     def _stored(self, fresh: set[str], content: _Content,
                 final: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
@@ -435,8 +463,8 @@ class _Content:
     bases: dict[str, str]
     #: Every client state's whole skeleton, entries left out included.
     clients: dict[str, Any]
-    #: The client states held in part.
-    left_out: set[str]
+    #: The client states held in part, with the model entries left out of each.
+    left_out: dict[str, frozenset[str]]
 
 
 def _without(clients: Mapping[str, Any], left_out: Mapping[str, frozenset[str]]) -> dict[str, Any]:

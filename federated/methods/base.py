@@ -140,9 +140,13 @@ class Method:
         """Which entries of a known client's stored model its next dispatch overwrites before anything
         reads them, by name (``switching``: that dispatch starts a task other than the stored state's).
 
-        A checkpoint leaves those out for the clients the next round dispatches to, and a resumed run fills
-        them with the global model's tensor of the same name (docs/reliability.md). None here: a method
-        says what its ``start`` replaces, so a user's method that reads its stored model stays safe.
+        A checkpoint leaves those out until the client's next dispatch (for the clients the next round
+        dispatches to, or for every client when no validation reads a client's model between its
+        dispatches), and a resumed run fills them with the global model's tensor of the same name
+        (docs/reliability.md). That dispatch may come many rounds after ``server``: name only entries it
+        overwrites whatever later aggregations make of the server's state (an answer may grow with it, as
+        FedWeIT's does once a knowledge base is drawn, never shrink). None here: a method says what its
+        ``start`` replaces, so a user's method that reads its stored model stays safe.
         """
         return no_entry
 

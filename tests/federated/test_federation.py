@@ -239,3 +239,23 @@ def test_the_drivers_torch_work_runs_with_the_configured_threads_in_any_thread(
     with ThreadPoolExecutor(max_workers=1) as pool:
         pool.submit(in_a_fresh_thread).result(timeout=120)
     assert seen == [1]
+
+
+@pytest.mark.parametrize(("values", "dtype", "finite"), [
+    ([1.0, -2.0, 3.5], torch.float32, True),
+    ([], torch.float32, True),
+    ([1.0, float("nan"), 2.0], torch.float32, False),
+    ([1.0, float("inf")], torch.float32, False),
+    ([float("-inf"), 1.0], torch.float64, False),
+    ([float("inf"), float("-inf")], torch.float32, False),  # their sum is a NaN
+    ([3e38, 3e38, -1.0], torch.float32, True),  # the sum overflows, every element is finite
+    ([60000.0, 60000.0], torch.float16, True),
+    ([60000.0, float("nan")], torch.bfloat16, False),
+])
+def test_all_finite_answers_as_isfinite_does(values: list[float], dtype: torch.dtype, finite: bool) -> None:
+    """Regression: the divergence check ran isfinite over every weight, as long as a small client's training."""
+    from fedevents.federated.federation import all_finite
+
+    tensor = torch.tensor(values, dtype=dtype)
+    assert all_finite(tensor) is finite is bool(torch.isfinite(tensor).all())
+    assert all_finite(tensor.reshape(-1, 1).expand(-1, 3)) is finite  # strided, not contiguous

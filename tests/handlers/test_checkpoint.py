@@ -13,6 +13,7 @@ from fedevents.engine.bus import EventBus
 from fedevents.engine.config import load_experiments
 from fedevents.engine.context import RunContext
 from fedevents.engine.events import ExperimentFinished, RoundFinished
+from fedevents.engine.runner import online_clients
 from fedevents.handlers.checkpoint import Checkpointer, load_checkpoint
 from fedevents.handlers.objects import TensorKeys
 
@@ -204,3 +205,70 @@ async def test_entries_left_out_for_a_dispatch_load_as_the_global_models_and_a_w
     with pytest.raises(CheckpointError, match=r"expected client state 'a' and the global model to hold the "
                                               r"entries left out for its dispatch, found them missing"):
         load_checkpoint(path)
+
+
+def idle_run(tmp_path: Path, val_model: str) -> tuple[Checkpointer, Any, RunContext]:
+    """A checkpointer over a real FedAvg federation (4 clients, demo's MLP, 32 samples each)."""
+    from fedevents.federated.federation import Federation
+
+    data = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+    data.update(logs_dir=str(tmp_path / "logs"), checkpoints_dir=str(tmp_path / "ckpts"),
+                clients={"count": 4, "tasks": ["synth"]})
+    data["exp_opts"].update(comm_rounds=5, online_clients=2, val_model=val_model)
+    data["task_opts"]["synthetic"].update(samples_per_client=32, test_size=8)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    (config,) = load_experiments([path])
+    federation = Federation(config.data, seed=config.seed)
+    context = RunContext("demo-20260101-000000-abcdef", "demo")
+    return Checkpointer(config, federation, EventBus(), context), federation, context
+
+
+def train(ck: Checkpointer, federation: Any, rnd: int, *clients: str) -> None:
+    for client in clients:
+        federation.train(client=client, task="synth", round=rnd, device="cpu",
+                         state="incremental" if ck.participations.get(client) else "integrated")
+        ck.participations[client] = ck.participations.get(client, 0) + 1
+
+
+async def test_a_client_left_out_earlier_is_carried_without_being_exported_again(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """Under val_model global nothing reads a stored model before its client's next dispatch: every trained
+    client's model is left out, and one that did not train since is not exported for the next checkpoint."""
+    from fedevents.federated.store import ClientStore
+
+    ck, fed, context = idle_run(tmp_path, "global")
+    train(ck, fed, 1, "client-0", "client-1")
+    await save(ck, context, 1)
+    exported: list = []
+    real = ClientStore.export
+    monkeypatch.setattr(ClientStore, "export", lambda self, clients=None: exported.append(clients) or real(self, clients))
+    train(ck, fed, 2, "client-2")
+    await save(ck, context, 2)
+    assert exported == [["client-2"]]
+    every = sorted(fed.server_state())
+    manifest = torch.load(ck.directory / "round-000002.pt", weights_only=True)
+    assert manifest["dispatched"] == {"client-0": every, "client-1": every, "client-2": every}
+    loaded = load_checkpoint(ck.directory / "round-000002.pt").federation
+    glob = loaded["server"]["model"]
+    for client in ("client-0", "client-1", "client-2"):
+        model = loaded["clients"][client]["model"]
+        assert list(model) == list(glob) and all(model[name] is glob[name] for name in glob)
+        # What the model does not hold is kept: the momentum buffers and the counters.
+        assert loaded["clients"][client]["optimizer"]["state"]
+        assert loaded["clients"][client]["rounds_trained"] == 1
+
+
+async def test_a_client_that_sits_out_and_is_scored_keeps_its_model(tmp_path: Path) -> None:
+    """Under val_model both a client that sits out the next round is scored with its stored model."""
+    ck, fed, context = idle_run(tmp_path, "both")
+    train(ck, fed, 1, "client-0", "client-1", "client-2", "client-3")
+    await save(ck, context, 1)
+    manifest = torch.load(ck.directory / "round-000001.pt", weights_only=True)
+    # Only the clients round 2 samples lose what their dispatch replaces.
+    assert set(manifest["dispatched"]) == set(online_clients(ck.config, 2))
+    loaded = load_checkpoint(ck.directory / "round-000001.pt").federation
+    for client, state in fed.store.export().items():
+        model = loaded["clients"][client]["model"]
+        assert all(torch.equal(model[name], state["model"][name]) for name in state["model"]) == (
+            client not in manifest["dispatched"])
