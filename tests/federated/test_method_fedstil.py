@@ -36,9 +36,10 @@ def test_an_adaptive_layer_starts_at_the_global_weight_and_composes_a_times_g_pl
     layer = AdaptiveLayer(_linear(), 0.75)
     g = _linear().weight.detach()
     assert torch.equal(layer.G, g) and torch.equal(layer.A, 0.25 * g) and torch.equal(layer.theta(), g)
-    # Only A and the bias train; G, a and both anchors are buffers (in the state dict, never optimised).
+    # Only A and the bias train; G, a and both anchors are buffers (never optimised), and the anchors, which
+    # are rebuilt from a and G, are left out of the state dict.
     assert {name for name, p in layer.named_parameters() if p.requires_grad} == {"A", "bias"}
-    assert set(layer.state_dict()) == {"G", "a", "A", "a0", "A0", "bias"}
+    assert set(layer.state_dict()) == {"G", "a", "A", "bias"}
     with torch.no_grad():
         layer.a.copy_(torch.tensor([1.0, 0.5, 0.0]))
         layer.A.zero_()
@@ -64,6 +65,49 @@ def test_the_drift_term_weighs_lambda_l1_and_only_a_gets_its_gradient() -> None:
     # d/dA of 0.1 * |A0 - A| is 0.1 * sign(A - A0), and 0 where A is still at its anchor
     assert torch.allclose(model[0].A.grad, torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.0, -0.1]]))
     assert model[0].G.grad is None and model[0].A0.grad is None
+
+
+def _trained_layer() -> AdaptiveLayer:
+    """A conv layer as a client leaves it after a round: G from a dispatch, A moved away from its anchor."""
+    gen = torch.Generator().manual_seed(3)
+    layer = AdaptiveLayer(nn.Conv2d(4, 6, 3, bias=False), 0.8)
+    layer.reset(torch.randn(6, 4, 3, 3, generator=gen) * 0.05)
+    with torch.no_grad():
+        layer.A.add_(torch.randn(6, 4, 3, 3, generator=gen) * 1e-3)
+    return layer
+
+
+def _bits(tensor: torch.Tensor) -> list[int]:
+    return tensor.contiguous().view(torch.int32).reshape(-1).tolist()
+
+
+def test_loading_a_state_rebuilds_the_anchors_bit_for_bit_as_the_round_set_them() -> None:
+    trained = _trained_layer()
+    fresh = AdaptiveLayer(nn.Conv2d(4, 6, 3, bias=False), 0.8)
+    fresh.load_state_dict(trained.state_dict())
+    assert _bits(fresh.A0) == _bits(trained.A0) and _bits(fresh.a0) == _bits(trained.a0)
+    assert torch.equal(fresh.drift(), trained.drift())
+
+
+def test_a_state_that_stores_the_anchors_still_loads_and_gives_the_same_layer() -> None:
+    """Checkpoints of format 4 stored a0 and A0 in every FedSTIL model state."""
+    trained = _trained_layer()
+    old = {**trained.state_dict(), "a0": trained.a0.clone(), "A0": trained.A0.clone()}
+    fresh = AdaptiveLayer(nn.Conv2d(4, 6, 3, bias=False), 0.8)
+    fresh.load_state_dict(old)
+    assert all(_bits(fresh.state_dict()[n]) == _bits(trained.state_dict()[n]) for n in ("G", "a", "A"))
+    assert _bits(fresh.A0) == _bits(trained.A0)
+    method = FedSTIL()
+    assert set(method.upgrade({f"l.{n}": t for n, t in old.items()})) == {"l.G", "l.a", "l.A"}
+
+
+def test_trainable_anchors_stay_in_the_state_under_legacy() -> None:
+    layer = AdaptiveLayer(_linear(), 0.75, trainable_anchors=True)
+    assert set(layer.state_dict()) == {"G", "a", "A", "a0", "A0", "bias"}
+    method = FedSTIL()
+    method.legacy = True
+    assert set(method.upgrade({f"l.{n}": t for n, t in layer.state_dict().items()})) == {
+        "l.G", "l.a", "l.A", "l.a0", "l.A0", "l.bias"}
 
 
 def test_an_adaptive_conv_keeps_the_convs_call_and_weighs_the_kernel_width() -> None:
