@@ -13,6 +13,7 @@ from fedevents.engine.bus import EventBus
 from fedevents.engine.config import load_experiments
 from fedevents.engine.context import RunContext
 from fedevents.engine.events import ExperimentFinished, RoundFinished
+from fedevents.federated.predictions import Prediction, complement_scaled
 from fedevents.handlers.checkpoint import Checkpointer, load_checkpoint
 from fedevents.handlers.objects import TensorKeys
 
@@ -204,3 +205,86 @@ async def test_entries_left_out_for_a_dispatch_load_as_the_global_models_and_a_w
     with pytest.raises(CheckpointError, match=r"expected client state 'a' and the global model to hold the "
                                               r"entries left out for its dispatch, found them missing"):
         load_checkpoint(path)
+
+
+class PredictingFederation(FakeFederation):
+    """A server whose adaptive layer's ``A`` is ``(1 - a) G`` and whose extras hold a client's ``theta`` close
+    to ``G``, as FedSTIL's are, with the predictions FedSTIL declares for them."""
+
+    def __init__(self, predictions: dict[tuple[str, ...], Prediction] | None = None) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(5)
+        g = torch.randn(256, 64, generator=gen) * 0.05
+        a = torch.full((64,), 0.8)
+        self.server.update({"l.G": g, "l.a": a, "l.A": complement_scaled(a, g)})
+        self.theta = {"c": {"l": g + torch.randn(256, 64, generator=gen) * 1e-4}}
+        self._predictions = predictions if predictions is not None else {
+            ("server", "model", "l.A"): Prediction("complement-scaled", (("server", "model", "l.a"),
+                                                                         ("server", "model", "l.G"))),
+            ("server", "extras", "theta", "c", "l"): Prediction("same", (("server", "model", "l.G"),)),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "server": {"model": dict(self.server), "extras": {"theta": self.theta}}}
+
+    def predictions(self) -> dict[tuple[str, ...], Prediction]:
+        return self._predictions
+
+
+def _bits(tensor: torch.Tensor) -> list[int]:
+    return tensor.contiguous().view(torch.int32).reshape(-1).tolist()
+
+
+def _encoded_bytes(ck: Checkpointer, rnd: int, key: str) -> int:
+    stored = torch.load(ck.directory / "packs" / f"{rnd:06d}.pt", weights_only=True)
+    return stored[key].numel() * stored[key].element_size()
+
+
+async def test_tensors_a_method_predicts_are_stored_as_their_difference_and_load_bit_for_bit(tmp_path: Path) -> None:
+    ck, _, context = checkpointer(tmp_path)
+    fed = ck.federation = PredictingFederation()
+    await save(ck, context, 0)
+    manifest = torch.load(ck.directory / "round-000000.pt", weights_only=True)
+    server = manifest["federation"]["server"]
+    a_key, g_key = server["model"]["l.A"]["@tensor"], server["model"]["l.G"]["@tensor"]
+    theta_key = server["extras"]["theta"]["c"]["l"]["@tensor"]
+    assert manifest["encoded"][a_key]["derived"] == {"rule": "complement-scaled",
+                                                     "from": [server["model"]["l.a"]["@tensor"], g_key]}
+    assert manifest["encoded"][theta_key]["base"] == g_key
+    # A equals its prediction: its 64 KiB are all-zero byte planes once XORed. theta keeps only its low bits.
+    assert _encoded_bytes(ck, 0, a_key) < 200
+    assert _encoded_bytes(ck, 0, theta_key) < 0.75 * _encoded_bytes(ck, 0, g_key)
+    state = load_checkpoint(ck.directory / "round-000000.pt").federation["server"]
+    for name in ("l.G", "l.a", "l.A"):
+        assert _bits(state["model"][name]) == _bits(fed.server[name])
+    assert _bits(state["extras"]["theta"]["c"]["l"]) == _bits(fed.theta["c"]["l"])
+
+
+async def test_a_prediction_that_would_need_the_tensor_itself_is_dropped(tmp_path: Path) -> None:
+    ck, _, context = checkpointer(tmp_path)
+    looped = {("server", "model", "l.A"): Prediction("complement-scaled", (("server", "model", "l.a"),
+                                                                         ("server", "model", "l.A")))}
+    fed = ck.federation = PredictingFederation(looped)
+    await save(ck, context, 0)
+    manifest = torch.load(ck.directory / "round-000000.pt", weights_only=True)
+    a_key = manifest["federation"]["server"]["model"]["l.A"]["@tensor"]
+    assert "derived" not in manifest["encoded"].get(a_key, {})
+    state = load_checkpoint(ck.directory / "round-000000.pt").federation["server"]
+    assert _bits(state["model"]["l.A"]) == _bits(fed.server["l.A"])
+
+
+async def test_a_prediction_rule_this_fedevents_does_not_know_is_refused_in_one_line(tmp_path: Path) -> None:
+    from fedevents.engine.errors import CheckpointError
+
+    ck, _, context = checkpointer(tmp_path)
+    ck.federation = PredictingFederation()
+    await save(ck, context, 0)
+    path = ck.directory / "round-000000.pt"
+    manifest = torch.load(path, weights_only=True)
+    a_key = manifest["federation"]["server"]["model"]["l.A"]["@tensor"]
+    manifest["encoded"][a_key]["derived"]["rule"] = "cubed"
+    torch.save(manifest, path)
+    with pytest.raises(CheckpointError, match=r"expected tensor \w+ to decode, found: expected a prediction rule "
+                                              r"in \['complement-scaled', 'same'\], found 'cubed'$"):
+        load_checkpoint(path)
+
