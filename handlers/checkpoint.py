@@ -302,7 +302,7 @@ class Checkpointer:
         pack = f"{rnd:06d}.pt"
         sizes = {key: _nbytes(tensors[key]) if key in tensors and key not in self._objects else self._sizes[key]
                  for key in used}
-        fresh = self._to_write(sizes)
+        fresh = self._to_write(sizes, last=rnd >= self.config.rounds)
         stored, encoded = self._stored(fresh, content, final)
         sizes.update({key: _nbytes(tensor) for key, tensor in stored.items()})
         encoded.update({key: self._encoded[key] for key in used - fresh if key in self._encoded})
@@ -410,7 +410,7 @@ class Checkpointer:
             self._opened[pack] = _load_pack(final, pack, [k for k, p in self._objects.items() if p == pack])
         return self._opened[pack][key]
 
-    def _to_write(self, sizes: Mapping[str, int]) -> set[str]:
+    def _to_write(self, sizes: Mapping[str, int], *, last: bool = False) -> set[str]:
         """The keys this checkpoint must write: new ones, and the live ones of packs that are mostly garbage.
 
         When the packs this checkpoint would use hold more than twice the bytes it needs, the live tensors
@@ -418,8 +418,11 @@ class Checkpointer:
         them: the packs of a long run never grow past about twice what is live, and copying is rare. A pack
         of which less than a quarter is still used is emptied the same way, whatever the others hold: a few
         small tensors (a counter, an empty buffer) must not keep a pack of dead weights on disk, and moving
-        them costs at most a quarter of what it frees.
+        them costs at most a quarter of what it frees. The run's ``last`` checkpoint is the one a finished run
+        keeps alone, so there a pack of which less than three quarters is used is emptied: what stays on disk
+        is then mostly live, for at most three times the bytes freed in copying.
         """
+        share = 4 / 3 if last else 4
         fresh = {key for key in sizes if key not in self._objects}
         live: dict[str, int] = {}
         for key in sizes.keys() - fresh:
@@ -428,7 +431,7 @@ class Checkpointer:
         needed = sum(sizes.values())
         held = sum(self._pack_bytes.get(pack, 0) for pack in live) + sum(sizes[key] for key in fresh)
         for pack in sorted(live, key=lambda p: live[p] / max(self._pack_bytes.get(p, 0), 1)):
-            if held <= 2 * needed and 4 * live[pack] >= self._pack_bytes.get(pack, 0):
+            if held <= 2 * needed and share * live[pack] >= self._pack_bytes.get(pack, 0):
                 break
             fresh.update(key for key in sizes if self._objects.get(key) == pack)
             held += live[pack] - self._pack_bytes.get(pack, 0)

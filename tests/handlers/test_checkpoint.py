@@ -288,3 +288,19 @@ async def test_a_prediction_rule_this_fedevents_does_not_know_is_refused_in_one_
                                               r"in \['complement-scaled', 'same'\], found 'cubed'$"):
         load_checkpoint(path)
 
+
+async def test_the_last_checkpoint_leaves_no_pack_that_is_mostly_dead(tmp_path: Path) -> None:
+    ck, fed, context = checkpointer(tmp_path, keep=1)
+    random = torch.Generator().manual_seed(2)
+    x = torch.randn(FROZEN // 4, generator=random)
+    for rnd in (0, 1, 2, 5):  # comm_rounds is 5: round 5 is the run's last checkpoint
+        fed.clients["a"] = {"model": {"x": x, "y": torch.randn(FROZEN // 4, generator=random)}}
+        await save(ck, context, rnd)
+        packs = sorted(p.name for p in (ck.directory / "packs").iterdir())
+        if rnd == 2:
+            # Mid-run, round 0's pack stays for the backbone and x, two thirds of it (y of round 0 is dead).
+            assert packs == ["000000.pt", "000002.pt"]
+    # The last checkpoint moved them into its own pack: what stays on disk is what it holds.
+    assert packs == ["000005.pt"]
+    state = load_checkpoint(ck.directory / "round-000005.pt").federation
+    assert _bits(state["clients"]["a"]["model"]["x"]) == _bits(x)
