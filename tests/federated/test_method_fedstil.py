@@ -16,6 +16,7 @@ from fedevents.federated.methods.adaptive import AdaptiveLayer
 from fedevents.federated.methods.fedstil import FedSTIL
 from fedevents.federated.methods.prototypes import budgets, herd_exemplars, prototypes, split_tail
 from fedevents.federated.methods.relevance import relevance_weights
+from fedevents.federated.predictions import Prediction, predict
 
 
 def _linear() -> nn.Linear:
@@ -218,3 +219,23 @@ def test_a_swin_splits_at_its_trainable_last_stage_and_the_tail_computes_what_th
     with torch.no_grad():
         _, tail_feature = tail(protos)
         assert torch.allclose(model.bottleneck(tail_feature), model(x), atol=1e-5)
+
+
+def test_the_global_a_is_exactly_what_fedstil_predicts_it_by_and_each_theta_is_based_on_g() -> None:
+    """A checkpoint stores the global A as its XOR with (1 - a) G: after aggregation that XOR is all zeros."""
+    method = FedSTIL({"atten_default": 0.9})
+    layer = AdaptiveLayer(nn.Linear(64, 16), 0.9)
+    server = ServerState({f"l.{name}": t for name, t in layer.state_dict().items()})
+    gen = torch.Generator().manual_seed(4)
+    uploads = {c: Upload({}, 3 + i, {"theta": {"l": torch.randn(16, 64, generator=gen)}, "token": torch.ones(2)})
+               for i, c in enumerate(("a", "b"))}
+    server = method.aggregate(server, uploads)
+    predictions = method.server_predictions(server)
+    assert predictions == {
+        ("model", "l.A"): Prediction("complement-scaled", (("model", "l.a"), ("model", "l.G"))),
+        ("extras", "theta", "a", "l"): Prediction("same", (("model", "l.G"),)),
+        ("extras", "theta", "b", "l"): Prediction("same", (("model", "l.G"),)),
+    }
+    rule = predictions[("model", "l.A")]
+    predicted = predict(rule.rule, [server.model[source[1]] for source in rule.sources])
+    assert _bits(predicted) == _bits(server.model["l.A"])
