@@ -62,7 +62,7 @@ class FedSTIL(Method):
         tokens = server.extras.get("tokens", {})
         if client not in thetas:
             # Nothing of this client reached the server yet: it gets the global G, like a new client.
-            return {"global": _globals(server.model, self._layer_names(server.model))}
+            return {"global": _globals(server.model, _layers(server.model))}
         others = {name: tokens[name] for name in sorted(thetas) if name != client}
         weights = relevance_weights(tokens[client][-1], others, step=self.step, decay=self.decay)
         order = [*others, client]
@@ -88,14 +88,10 @@ class FedSTIL(Method):
                 model[f"{layer}.A0"] = model[f"{layer}.A"]
         return ServerState(model, {**server.extras, "theta": thetas, "tokens": tokens})
 
-    @staticmethod
-    def _layer_names(state: Mapping[str, torch.Tensor]) -> list[str]:
-        return _layers(state)
-
     def replaced_on_dispatch(self, server: ServerState, *, switching: bool) -> Callable[[str], bool]:
         """Every adaptive layer's ``G``, ``a``, ``A`` and anchors: a known client's payload holds ``G`` for
         every layer and ``receive`` restarts the rest from it; bias, norms and frozen weights are its own."""
-        return layer_entries(self._layer_names(server.model), ("G", "a", "A", "a0", "A0"))
+        return layer_entries(_layers(server.model), ("G", "a", "A", "a0", "A0"))
 
     def server_predictions(self, server: ServerState) -> dict[tuple[str, ...], Prediction]:
         """The global model's ``A``, which is ``(1 - a) G`` by construction (``aggregate``), and every client's
