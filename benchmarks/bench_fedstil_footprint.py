@@ -1,7 +1,7 @@
 """Footprint of a FedSTIL experiment: wall time, peak RSS of the process tree and checkpoint bytes.
 
     python benchmarks/bench_fedstil_footprint.py [--methods fedavg,fedstil] [--repeat 1] [--out FILE.json]
-                                                 [--original CHECKOUT --shims DIR]
+                                                 [--original CHECKOUT --shims DIR] [--baseline DIR]
 
 The experiment of FedSTIL's footprint table (FEDSTIL.md section 8): 3 clients x 2 tasks, a full-width resnet18
 at 64x32, 3 rounds with all clients online, validation every round, the FedSTIL defaults otherwise
@@ -15,6 +15,11 @@ original runner (a checkout of its repository) runs the same experiment, from Fe
 here, next to it: ``python main.py --experiments configs/<method>.yaml`` in a scratch folder that links the
 checkout's code, with ``--shims`` on PYTHONPATH (the stand-ins FEDSTIL.md section 8 lists: torchvision's
 ImageFolder and transforms, offline ImageNet-shaped weights, ``torch.load(weights_only=False)``, ``np.in1d``).
+
+With ``--baseline DIR``, an earlier fedevents runs the same experiment too, each of its runs right before the
+installed one's: ``DIR`` holds its source laid out as the ``fedevents`` namespace (``DIR/fedevents/engine``, ...,
+e.g. ``git archive <commit> cli engine federated handlers | tar -x -C DIR/fedevents``) and goes first on
+PYTHONPATH, so before/after figures come from one run of this script, side by side.
 
 Measured per run: wall time and CPU time (user + system, the command and the descendants it waited for) of
 the command; peak RSS of the process tree (the command and all its
@@ -67,7 +72,7 @@ def experiment_opts() -> dict:
     }
 
 
-def run_fedevents(method: str, data: Path, work: Path, threads: int | None) -> dict:
+def run_fedevents(method: str, data: Path, work: Path, threads: int | None, source: Path | None = None) -> dict:
     # YAML, not JSON: the CLI reads values as YAML 1.1, where JSON's 1e-05 is a string.
     sets = [f"--set={key}={_flow(value)}" for key, value in experiment_opts().items()]
     # The original empties its optimizer after every round, as fedevents does for FedSTIL-format files; the
@@ -83,7 +88,10 @@ def run_fedevents(method: str, data: Path, work: Path, threads: int | None) -> d
     command = [sys.executable, "-m", "fedevents.cli", "run", str(data / "experiment.yaml"), f"--set=exp_method={method}",
                f"--set=checkpoints_dir={folder / 'ckpts'}", f"--logs-dir={folder / 'logs'}", "--device=cpu",
                "--parallel=1", *sets]
-    return measure(command, folder, dict(os.environ), folder / "ckpts", folder / "run.log")
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(source), *filter(None, [env.get("PYTHONPATH")])])
+    return measure(command, folder, env, folder / "ckpts", folder / "run.log")
 
 
 def _flow(value: object) -> str:
@@ -144,6 +152,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--original", type=Path, default=None, help="a checkout of the original runner")
     parser.add_argument("--shims", type=Path, default=None, help="folder of stand-ins put on its PYTHONPATH")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="an earlier fedevents' source, as DIR/fedevents/<package>, run beside this one")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both runners (default: each its own, fedevents 1, the original all)")
     parser.add_argument("--out", type=Path, default=None)
@@ -162,16 +172,20 @@ def main() -> None:
         for method in args.methods.split(","):
             for attempt in range(args.repeat):
                 runners = [("fedevents", lambda m, w: run_fedevents(m, data, w, args.threads))]
+                if args.baseline is not None:
+                    runners.insert(0, ("fedevents-baseline",
+                                       lambda m, w: run_fedevents(m, data, w, args.threads, args.baseline)))
                 if args.original is not None:
                     runners.append(
                         ("original", lambda m, w: run_original(m, data, w, args.original, args.shims, args.threads)))
                 for runner, run in runners:
-                    if runner == "fedevents" and method not in known_methods():
+                    if runner.startswith("fedevents") and method not in known_methods():
                         row = {"runner": runner, "method": method, "skipped": "not in fedevents.federated.METHODS"}
                     else:
                         attempt_dir = work / f"{runner}-{method}-{attempt}"
                         attempt_dir.mkdir()
                         row = {"runner": runner, "method": method, **run(method, attempt_dir)}
+                    row["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
                     results["runs"].append(row)
                     print(json.dumps(row), flush=True)
     if args.out is not None:

@@ -19,6 +19,7 @@ import torch
 from .allocator import release_free_pages, share_one_heap
 from .fedavg import AggregateResult
 from .methods import METHODS, Method, ServerState, build_method
+from .predictions import Prediction
 from .seeds import generator
 from .server import Server
 from .sharing import share_equal
@@ -228,6 +229,14 @@ class Federation:
         """
         return {"server": self._server.state_dict(), "clients": self._store.export(clients)}
 
+    def predictions(self) -> dict[tuple[str, ...], Prediction]:
+        """Tensors of ``state_dict()`` that others of it predict closely, by path (``("server", "model",
+        name)``, ...), as the method names them (``Method.server_predictions``); a checkpoint stores each as
+        its difference from the prediction."""
+        server = ServerState(**self._server.state_dict())
+        return {("server", *path): Prediction(p.rule, tuple(("server", *source) for source in p.sources))
+                for path, p in self._method.server_predictions(server).items()}
+
     def replaced_on_dispatch(self, dispatches: Mapping[str, str], *,
                              states: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, frozenset[str]]:
         """The stored model entries that each client's next dispatch, to the task ``dispatches`` gives it,
@@ -258,9 +267,12 @@ class Federation:
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from a ``state_dict()``: the server's state and the client states are replaced."""
-        self._server.load_state(state["server"])
-        self._store.replace_all(dict(state["clients"]))
+        """Continue from a ``state_dict()``: the server's state and the client states are replaced (each
+        model in the form its method keeps now, ``Method.upgrade``)."""
+        upgrade = self._method.upgrade
+        self._server.load_state({**state["server"], "model": upgrade(state["server"]["model"])})
+        self._store.replace_all({key: {**fields, "model": upgrade(fields["model"])}
+                                 for key, fields in state["clients"].items()})
 
 
 def _clients_naming_a_model(clients: Any) -> frozenset[str]:

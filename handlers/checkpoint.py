@@ -25,7 +25,10 @@ name, which the dispatch then overwrites, so a resumed run continues with identi
 with it, so nothing is left out there.
 
 A client's trained weight is stored as its bitwise difference from the global model's weight of the same
-name, compressed (``tensorcodec``), wherever that saves bytes; loading gives back the very same bits.
+name, compressed (``tensorcodec``), wherever that saves bytes; loading gives back the very same bits. A
+tensor of the server's state that its method says others of it predict (``Federation.predictions``: FedSTIL's
+global ``A`` is ``(1 - a) G``, each client's latest ``theta`` is close to ``G``) is stored as its difference
+from that prediction, which loading computes again from the decoded sources.
 
 Writing overlaps the next round: at a round's end the checkpoint's content is taken (references to the
 state's tensors, which are never changed in place, and copies of everything else), and a worker thread
@@ -61,6 +64,7 @@ from fedevents.engine.events import (
 )
 from fedevents.engine.runner import due, online_clients, scores_idle_clients, task_index
 from fedevents.federated.fingerprint import describe_change
+from fedevents.federated.predictions import predict
 
 from .atomic import write_atomic
 from .logsink import SINK_PRIORITY
@@ -71,9 +75,10 @@ __all__ = ["Checkpointer", "Checkpoint", "find_latest", "find_run", "load_checkp
            "SAFE_TO_CHANGE"]
 
 FORMAT = "fedevents-checkpoint"
-VERSION = 4
-#: Versions this code reads: 3 is 4 without entries left out for a dispatch, 2 is 3 without encoded tensors.
-READABLE = (2, 3, 4)
+VERSION = 5
+#: Versions this code reads: 4 is 5 without tensors encoded against a prediction (its FedSTIL states hold the
+#: anchors, ``Method.upgrade``), 3 is 4 without entries left out for a dispatch, 2 is 3 without encoded tensors.
+READABLE = (2, 3, 4, 5)
 PACKS = "packs"
 _FILE = re.compile(r"^round-(\d{6})\.pt$")
 
@@ -267,8 +272,31 @@ class Checkpointer:
         payload["federation"] = {**federation, "clients": _without(federation["clients"], left_out)}
         payload["dispatched"] = {key: sorted(names) for key, names in sorted(left_out.items())}
         versions = {key: tensor._version for key, tensor in tensors.items()}
-        return _Content(payload, tensors, versions, generations, _bases(payload["federation"]),
+        bases, derived = self._predicted(payload["federation"])
+        return _Content(payload, tensors, versions, generations, bases, derived,
                         federation["clients"], left_out)
+
+    def _predicted(self, skeleton: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+        """Each client tensor's base (``_bases``), overridden where the federation predicts a tensor from others
+        of its state: "same" as one source makes that source its base, any other rule a derived base, by key.
+        A prediction whose tensors this checkpoint does not hold, or that would make a tensor its own base
+        (through others too), is dropped: the tensor is then stored as ``_bases`` says."""
+        bases, derived = _bases(skeleton), {}
+        ask = getattr(self.federation, "predictions", None)
+        for path, prediction in (ask() if callable(ask) else {}).items():
+            key, sources = _key_at(skeleton, path), [_key_at(skeleton, source) for source in prediction.sources]
+            if key is None or None in sources:
+                continue
+            if prediction.rule == "same":
+                bases[key] = sources[0]
+            else:
+                bases.pop(key, None)
+                derived[key] = {"rule": prediction.rule, "from": sources}
+        for key in sorted(bases.keys() | derived.keys()):
+            if _reaches(key, key, bases, derived, set()):
+                bases.pop(key, None)
+                derived.pop(key, None)
+        return bases, derived
 
     def _next_tasks(self, keys: Iterable[str]) -> dict[str, str]:
         """The task each client among ``keys`` that has trained trains at its next dispatch, whenever that
@@ -299,7 +327,7 @@ class Checkpointer:
         pack = f"{rnd:06d}.pt"
         sizes = {key: _nbytes(tensors[key]) if key in tensors and key not in self._objects else self._sizes[key]
                  for key in used}
-        fresh = self._to_write(sizes)
+        fresh = self._to_write(sizes, last=rnd >= self.config.rounds)
         stored, encoded = self._stored(fresh, content, final)
         sizes.update({key: _nbytes(tensor) for key, tensor in stored.items()})
         encoded.update({key: self._encoded[key] for key in used - fresh if key in self._encoded})
@@ -371,8 +399,10 @@ class Checkpointer:
             if tensor._version != content.versions[key]:
                 raise RunFailed(f"could not write checkpoint {final}: a tensor of its state was changed in "
                                 f"place while it was written; the previous checkpoint is untouched")
-            base = content.bases.get(key)
+            base, derived = content.bases.get(key), content.derived.get(key)
             against = content.tensors.get(base) if base is not None else None
+            if derived is not None and all(k in content.tensors for k in derived["from"]):
+                against = predict(derived["rule"], [content.tensors[k] for k in derived["from"]])
             if against is not None and (against.dtype != tensor.dtype or against.shape != tensor.shape):
                 against = None
             done = encode(tensor, against)
@@ -380,18 +410,21 @@ class Checkpointer:
                 stored[key] = tensor.contiguous()
                 continue
             stored[key], encoded[key] = done
-            if against is not None:
+            if against is not None and derived is not None:
+                encoded[key]["derived"] = derived
+            elif against is not None:
                 encoded[key]["base"] = base
         return stored, encoded
 
     def _with_bases(self, keys: set[str]) -> set[str]:
-        """``keys`` and every key an encoded one among them is decoded against (a base must stay stored)."""
+        """``keys`` and every key an encoded one among them is decoded against (a base, or the sources of a
+        derived one, must stay stored)."""
         out, todo = set(keys), list(keys)
         while todo:
-            base = self._encoded.get(todo.pop(), {}).get("base")
-            if base is not None and base not in out:
-                out.add(base)
-                todo.append(base)
+            for base in _decoded_against(self._encoded.get(todo.pop(), {})):
+                if base not in out:
+                    out.add(base)
+                    todo.append(base)
         return out
 
     def _moved(self, key: str, final: Path) -> torch.Tensor:
@@ -405,7 +438,7 @@ class Checkpointer:
             self._opened[pack] = _load_pack(final, pack, [k for k, p in self._objects.items() if p == pack])
         return self._opened[pack][key]
 
-    def _to_write(self, sizes: Mapping[str, int]) -> set[str]:
+    def _to_write(self, sizes: Mapping[str, int], *, last: bool = False) -> set[str]:
         """The keys this checkpoint must write: new ones, and the live ones of packs that are mostly garbage.
 
         When the packs this checkpoint would use hold more than twice the bytes it needs, the live tensors
@@ -413,8 +446,11 @@ class Checkpointer:
         them: the packs of a long run never grow past about twice what is live, and copying is rare. A pack
         of which less than a quarter is still used is emptied the same way, whatever the others hold: a few
         small tensors (a counter, an empty buffer) must not keep a pack of dead weights on disk, and moving
-        them costs at most a quarter of what it frees.
+        them costs at most a quarter of what it frees. The run's ``last`` checkpoint is the one a finished run
+        keeps alone, so there a pack of which less than three quarters is used is emptied: what stays on disk
+        is then mostly live, for at most three times the bytes freed in copying.
         """
+        share = 4 / 3 if last else 4
         fresh = {key for key in sizes if key not in self._objects}
         live: dict[str, int] = {}
         for key in sizes.keys() - fresh:
@@ -423,7 +459,7 @@ class Checkpointer:
         needed = sum(sizes.values())
         held = sum(self._pack_bytes.get(pack, 0) for pack in live) + sum(sizes[key] for key in fresh)
         for pack in sorted(live, key=lambda p: live[p] / max(self._pack_bytes.get(p, 0), 1)):
-            if held <= 2 * needed and 4 * live[pack] >= self._pack_bytes.get(pack, 0):
+            if held <= 2 * needed and share * live[pack] >= self._pack_bytes.get(pack, 0):
                 break
             fresh.update(key for key in sizes if self._objects.get(key) == pack)
             held += live[pack] - self._pack_bytes.get(pack, 0)
@@ -459,8 +495,11 @@ class _Content:
     tensors: dict[str, torch.Tensor]
     versions: dict[str, int]
     generations: dict[str, int]
-    #: A client tensor's key -> the key of the global model's tensor of the same name.
+    #: A client tensor's key -> the key of the global model's tensor of the same name (or of the tensor its
+    #: method predicts it by, ``Checkpointer._predicted``).
     bases: dict[str, str]
+    #: A tensor's key -> the rule and the source keys of the prediction it is stored against.
+    derived: dict[str, dict[str, Any]]
     #: Every client state's whole skeleton, entries left out included.
     clients: dict[str, Any]
     #: The client states held in part, with the model entries left out of each.
@@ -546,6 +585,38 @@ def _bases(skeleton: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def _key_at(skeleton: Mapping[str, Any], path: tuple[str, ...]) -> str | None:
+    """The key of the tensor at ``path`` in a skeleton, or None when there is none there (left out)."""
+    value: Any = skeleton
+    for part in path:
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value.get(REF) if isinstance(value, dict) and len(value) == 1 else None
+
+
+def _reaches(start: str, target: str, bases: Mapping[str, str], derived: Mapping[str, dict[str, Any]],
+             seen: set[str]) -> bool:
+    """Whether decoding ``start`` needs ``target`` (through bases and derived sources)."""
+    needs = [bases[start]] if start in bases else list(derived.get(start, {}).get("from", ()))
+    for key in needs:
+        if key == target:
+            return True
+        if key not in seen:
+            seen.add(key)
+            if _reaches(key, target, bases, derived, seen):
+                return True
+    return False
+
+
+def _decoded_against(info: Mapping[str, Any]) -> list[str]:
+    """The keys an encoded tensor's decoding reads: its base, or the sources of its derived base."""
+    if info.get("base") is not None:
+        return [str(info["base"])]
+    derived = info.get("derived")
+    return [str(k) for k in derived.get("from", ())] if isinstance(derived, dict) else []
+
+
 def find_run(checkpoints_dir: Path, exp_name: str) -> tuple[Path, Path | None] | None:
     """The folder of the newest run of ``exp_name`` under ``checkpoints_dir`` and its newest checkpoint
     (None when it stopped before its first one); None when there is no run."""
@@ -604,9 +675,16 @@ def _decoded(path: Path, stored: Mapping[str, torch.Tensor],
         if key not in stored or not isinstance(info, dict) or depth > len(encoded):
             raise CheckpointError(f"checkpoint {path}: expected tensor {key} stored, found it missing or "
                                   f"described in a loop")
-        base = info.get("base")
+        base, derived = info.get("base"), info.get("derived")
         try:
-            out[key] = decode(stored[key], info, None if base is None else get(str(base), depth + 1))
+            if derived is not None:
+                sources = derived.get("from") if isinstance(derived, dict) else None
+                if not isinstance(sources, list):
+                    raise ValueError(f"expected a derived base with its sources, found {derived!r}")
+                against = predict(str(derived.get("rule")), [get(str(k), depth + 1) for k in sources])
+            else:
+                against = None if base is None else get(str(base), depth + 1)
+            out[key] = decode(stored[key], info, against)
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {path}: expected tensor {key} to decode, found: {exc}") from None
         return out[key]

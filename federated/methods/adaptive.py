@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..predictions import complement_scaled
+
 __all__ = ["AdaptiveLayer", "BankLayer", "ComposedLayer", "WeitLayer", "adapt", "adaptive_layers", "expand_last",
            "layer_entries"]
 
@@ -56,6 +58,11 @@ class AdaptiveLayer(ComposedLayer):
     the bias train. ``reset`` starts a round: ``a = atten_default``, ``A = (1 - a) * G``, anchors = copies,
     so ``theta`` starts equal to ``G`` whatever ``atten_default`` is. With ``trainable_anchors`` (FedSTIL's
     runner, B11; ``exp_opts.legacy``) the anchors are parameters that train too, under the same names.
+
+    Fixed anchors are always ``a0 = a`` and ``A0 = (1 - a0) * G`` (``a`` and ``G`` never train), so they are
+    left out of the state dict and rebuilt from ``a`` and ``G`` whenever a state is loaded: a stored model
+    costs two weight-sized tensors, not three. A state that holds them (saved by an earlier fedevents) loads
+    too; its anchors are those same values and are rebuilt like the others.
     """
 
     def __init__(self, layer: nn.Linear | nn.Conv2d, atten_default: float, *, trainable_anchors: bool = False) -> None:
@@ -69,7 +76,8 @@ class AdaptiveLayer(ComposedLayer):
             if trainable_anchors:
                 self.register_parameter(name, nn.Parameter(torch.empty_like(like)))
             else:
-                self.register_buffer(name, torch.empty_like(like))
+                self.register_buffer(name, torch.empty_like(like), persistent=False)
+        self.fixed_anchors = not trainable_anchors
         self.reset()
 
     @torch.no_grad()
@@ -78,9 +86,26 @@ class AdaptiveLayer(ComposedLayer):
         if global_weight is not None:
             self.G.copy_(global_weight)
         self.a.fill_(self.atten_default)
-        self.A.copy_((1 - expand_last(self.a, self.G)) * self.G)
+        self.A.copy_(complement_scaled(self.a, self.G))
         self.a0.copy_(self.a)
         self.A0.copy_(self.A)
+
+    @torch.no_grad()
+    def rebuild_anchors(self) -> None:
+        """Set fixed anchors to what ``reset`` made them from this layer's ``a`` and ``G``."""
+        self.a0.copy_(self.a)
+        self.A0.copy_(complement_scaled(self.a0, self.G))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        if self.fixed_anchors:
+            # An earlier fedevents stored the fixed anchors; they are rebuilt below, like any state's.
+            for name in ("a0", "A0"):
+                state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.fixed_anchors:
+            self.rebuild_anchors()
 
     def theta(self) -> torch.Tensor:
         return expand_last(self.a, self.G) * self.G + self.A

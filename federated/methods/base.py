@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..fedavg import Upload, weighted_mean
+from ..predictions import Prediction
 
 __all__ = ["LocalRound", "Method", "ModelOutput", "ServerState", "every_entry", "no_entry", "option"]
 
@@ -149,6 +150,16 @@ class Method:
         ``start`` replaces, so a user's method that reads its stored model stays safe.
         """
         return no_entry
+
+    def server_predictions(self, server: ServerState) -> dict[tuple[str, ...], Prediction]:
+        """Tensors of the server's state (by path: ``("model", name)``, ``("extras", ...)``) that others of it
+        predict closely; a checkpoint stores each as its difference from the prediction. None here."""
+        return {}
+
+    def upgrade(self, model: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A model state that an earlier fedevents saved (a resumed checkpoint), in the form this method keeps
+        now; the same here. FedSTIL drops the anchors it now rebuilds instead of storing."""
+        return dict(model)
 
     # client half -------------------------------------------------------------------------------------
     def start(self, rnd: LocalRound) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..fedavg import Upload, weighted_mean
+from ..predictions import Prediction, complement_scaled
 from .adaptive import AdaptiveLayer, adapt, adaptive_layers, expand_last, layer_entries
 from .base import LocalRound, Method, ModelOutput, ServerState, option
 from .counts import count_option
@@ -61,7 +62,7 @@ class FedSTIL(Method):
         tokens = server.extras.get("tokens", {})
         if client not in thetas:
             # Nothing of this client reached the server yet: it gets the global G, like a new client.
-            return {"global": _globals(server.model, self._layer_names(server.model))}
+            return {"global": _globals(server.model, _layers(server.model))}
         others = {name: tokens[name] for name in sorted(thetas) if name != client}
         weights = relevance_weights(tokens[client][-1], others, step=self.step, decay=self.decay)
         order = [*others, client]
@@ -79,20 +80,38 @@ class FedSTIL(Method):
         mean = weighted_mean({name: Upload(u.extras["theta"], u.samples) for name, u in uploads.items()})
         model = dict(server.model)
         for layer, value in mean.items():
-            # theta = G at the start of a round: a and a0 stay atten_default, A and A0 follow G.
-            atten = model[f"{layer}.a"]
+            # theta = G at the start of a round: a stays atten_default, A follows G (the anchors, under legacy
+            # stored too, are a and A).
             model[f"{layer}.G"] = value
-            model[f"{layer}.A"] = model[f"{layer}.A0"] = (1 - atten) * value
+            model[f"{layer}.A"] = complement_scaled(model[f"{layer}.a"], value)
+            if f"{layer}.A0" in model:
+                model[f"{layer}.A0"] = model[f"{layer}.A"]
         return ServerState(model, {**server.extras, "theta": thetas, "tokens": tokens})
-
-    @staticmethod
-    def _layer_names(state: Mapping[str, torch.Tensor]) -> list[str]:
-        return [key[: -len(".A0")] for key in state if key.endswith(".A0")]
 
     def replaced_on_dispatch(self, server: ServerState, *, switching: bool) -> Callable[[str], bool]:
         """Every adaptive layer's ``G``, ``a``, ``A`` and anchors: a known client's payload holds ``G`` for
         every layer and ``receive`` restarts the rest from it; bias, norms and frozen weights are its own."""
-        return layer_entries(self._layer_names(server.model), ("G", "a", "A", "a0", "A0"))
+        return layer_entries(_layers(server.model), ("G", "a", "A", "a0", "A0"))
+
+    def server_predictions(self, server: ServerState) -> dict[tuple[str, ...], Prediction]:
+        """The global model's ``A``, which is ``(1 - a) G`` by construction (``aggregate``), and every client's
+        latest ``theta``, close to ``G``, their weighted mean."""
+        layers = _layers(server.model)
+        out = {("model", f"{layer}.A"): Prediction("complement-scaled",
+                                                   (("model", f"{layer}.a"), ("model", f"{layer}.G")))
+               for layer in layers}
+        for client, thetas in server.extras.get("theta", {}).items():
+            out.update({("extras", "theta", client, layer): Prediction("same", (("model", f"{layer}.G"),))
+                        for layer in thetas if layer in layers})
+        return out
+
+    def upgrade(self, model: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``model`` without the fixed anchors ``a0`` and ``A0`` (checkpoints of format 4 stored them); under
+        legacy they train, so they stay."""
+        if self.legacy:
+            return dict(model)
+        anchors = layer_entries(_layers(model), ("a0", "A0"))
+        return {name: tensor for name, tensor in model.items() if not anchors(name)}
 
     # client half -------------------------------------------------------------------------------------
     def start(self, rnd: LocalRound) -> None:
@@ -153,12 +172,17 @@ class FedSTIL(Method):
 
 def thetas_of_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every adaptive layer's ``theta = a * G + A`` from a model state dict, by layer name."""
-    names = [key[: -len(".A0")] for key in state if key.endswith(".A0") and f"{key[:-3]}.a" in state]
     out = {}
-    for layer in names:
+    for layer in _layers(state):
         g, a = state[f"{layer}.G"], state[f"{layer}.a"]
         out[layer] = expand_last(a, g) * g + state[f"{layer}.A"]
     return out
+
+
+def _layers(state: Mapping[str, Any]) -> list[str]:
+    """The names of the adaptive layers whose entries ``state`` holds (each has ``G``, ``a`` and ``A``)."""
+    return [key[: -len(".G")] for key in state
+            if key.endswith(".G") and f"{key[:-2]}.a" in state and f"{key[:-2]}.A" in state]
 
 
 def _globals(model: Mapping[str, torch.Tensor], layers: list[str]) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from fedevents.federated.methods.adaptive import AdaptiveLayer
 from fedevents.federated.methods.fedstil import FedSTIL
 from fedevents.federated.methods.prototypes import budgets, herd_exemplars, prototypes, split_tail
 from fedevents.federated.methods.relevance import relevance_weights
+from fedevents.federated.predictions import Prediction, predict
 
 
 def _linear() -> nn.Linear:
@@ -36,9 +37,10 @@ def test_an_adaptive_layer_starts_at_the_global_weight_and_composes_a_times_g_pl
     layer = AdaptiveLayer(_linear(), 0.75)
     g = _linear().weight.detach()
     assert torch.equal(layer.G, g) and torch.equal(layer.A, 0.25 * g) and torch.equal(layer.theta(), g)
-    # Only A and the bias train; G, a and both anchors are buffers (in the state dict, never optimised).
+    # Only A and the bias train; G, a and both anchors are buffers (never optimised), and the anchors, which
+    # are rebuilt from a and G, are left out of the state dict.
     assert {name for name, p in layer.named_parameters() if p.requires_grad} == {"A", "bias"}
-    assert set(layer.state_dict()) == {"G", "a", "A", "a0", "A0", "bias"}
+    assert set(layer.state_dict()) == {"G", "a", "A", "bias"}
     with torch.no_grad():
         layer.a.copy_(torch.tensor([1.0, 0.5, 0.0]))
         layer.A.zero_()
@@ -64,6 +66,49 @@ def test_the_drift_term_weighs_lambda_l1_and_only_a_gets_its_gradient() -> None:
     # d/dA of 0.1 * |A0 - A| is 0.1 * sign(A - A0), and 0 where A is still at its anchor
     assert torch.allclose(model[0].A.grad, torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.0, -0.1]]))
     assert model[0].G.grad is None and model[0].A0.grad is None
+
+
+def _trained_layer() -> AdaptiveLayer:
+    """A conv layer as a client leaves it after a round: G from a dispatch, A moved away from its anchor."""
+    gen = torch.Generator().manual_seed(3)
+    layer = AdaptiveLayer(nn.Conv2d(4, 6, 3, bias=False), 0.8)
+    layer.reset(torch.randn(6, 4, 3, 3, generator=gen) * 0.05)
+    with torch.no_grad():
+        layer.A.add_(torch.randn(6, 4, 3, 3, generator=gen) * 1e-3)
+    return layer
+
+
+def _bits(tensor: torch.Tensor) -> list[int]:
+    return tensor.contiguous().view(torch.int32).reshape(-1).tolist()
+
+
+def test_loading_a_state_rebuilds_the_anchors_bit_for_bit_as_the_round_set_them() -> None:
+    trained = _trained_layer()
+    fresh = AdaptiveLayer(nn.Conv2d(4, 6, 3, bias=False), 0.8)
+    fresh.load_state_dict(trained.state_dict())
+    assert _bits(fresh.A0) == _bits(trained.A0) and _bits(fresh.a0) == _bits(trained.a0)
+    assert torch.equal(fresh.drift(), trained.drift())
+
+
+def test_a_state_that_stores_the_anchors_still_loads_and_gives_the_same_layer() -> None:
+    """Checkpoints of format 4 stored a0 and A0 in every FedSTIL model state."""
+    trained = _trained_layer()
+    old = {**trained.state_dict(), "a0": trained.a0.clone(), "A0": trained.A0.clone()}
+    fresh = AdaptiveLayer(nn.Conv2d(4, 6, 3, bias=False), 0.8)
+    fresh.load_state_dict(old)
+    assert all(_bits(fresh.state_dict()[n]) == _bits(trained.state_dict()[n]) for n in ("G", "a", "A"))
+    assert _bits(fresh.A0) == _bits(trained.A0)
+    method = FedSTIL()
+    assert set(method.upgrade({f"l.{n}": t for n, t in old.items()})) == {"l.G", "l.a", "l.A"}
+
+
+def test_trainable_anchors_stay_in_the_state_under_legacy() -> None:
+    layer = AdaptiveLayer(_linear(), 0.75, trainable_anchors=True)
+    assert set(layer.state_dict()) == {"G", "a", "A", "a0", "A0", "bias"}
+    method = FedSTIL()
+    method.legacy = True
+    assert set(method.upgrade({f"l.{n}": t for n, t in layer.state_dict().items()})) == {
+        "l.G", "l.a", "l.A", "l.a0", "l.A0", "l.bias"}
 
 
 def test_an_adaptive_conv_keeps_the_convs_call_and_weighs_the_kernel_width() -> None:
@@ -174,3 +219,23 @@ def test_a_swin_splits_at_its_trainable_last_stage_and_the_tail_computes_what_th
     with torch.no_grad():
         _, tail_feature = tail(protos)
         assert torch.allclose(model.bottleneck(tail_feature), model(x), atol=1e-5)
+
+
+def test_the_global_a_is_exactly_what_fedstil_predicts_it_by_and_each_theta_is_based_on_g() -> None:
+    """A checkpoint stores the global A as its XOR with (1 - a) G: after aggregation that XOR is all zeros."""
+    method = FedSTIL({"atten_default": 0.9})
+    layer = AdaptiveLayer(nn.Linear(64, 16), 0.9)
+    server = ServerState({f"l.{name}": t for name, t in layer.state_dict().items()})
+    gen = torch.Generator().manual_seed(4)
+    uploads = {c: Upload({}, 3 + i, {"theta": {"l": torch.randn(16, 64, generator=gen)}, "token": torch.ones(2)})
+               for i, c in enumerate(("a", "b"))}
+    server = method.aggregate(server, uploads)
+    predictions = method.server_predictions(server)
+    assert predictions == {
+        ("model", "l.A"): Prediction("complement-scaled", (("model", "l.a"), ("model", "l.G"))),
+        ("extras", "theta", "a", "l"): Prediction("same", (("model", "l.G"),)),
+        ("extras", "theta", "b", "l"): Prediction("same", (("model", "l.G"),)),
+    }
+    rule = predictions[("model", "l.A")]
+    predicted = predict(rule.rule, [server.model[source[1]] for source in rule.sources])
+    assert _bits(predicted) == _bits(server.model["l.A"])

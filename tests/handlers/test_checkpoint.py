@@ -14,6 +14,7 @@ from fedevents.engine.config import load_experiments
 from fedevents.engine.context import RunContext
 from fedevents.engine.events import ExperimentFinished, RoundFinished
 from fedevents.engine.runner import online_clients
+from fedevents.federated.predictions import Prediction, complement_scaled
 from fedevents.handlers.checkpoint import Checkpointer, load_checkpoint
 from fedevents.handlers.objects import TensorKeys
 
@@ -272,3 +273,102 @@ async def test_a_client_that_sits_out_and_is_scored_keeps_its_model(tmp_path: Pa
         model = loaded["clients"][client]["model"]
         assert all(torch.equal(model[name], state["model"][name]) for name in state["model"]) == (
             client not in manifest["dispatched"])
+
+
+class PredictingFederation(FakeFederation):
+    """A server whose adaptive layer's ``A`` is ``(1 - a) G`` and whose extras hold a client's ``theta`` close
+    to ``G``, as FedSTIL's are, with the predictions FedSTIL declares for them."""
+
+    def __init__(self, predictions: dict[tuple[str, ...], Prediction] | None = None) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(5)
+        g = torch.randn(256, 64, generator=gen) * 0.05
+        a = torch.full((64,), 0.8)
+        self.server.update({"l.G": g, "l.a": a, "l.A": complement_scaled(a, g)})
+        self.theta = {"c": {"l": g + torch.randn(256, 64, generator=gen) * 1e-4}}
+        self._predictions = predictions if predictions is not None else {
+            ("server", "model", "l.A"): Prediction("complement-scaled", (("server", "model", "l.a"),
+                                                                         ("server", "model", "l.G"))),
+            ("server", "extras", "theta", "c", "l"): Prediction("same", (("server", "model", "l.G"),)),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "server": {"model": dict(self.server), "extras": {"theta": self.theta}}}
+
+    def predictions(self) -> dict[tuple[str, ...], Prediction]:
+        return self._predictions
+
+
+def _bits(tensor: torch.Tensor) -> list[int]:
+    return tensor.contiguous().view(torch.int32).reshape(-1).tolist()
+
+
+def _encoded_bytes(ck: Checkpointer, rnd: int, key: str) -> int:
+    stored = torch.load(ck.directory / "packs" / f"{rnd:06d}.pt", weights_only=True)
+    return stored[key].numel() * stored[key].element_size()
+
+
+async def test_tensors_a_method_predicts_are_stored_as_their_difference_and_load_bit_for_bit(tmp_path: Path) -> None:
+    ck, _, context = checkpointer(tmp_path)
+    fed = ck.federation = PredictingFederation()
+    await save(ck, context, 0)
+    manifest = torch.load(ck.directory / "round-000000.pt", weights_only=True)
+    server = manifest["federation"]["server"]
+    a_key, g_key = server["model"]["l.A"]["@tensor"], server["model"]["l.G"]["@tensor"]
+    theta_key = server["extras"]["theta"]["c"]["l"]["@tensor"]
+    assert manifest["encoded"][a_key]["derived"] == {"rule": "complement-scaled",
+                                                     "from": [server["model"]["l.a"]["@tensor"], g_key]}
+    assert manifest["encoded"][theta_key]["base"] == g_key
+    # A equals its prediction: its 64 KiB are all-zero byte planes once XORed. theta keeps only its low bits.
+    assert _encoded_bytes(ck, 0, a_key) < 200
+    assert _encoded_bytes(ck, 0, theta_key) < 0.75 * _encoded_bytes(ck, 0, g_key)
+    state = load_checkpoint(ck.directory / "round-000000.pt").federation["server"]
+    for name in ("l.G", "l.a", "l.A"):
+        assert _bits(state["model"][name]) == _bits(fed.server[name])
+    assert _bits(state["extras"]["theta"]["c"]["l"]) == _bits(fed.theta["c"]["l"])
+
+
+async def test_a_prediction_that_would_need_the_tensor_itself_is_dropped(tmp_path: Path) -> None:
+    ck, _, context = checkpointer(tmp_path)
+    looped = {("server", "model", "l.A"): Prediction("complement-scaled", (("server", "model", "l.a"),
+                                                                         ("server", "model", "l.A")))}
+    fed = ck.federation = PredictingFederation(looped)
+    await save(ck, context, 0)
+    manifest = torch.load(ck.directory / "round-000000.pt", weights_only=True)
+    a_key = manifest["federation"]["server"]["model"]["l.A"]["@tensor"]
+    assert "derived" not in manifest["encoded"].get(a_key, {})
+    state = load_checkpoint(ck.directory / "round-000000.pt").federation["server"]
+    assert _bits(state["model"]["l.A"]) == _bits(fed.server["l.A"])
+
+
+async def test_a_prediction_rule_this_fedevents_does_not_know_is_refused_in_one_line(tmp_path: Path) -> None:
+    from fedevents.engine.errors import CheckpointError
+
+    ck, _, context = checkpointer(tmp_path)
+    ck.federation = PredictingFederation()
+    await save(ck, context, 0)
+    path = ck.directory / "round-000000.pt"
+    manifest = torch.load(path, weights_only=True)
+    a_key = manifest["federation"]["server"]["model"]["l.A"]["@tensor"]
+    manifest["encoded"][a_key]["derived"]["rule"] = "cubed"
+    torch.save(manifest, path)
+    with pytest.raises(CheckpointError, match=r"expected tensor \w+ to decode, found: expected a prediction rule "
+                                              r"in \['complement-scaled', 'same'\], found 'cubed'$"):
+        load_checkpoint(path)
+
+
+async def test_the_last_checkpoint_leaves_no_pack_that_is_mostly_dead(tmp_path: Path) -> None:
+    ck, fed, context = checkpointer(tmp_path, keep=1)
+    random = torch.Generator().manual_seed(2)
+    x = torch.randn(FROZEN // 4, generator=random)
+    for rnd in (0, 1, 2, 5):  # comm_rounds is 5: round 5 is the run's last checkpoint
+        fed.clients["a"] = {"model": {"x": x, "y": torch.randn(FROZEN // 4, generator=random)}}
+        await save(ck, context, rnd)
+        packs = sorted(p.name for p in (ck.directory / "packs").iterdir())
+        if rnd == 2:
+            # Mid-run, round 0's pack stays for the backbone and x, two thirds of it (y of round 0 is dead).
+            assert packs == ["000000.pt", "000002.pt"]
+    # The last checkpoint moved them into its own pack: what stays on disk is what it holds.
+    assert packs == ["000005.pt"]
+    state = load_checkpoint(ck.directory / "round-000005.pt").federation
+    assert _bits(state["clients"]["a"]["model"]["x"]) == _bits(x)

@@ -512,7 +512,7 @@ REFUSED_RESUMES: dict[str, Resume] = {
                                here=True),
     "foreign_torch_file": Resume(_foreign_torch_file, ("expected a fedevents checkpoint, found another file",),
                                  here=True),
-    "future_version": Resume(_future_version, ("expected format version 4, found 99",), here=True),
+    "future_version": Resume(_future_version, ("expected format version 5, found 99",), here=True),
     "unsafe_object": Resume(_unsafe_object, ("refused", "unsafe_payload.build")),
     "changed_lr": Resume(lambda project: None, ("optimizer_opts.lr differs from the checkpoint",),
                          ("--set", "optimizer_opts.lr=0.1")),
