@@ -140,8 +140,9 @@ def _threads_done(grace_s: float) -> bool:
     return True
 
 
-# The C base classes of every io class: an isinstance check against them is four times faster than against
-# the io.IOBase ABC over the 200,000 objects of a process with torch, and never asks an object's __class__.
+# The C base classes of every io class: a subclass check of each object's own type against them is faster
+# than isinstance against the io.IOBase ABC over the 200,000 objects of a process with torch, and unlike any
+# isinstance it never reads an object's __class__ (a deprecated torch object warns when that is read).
 _FILE: type = getattr(_io, "_IOBase", io.IOBase)
 _TEXT: type = getattr(_io, "_TextIOBase", io.TextIOBase)
 
@@ -150,10 +151,10 @@ def _flush_open_files() -> None:
     """Flush every open file object, standard streams included, as the teardown that ``_leave`` skips
     would on deleting them: a plugin's file left open keeps what was written to it. Text files go first,
     since they write into the buffered files beneath them."""
-    files = [obj for obj in gc.get_objects() if isinstance(obj, _FILE)]
+    files = [obj for obj in gc.get_objects() if issubclass(type(obj), _FILE)]
     for text in (True, False):
         for file in files:
-            if isinstance(file, _TEXT) is text:
+            if issubclass(type(file), _TEXT) is text:
                 try:
                     if not file.closed:
                         file.flush()
