@@ -19,7 +19,7 @@ and dicts; tensors in it are moved to the CPU after ``finish``. ``rnd.scratch`` 
 A method that looks at a whole task (exemplars, importances) reads it with ``rnd.task_inputs`` in the form
 the task source stores it (a ReID task's 8-bit pixels) and turns one batch at a time into model input with
 ``rnd.model_input``: normalising a batch gives the same numbers as normalising the split and slicing it, at a
-quarter of the bytes. ``rnd.task_data`` gives the whole split as model input, for methods written before.
+quarter of the bytes. ``rnd.task_data`` gives the whole split as model input, for methods written for that.
 """
 
 from __future__ import annotations

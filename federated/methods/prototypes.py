@@ -22,6 +22,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from .adaptive import ComposedLayer
+from .base import as_is
 from .icarl import herding
 
 __all__ = ["BATCH", "budgets", "prototypes", "split_tail", "herd_exemplars"]
@@ -86,13 +87,9 @@ class _Stop(Exception):
     """Raised by the head's hook once its input is caught: nothing after the head needs to run."""
 
 
-def _as_is(batch: torch.Tensor) -> torch.Tensor:
-    return batch
-
-
 @torch.no_grad()
 def prototypes(model: nn.Module, head: str, x: torch.Tensor,
-               model_input: Callable[[torch.Tensor], torch.Tensor] = _as_is, *,
+               model_input: Callable[[torch.Tensor], torch.Tensor] = as_is, *,
                then: torch.Tensor | None = None) -> torch.Tensor:
     """The head's input for each sample of ``x``, from ``model`` in eval mode (float32, on the model's device).
 
