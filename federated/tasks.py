@@ -60,6 +60,14 @@ class TaskSource:
         """
         return self.train_data(client, task)
 
+    def model_input(self, batch: torch.Tensor) -> torch.Tensor:
+        """A batch of ``train_inputs``' samples as the model takes them, without augmentation.
+
+        As is here; a source whose ``train_inputs`` differ from ``train_data`` overrides it, so that a batch
+        of ``train_inputs`` comes out exactly as the same rows of ``train_data``.
+        """
+        return batch
+
     def score(self, model: nn.Module, client: str, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
         """How many samples were scored and the validation metrics of ``model`` on ``task``."""
         raise NotImplementedError
@@ -142,7 +150,8 @@ class ReidTasks(TaskSource):
         return empty_reid_model(model_opts, device=device)
 
     def train_data(self, client: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        # A float copy of the whole split, for methods that look at a task as a whole (exemplars, importances).
+        # A float copy of the whole split (four times the bytes of the 8-bit one), for methods that take model
+        # input; the built-in ones read train_inputs and normalise a batch at a time with model_input.
         pixels, labels = self.train_inputs(client, task)
         return self.augment_opts.normalise(pixels), labels
 
@@ -150,10 +159,13 @@ class ReidTasks(TaskSource):
         images = load_image_set(self.tasks[task], "train", self.augment_opts, cache=IMAGE_CACHE, decoder=self.decoder)
         return images.pixels, images.labels + self.offsets[task]
 
+    def model_input(self, batch: torch.Tensor) -> torch.Tensor:
+        """Normalise a batch of stored 8-bit images; a float batch is model input already."""
+        return self.augment_opts.normalise(batch) if batch.dtype == torch.uint8 else batch
+
     def _prepare(self, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Normalise a batch of stored 8-bit images (a float batch is already normalised), then augment it."""
-        if batch.dtype == torch.uint8:
-            batch = self.augment_opts.normalise(batch)
+        """A batch of stored images as model input (``model_input``), augmented."""
+        batch = self.model_input(batch)
         level = self.augment_opts.level
         return batch if level == "none" else augment(batch, level, generator=gen)
 

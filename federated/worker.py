@@ -130,13 +130,18 @@ class Worker:
             task_data=lambda name: tuple(t.to(dev) for t in self._tasks.train_data(job.client, name)),
             forward=lambda xb: model_output(model(xb)),
             augment=self._tasks.augment,
+            task_inputs=lambda name: tuple(t.to(dev) for t in self._tasks.train_inputs(job.client, name)),
+            model_input=self._tasks.model_input,
         )
         self._method.start(rnd)
         if type(self._method).training_data is Method.training_data:
             # Samples stay in their stored form (ReID: 8-bit pixels) until augment prepares each batch.
-            x, y = (t.to(dev) for t in self._tasks.train_inputs(job.client, job.task))
+            x, y = rnd.task_inputs(job.task)
+        elif self._method.stored_inputs:
+            # A method that adds samples (exemplars) keeps them in the same stored form as the task's.
+            x, y = self._method.training_data(rnd, *rnd.task_inputs(job.task))
         else:
-            # A method that adds samples (exemplars) mixes them with the task's in the model's input form.
+            # A method written for model input mixes its samples with the task's in that form.
             x, y = self._method.training_data(rnd, *rnd.task_data(job.task))
         optimizer, scheduler = self._optimizer_for(model, previous)
 

@@ -99,6 +99,10 @@ class ImageTasks:
         """What training batches are cut from: ``train_data`` (a client's share is small; ``augment`` is None)."""
         return self.train_data(client, task)
 
+    def model_input(self, batch: torch.Tensor) -> torch.Tensor:
+        """A batch of ``train_inputs`` as the model takes it: as is, the samples are model input already."""
+        return batch
+
     def score(self, model: nn.Module, client: str, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
         """Accuracy and mean cross-entropy on the held-out samples of ``task``'s classes (``val_acc``, ``val_loss``)."""
         part = self.test_parts[self._client(client)] if self.test_parts is not None else None

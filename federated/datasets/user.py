@@ -83,6 +83,10 @@ class UserTasks:
     def train_inputs(self, client: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.train_data(client, task)
 
+    def model_input(self, batch: torch.Tensor) -> torch.Tensor:
+        """A batch of ``train_inputs`` as the model takes it: as is, the samples are model input already."""
+        return batch
+
     def score(self, model: nn.Module, client: str, task: str, device: torch.device) -> tuple[int, dict[str, float]]:
         return _score(model, *self._samples("test", client, task), device)
 

@@ -15,6 +15,11 @@ The ``Federation`` drives every method the same way, in a worker thread per clie
 ``rnd.memory`` is the method's state for one client (importances, anchors, exemplars, …). It is stored
 with the client between rounds and in checkpoints, so it may hold only tensors, numbers, strings, lists
 and dicts; tensors in it are moved to the CPU after ``finish``. ``rnd.scratch`` lives for one round only.
+
+A method that looks at a whole task (exemplars, importances) reads it with ``rnd.task_inputs`` in the form
+the task source stores it (a ReID task's 8-bit pixels) and turns one batch at a time into model input with
+``rnd.model_input``: normalising a batch gives the same numbers as normalising the split and slicing it, at a
+quarter of the bytes. ``rnd.task_data`` gives the whole split as model input, for methods written for that.
 """
 
 from __future__ import annotations
@@ -49,6 +54,11 @@ class ServerState:
     round: int = 0
 
 
+def as_is(batch: torch.Tensor) -> torch.Tensor:
+    """``model_input`` of a source whose stored samples are the model's input already."""
+    return batch
+
+
 @dataclass
 class LocalRound:
     """One client's local round as a method sees it, inside a worker thread."""
@@ -69,6 +79,19 @@ class LocalRound:
     scratch: dict[str, Any] = field(default_factory=dict)
     #: The augmentation applied to each training batch; a method that trains on features sets it to None.
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    #: A task's training samples and labels on the device in their stored form (a ReID task's 8-bit pixels);
+    #: None: the same as ``task_data``.
+    task_inputs: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: A batch of stored samples as the model takes them, without augmentation (a ReID batch normalised).
+    model_input: Callable[[torch.Tensor], torch.Tensor] = as_is
+
+    def __post_init__(self) -> None:
+        if self.task_inputs is None:
+            self.task_inputs = self.task_data
+
+    def forward_inputs(self, xb: torch.Tensor) -> ModelOutput:
+        """The training forward pass of a batch of stored samples (``model_input``, then ``forward``)."""
+        return self.forward(self.model_input(xb))
 
 
 def no_entry(name: str) -> bool:
@@ -106,6 +129,10 @@ class Method:
     #: its last scores (``exp_opts.val_reuse``). A method whose validation reads anything else, the server's
     #: state, its dispatch or the round, sets it False and every client is scored in every validation round.
     reusable_scores: ClassVar[bool] = True
+    #: True when ``training_data`` takes the task's samples in their stored form (``rnd.task_inputs``, a ReID
+    #: task's 8-bit pixels), so no float copy of the whole split is made; what it returns still goes through
+    #: ``rnd.augment`` a batch at a time. False: it takes them as model input (``rnd.task_data``).
+    stored_inputs: ClassVar[bool] = False
 
     #: The experiment's seed (``build_method`` sets it), for a method's own draws (FedWeIT's knowledge base).
     seed: int = 0

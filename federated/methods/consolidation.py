@@ -29,7 +29,10 @@ class Consolidation(Method):
         self.strength = option(self.options, "lambda", self.defaults["lambda"], method=self.name)
 
     def importance(self, rnd: LocalRound, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each trainable parameter's importance on ``(x, y)``, for the weights now in ``rnd.model``."""
+        """Each trainable parameter's importance on ``(x, y)``, for the weights now in ``rnd.model``.
+
+        ``x`` is in the task's stored form: run the model on it with ``rnd.forward_inputs``.
+        """
         raise NotImplementedError
 
     def replaced_on_dispatch(self, server: ServerState, *, switching: bool) -> Callable[[str], bool]:
@@ -53,7 +56,7 @@ class Consolidation(Method):
         """Add ``finished``'s importances to the client's total and anchor at the weights it ended with."""
         assert rnd.previous_model is not None  # finished_task checked it
         rnd.model.load_state_dict(rnd.previous_model)
-        x, y = rnd.task_data(finished)
+        x, y = rnd.task_inputs(finished)
         new = self.importance(rnd, x, y)
         total = rnd.memory.get("importance")
         # New tensors, never sums in place: rnd.memory is a shallow copy of the stored memory, which must

@@ -35,4 +35,4 @@ class EWC(Consolidation):
                                            optional=True)
 
     def importance(self, rnd: LocalRound, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return fisher_diagonal(rnd.model, rnd.forward, x, y, batches=self.fisher_batches)
+        return fisher_diagonal(rnd.model, rnd.forward_inputs, x, y, batches=self.fisher_batches)

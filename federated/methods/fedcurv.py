@@ -97,8 +97,8 @@ class FedCurv(Method):
 
     def finish(self, rnd: LocalRound) -> None:
         """Measure ``u`` on the task just trained, at the trained weights, and ``v = u * w``."""
-        x, y = rnd.task_data(rnd.task)
-        u = fisher_diagonal(rnd.model, rnd.forward, x, y, batches=self.fisher_batches)
+        x, y = rnd.task_inputs(rnd.task)
+        u = fisher_diagonal(rnd.model, rnd.forward_inputs, x, y, batches=self.fisher_batches)
         weights = dict(rnd.model.named_parameters())
         rnd.memory["u"] = u
         rnd.memory["v"] = {name: value * weights[name].detach() for name, value in u.items()}

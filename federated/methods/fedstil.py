@@ -38,6 +38,7 @@ class FedSTIL(Method):
     runner_schedules_lr = False  # FedSTIL's runner rebuilt its optimizer's groups every epoch
     # FedSTIL's code keeps one checkpoint per task for a client without model_ckpt_name (FEDSTIL.md §3.12).
     models_per_task = True
+    stored_inputs = True  # prototypes are computed a batch of stored images at a time
     defaults = {"lambda_l1": 1e-4, "lambda_k": 8000, "atten_default": 0.8,
                 "distance_calculate_step": 10, "distance_calculate_decay": 0.8}
 
@@ -133,15 +134,17 @@ class FedSTIL(Method):
     def training_data(self, rnd: LocalRound, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The task's prototypes and the stored exemplars; training runs the network after the head on them."""
         head, tail = split_tail(rnd.model)
-        protos = prototypes(rnd.model, head, x)
+        ex_x = rnd.memory.get("exemplar_x")
+        # One tensor for the task's prototypes and the exemplars after them: no second copy of the prototypes.
+        rows = prototypes(rnd.model, head, x, rnd.model_input, then=ex_x)
+        protos = rows[: len(x)]
         rnd.memory["token"] = protos.flatten(1).mean(0)
         rnd.scratch["tail"], rnd.scratch["current"] = tail, (protos, y)
         rnd.forward = lambda pb: _output(tail(pb))
         rnd.augment = None  # flips and crops are for images, not for feature maps
-        ex_x = rnd.memory.get("exemplar_x")
         if ex_x is None or not len(ex_x):
             return protos, y
-        return torch.cat([protos, ex_x.to(protos.device, protos.dtype)]), torch.cat([y, rnd.memory["exemplar_y"].to(y)])
+        return rows, torch.cat([y, rnd.memory["exemplar_y"].to(y)])
 
     def batch_loss(self, rnd: LocalRound, xb: torch.Tensor, yb: torch.Tensor, out: ModelOutput,
                    loss: torch.Tensor) -> torch.Tensor:

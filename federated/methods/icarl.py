@@ -9,6 +9,10 @@ them. That model, frozen, is the "old model" for the whole new task: every batch
 
 with ``z_old`` the old model's logits on the same batch and ``z`` the current logits, both restricted to the
 classes seen before the new task. Scoring stays the network's classifier (no nearest-mean-of-exemplars).
+
+Exemplars are kept in the task's stored form (a ReID task's 8-bit pixels, a quarter of the bytes of the
+normalised images) and normalised a batch at a time like the task's own samples. Exemplars that an older
+checkpoint holds as normalised float images are turned back into the pixels they came from, exactly.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class ICaRL(Method):
     # FedSTIL's k is the exemplar budget; its n_classes (first classifier size) and examplar_batch_size
     # (never read) have no counterpart: a fedevents classifier has its full size from the start.
     aliases = {"k": ("memory_size", 1.0), "n_classes": None, "examplar_batch_size": None}
+    stored_inputs = True
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
@@ -53,8 +58,6 @@ class ICaRL(Method):
             self.remember(rnd, finished)
         super().start(rnd)
         memory = rnd.memory
-        if "exemplar_x" in memory:
-            rnd.scratch["exemplars"] = (memory["exemplar_x"].to(rnd.device), memory["exemplar_y"].to(rnd.device))
         if "old_model" in memory:
             old = copy.deepcopy(rnd.model)
             old.load_state_dict(memory["old_model"])
@@ -66,9 +69,8 @@ class ICaRL(Method):
         """Herd ``finished``'s exemplars, shrink the other classes' sets, and keep the previous model."""
         assert rnd.previous_model is not None  # finished_task checked it
         rnd.model.load_state_dict(rnd.previous_model)
-        x, y = rnd.task_data(finished)
-        old_x = rnd.memory.get("exemplar_x", x[:0]).to(x.device, x.dtype)
-        old_y = rnd.memory.get("exemplar_y", y[:0]).to(y.device, y.dtype)
+        x, y = rnd.task_inputs(finished)
+        old_x, old_y = self.exemplars(rnd, x, y)
         classes = sorted(set(old_y.tolist()) | set(y.tolist()))
         per_class = self.memory_size // len(classes) if classes else 0
         new_classes = set(y.tolist())
@@ -87,11 +89,19 @@ class ICaRL(Method):
         rnd.memory["old_model"] = {name: t.detach().clone() for name, t in rnd.previous_model.items()}
         rnd.memory["old_classes"] = classes
 
+    def exemplars(self, rnd: LocalRound, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored exemplars in the form of the task's samples ``x`` and labels ``y`` (none: empty)."""
+        ex_x, ex_y = rnd.memory.get("exemplar_x", x[:0]).to(x.device), rnd.memory.get("exemplar_y", y[:0])
+        if x.dtype == torch.uint8 and ex_x.is_floating_point():
+            # Kept as float images before exemplars were stored as pixels: turned back once, exactly.
+            ex_x = rnd.memory["exemplar_x"] = stored_pixels(ex_x, rnd.model_input, client=rnd.client)
+        return ex_x.to(x.dtype), ex_y.to(y.device, y.dtype)
+
     def training_data(self, rnd: LocalRound, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if "exemplars" not in rnd.scratch:
+        ex_x, ex_y = self.exemplars(rnd, x, y)
+        if not len(ex_y):
             return x, y
-        ex_x, ex_y = rnd.scratch["exemplars"]
-        return torch.cat([x, ex_x.to(x.dtype)]), torch.cat([y, ex_y.to(y.dtype)])
+        return torch.cat([x, ex_x]), torch.cat([y, ex_y])
 
     def batch_loss(self, rnd: LocalRound, xb: torch.Tensor, yb: torch.Tensor, out: ModelOutput,
                    loss: torch.Tensor) -> torch.Tensor:
@@ -140,9 +150,32 @@ def _features(rnd: LocalRound, x: torch.Tensor) -> torch.Tensor:
     model.eval()
     try:
         with torch.no_grad():
-            return torch.cat([rnd.forward(xb).features for xb in x.split(BATCH)])
+            return torch.cat([rnd.forward_inputs(xb).features for xb in x.split(BATCH)])
     finally:
         model.train(was_training)
+
+
+def stored_pixels(images: torch.Tensor, model_input: Callable[[torch.Tensor], torch.Tensor], *,
+                  client: str) -> torch.Tensor:
+    """The 8-bit images whose ``model_input`` is exactly ``images``, or a one-line ValueError.
+
+    ``model_input`` maps each pixel on its own and increasingly (normalisation), so the model input of every
+    level at every position is a sorted table per position, and each value is looked up in its own.
+    """
+    shape = images.shape[1:]
+    levels = torch.arange(256, device=images.device).to(torch.uint8)
+    table = model_input(levels.view(256, *[1] * len(shape)).expand(256, *shape).contiguous())
+    if table.dtype != images.dtype or table.shape[1:] != shape:
+        raise ValueError(f"icarl: client {client!r} has exemplars stored as {images.dtype} images, which the "
+                         f"task's 8-bit samples do not become ({table.dtype} {list(table.shape[1:])})")
+    table = table.flatten(1).T.contiguous()  # [positions, 256]
+    values = images.flatten(1).T.contiguous()  # [positions, exemplars]
+    found = torch.searchsorted(table, values).clamp_(max=255)
+    if not torch.equal(table.gather(1, found), values):
+        raise ValueError(f"icarl: client {client!r} has exemplars stored as float images that no 8-bit image "
+                         f"normalises to under this experiment's task_opts.augment_opts; resume with the "
+                         f"augment_opts the checkpoint was written with")
+    return found.T.reshape(images.shape).to(torch.uint8)
 
 
 def _logits(out: Any) -> torch.Tensor:

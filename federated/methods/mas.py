@@ -24,4 +24,4 @@ class MAS(Consolidation):
     aliases = {"lambda_penalty": ("lambda", 1.0)}
 
     def importance(self, rnd: LocalRound, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return output_sensitivity(rnd.model, rnd.forward, x, y)
+        return output_sensitivity(rnd.model, rnd.forward_inputs, x, y)

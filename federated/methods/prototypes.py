@@ -15,11 +15,14 @@ trainable LayerNorm) in the tail, where it trains.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
 from .adaptive import ComposedLayer
+from .base import as_is
 from .icarl import herding
 
 __all__ = ["BATCH", "budgets", "prototypes", "split_tail", "herd_exemplars"]
@@ -85,27 +88,48 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def prototypes(model: nn.Module, head: str, x: torch.Tensor) -> torch.Tensor:
-    """The head's input for each sample of ``x``, from ``model`` in eval mode (float32, on ``x``'s device)."""
+def prototypes(model: nn.Module, head: str, x: torch.Tensor,
+               model_input: Callable[[torch.Tensor], torch.Tensor] = as_is, *,
+               then: torch.Tensor | None = None) -> torch.Tensor:
+    """The head's input for each sample of ``x``, from ``model`` in eval mode (float32, on the model's device).
+
+    ``x`` may be in a stored form (8-bit images) that ``model_input`` turns into model input a batch at a
+    time, so the whole task never exists as float images. The rows of ``then`` (stored exemplars), as
+    float32, follow the prototypes in the same tensor, which is filled in place: one copy of each.
+    """
     caught: list[torch.Tensor] = []
 
     def catch(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        caught.append(args[0].detach().clone())
+        caught.append(args[0].detach())
         raise _Stop
 
+    extra = 0 if then is None else len(then)
+    rows: torch.Tensor | None = None
     handle = model.get_submodule(head).register_forward_pre_hook(catch)
     was_training = model.training
     model.eval()
     try:
-        for xb in x.split(BATCH):
+        for start in range(0, len(x), BATCH):
             try:
-                model(xb)
+                model(model_input(x[start:start + BATCH]))
             except _Stop:
                 pass
+            got = caught.pop()
+            if rows is None:
+                rows = torch.empty((len(x) + extra, *got.shape[1:]), dtype=torch.float32, device=got.device)
+            rows[start:start + len(got)] = got
     finally:
         handle.remove()
         model.train(was_training)
-    return torch.cat(caught).float() if caught else x[:0].float()
+    if rows is None:  # no samples: nothing gives the prototypes' shape
+        empty = x[:0].float()
+        return empty if not extra else torch.cat([empty, then.float()])
+    if extra:
+        if then.shape[1:] != rows.shape[1:]:
+            raise ValueError(f"fedstil: expected stored exemplars of shape [*, {', '.join(map(str, rows.shape[1:]))}]"
+                             f", found {list(then.shape)}")
+        rows[len(x):] = then
+    return rows
 
 
 def budgets(ids: list[int], total: int) -> dict[int, int]:
