@@ -155,6 +155,11 @@ class Method:
         """The model this method trains, made from a freshly built one (FedSTIL swaps layers); as is here."""
         return model
 
+    def plan(self, model: nn.Module) -> None:
+        """Look at the network once per worker, before its first job: ``model`` is ``prepare``'s model on
+        the meta device (shapes, no values). For work that must not run beside a training in another thread,
+        such as an FX trace (FedSTIL); nothing here."""
+
     # server half -------------------------------------------------------------------------------------
     def payload(self, server: ServerState, client: str, kind: str) -> dict[str, Any]:
         """What ``client`` starts from; ``kind`` is "integrated" (new client) or "incremental"."""

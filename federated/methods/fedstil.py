@@ -25,7 +25,7 @@ from ..predictions import Prediction, complement_scaled
 from .adaptive import AdaptiveLayer, adapt, adaptive_layers, expand_last, layer_entries
 from .base import LocalRound, Method, ModelOutput, ServerState, option
 from .counts import count_option
-from .prototypes import herd_exemplars, prototypes, split_tail
+from .prototypes import herd_exemplars, prototypes, split_tail, trace_network
 from .relevance import relevance_weights
 
 __all__ = ["FedSTIL", "thetas_of_state"]
@@ -49,10 +49,15 @@ class FedSTIL(Method):
         self.atten_default = option(self.options, "atten_default", 0.8, method=self.name)
         self.step = count_option(self.options, "distance_calculate_step", method=self.name, minimum=1)
         self.decay = option(self.options, "distance_calculate_decay", 0.8, method=self.name, minimum=1e-6)
+        self._network = None  # the network's FX trace, taken once by plan (each training traces without it)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         # FedSTIL's runner trained the anchors too (B11); fedevents keeps them fixed unless asked for legacy.
         return adapt(model, lambda layer: AdaptiveLayer(layer, self.atten_default, trainable_anchors=self.legacy))
+
+    def plan(self, model: nn.Module) -> None:
+        # Traced once here, not in each training: an FX trace must never run beside another thread's forward.
+        self._network = trace_network(model)
 
     # server half -------------------------------------------------------------------------------------
     def payload(self, server: ServerState, client: str, kind: str) -> dict[str, Any]:
@@ -133,7 +138,7 @@ class FedSTIL(Method):
 
     def training_data(self, rnd: LocalRound, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The task's prototypes and the stored exemplars; training runs the network after the head on them."""
-        head, tail = split_tail(rnd.model)
+        head, tail = split_tail(rnd.model, self._network)
         ex_x = rnd.memory.get("exemplar_x")
         # One tensor for the task's prototypes and the exemplars after them: no second copy of the prototypes.
         rows = prototypes(rnd.model, head, x, rnd.model_input, then=ex_x)

@@ -15,6 +15,8 @@ trainable LayerNorm) in the tail, where it trains.
 
 from __future__ import annotations
 
+import copy
+import threading
 from typing import Callable
 
 import torch
@@ -25,7 +27,7 @@ from .adaptive import ComposedLayer
 from .base import as_is
 from .icarl import herding
 
-__all__ = ["BATCH", "budgets", "prototypes", "split_tail", "herd_exemplars"]
+__all__ = ["BATCH", "budgets", "prototypes", "split_tail", "herd_exemplars", "trace_network"]
 
 #: Samples per forward pass when computing prototypes or herding features.
 BATCH = 256
@@ -48,22 +50,41 @@ def _trains(module: nn.Module) -> bool | None:
     return flags == {True}
 
 
-def split_tail(model: nn.Module) -> tuple[str, fx.GraphModule]:
-    """The head's name and the network from the head on, as a module taking the head's input.
+# FX patches torch.nn.Module's __call__ and __getattr__ for the whole process while it traces: a forward
+# running in another thread meanwhile goes through the tracer and fails ("module is not installed as a
+# submodule") or is recorded into the wrong graph. Traces therefore run one at a time, and a run traces once
+# per worker, before its first job (``trace_network`` from ``Method.plan``), never beside a training.
+_TRACE_LOCK = threading.Lock()
 
-    The trace is taken in train mode (the mode the tail trains in); the tail shares ``model``'s parameters.
+
+def trace_network(model: nn.Module) -> fx.Graph:
+    """``model``'s forward in train mode as an FX graph, opened only at modules that train in part.
+
+    The graph names modules and parameters by path, so it serves every model of the same network (one on
+    the meta device, traced before any job, and each thread's own). Call it while no other thread runs a
+    forward pass: FX patches torch for the whole process while it traces.
     """
     if not any(isinstance(m, ComposedLayer) for m in model.modules()):
         raise ValueError("fedstil: expected a model with a trainable Linear or Conv2d layer, found none")
     was_training = model.training
     model.train()
     try:
-        graph = _Tracer().trace(model)
+        with _TRACE_LOCK:
+            return _Tracer().trace(model)
     except Exception as exc:  # FX raises several kinds (TraceError, TypeError) for code it cannot follow
         raise ValueError(f"fedstil: expected a model FX can trace through the modules that train in part, "
                          f"found {type(exc).__name__}: {exc}") from None
     finally:
         model.train(was_training)
+
+
+def split_tail(model: nn.Module, network: fx.Graph | None = None) -> tuple[str, fx.GraphModule]:
+    """The head's name and the network from the head on, as a module taking the head's input.
+
+    ``network`` is ``trace_network`` of a model of the same network, taken earlier (it is copied, not
+    changed); without it ``model`` is traced now. The tail shares ``model``'s parameters.
+    """
+    graph = copy.deepcopy(network) if network is not None else trace_network(model)
     head = next((n for n in graph.nodes if n.op == "call_module" and _trains(model.get_submodule(str(n.target)))),
                 None)
     if head is None:

@@ -36,3 +36,21 @@ def test_backend_and_thread_timing_do_not_change_the_record(tmp_path: Path) -> N
 
 def test_a_different_seed_gives_a_different_record(tmp_path: Path) -> None:
     assert run(tmp_path, "a", random_seed=1)["data"] != run(tmp_path, "b", random_seed=2)["data"]
+
+
+def test_fedstil_gives_the_same_record_on_one_slot_and_on_three(tmp_path: Path) -> None:
+    """FedSTIL traces its network with FX, which patches torch for the whole process while it runs: traced
+    beside another slot's training, runs on several slots failed ("module is not installed as a submodule")."""
+    records = {p: run(tmp_path, f"fedstil-p{p}", parallel=p, exp_method="fedstil") for p in (1, 3)}
+    assert records[1]["status"] == records[3]["status"] == "finished"
+    assert records[1]["data"] == records[3]["data"]
+
+
+def test_fedstil_traces_its_network_once_per_worker_before_any_job() -> None:
+    from fedevents.engine.config import load_experiments
+    from fedevents.federated.worker import Worker
+
+    (config,) = load_experiments([ROOT / "configs/demo.yaml"], overrides=["exp_method=fedstil"])
+    worker = Worker(config.data, config.seed)
+    network = worker._method._network
+    assert network is not None and any(node.op == "call_module" for node in network.nodes)
