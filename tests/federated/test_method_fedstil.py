@@ -4,9 +4,11 @@ exemplar budget and herding, and the relevance-weighted dispatch (hand-computed 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from fedevents.federated.backbones import build_reid_model
@@ -17,6 +19,8 @@ from fedevents.federated.methods.fedstil import FedSTIL
 from fedevents.federated.methods.prototypes import budgets, herd_exemplars, prototypes, split_tail
 from fedevents.federated.methods.relevance import relevance_weights
 from fedevents.federated.predictions import Prediction, predict
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _linear() -> nn.Linear:
@@ -239,3 +243,36 @@ def test_the_global_a_is_exactly_what_fedstil_predicts_it_by_and_each_theta_is_b
     rule = predictions[("model", "l.A")]
     predicted = predict(rule.rule, [server.model[source[1]] for source in rule.sources])
     assert _bits(predicted) == _bits(server.model["l.A"])
+
+
+BRANCHY = '''
+import math
+from torch import nn
+
+class Branchy(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(math.prod(input_shape), num_classes)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        if x.sum() > 0:  # a branch on the data: FX cannot follow it
+            x = -x
+        return self.fc(x)
+'''
+
+
+def test_a_network_fx_cannot_trace_is_refused_before_the_run_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedevents.cli import main
+
+    (tmp_path / "branchy.py").write_text(BRANCHY)
+    data = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+    data.update(exp_method="fedstil", model_opts={"name": "branchy:Branchy"})
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--dry-run"]):
+        assert main(["run", "exp.yaml", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fedevents: error: exp.yaml: fedstil: expected a model FX can trace") and "\n" not in err
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "ckpts").exists()
