@@ -134,18 +134,21 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--only", choices=("divergence",), help="measure only the divergence check")
+    parser.add_argument("--only", choices=("divergence", "step"), help="measure only the divergence check, or "
+                        "only the per-step cost")
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"machine: {describe()}", flush=True)
-    checks = divergence_check(args.repeat)
-    print(f"\ndivergence check of one trained wide client (MLP 256-384-10), median of {args.repeat}\n")
-    print("| check | CPU µs per client |\n|---|---:|")
-    for name, us in checks.items():
-        print(f"| {name} | {us:.0f} |")
-    if args.only == "divergence":
-        return
+    checks = {}
+    if args.only != "step":
+        checks = divergence_check(args.repeat)
+        print(f"\ndivergence check of one trained wide client (MLP 256-384-10), median of {args.repeat}\n")
+        print("| check | CPU µs per client |\n|---|---:|")
+        for name, us in checks.items():
+            print(f"| {name} | {us:.0f} |")
+        if args.only == "divergence":
+            return
     steps = per_step(args.repeat)
     bare = steps["bare loop"]
     print(f"\nheavy preset, one training of {PRESETS['heavy'].steps_per_training} steps, median of {args.repeat}; "
@@ -155,6 +158,8 @@ def main() -> None:
     for name, us in steps.items():
         print(f"| {name} | {us['wall']:.0f} | {us['wall'] / bare['wall']:.3f} | {us['cpu']:.0f} | "
               f"{us['cpu'] / bare['cpu']:.3f} |")
+    if args.only == "step":
+        return
     runs = {}
     for sinks in (False, True):
         results = [engine_cost(args.clients, args.per_round, args.rounds, sinks) for _ in range(args.repeat)]

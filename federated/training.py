@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, StepLR
 from .lazydynamo import prepare_optimizer_class
 from .registry import Catalogue, Component, is_target, load_target
 from .progress import report_epoch
+from .sgdstep import step_of
 
 __all__ = [
     "OPTIMIZERS",
@@ -276,6 +277,7 @@ def _epoch(
     predicted = torch.empty(order.shape, device=x.device, dtype=torch.long)
     # zero_grad(set_to_none=True) without the profiler range torch opens around it on every call.
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    step = step_of(optimizer)  # a plain SGD's arithmetic without torch's wrappers around each call
     for batch, guesses in zip(order.split(batch_size), predicted.split(batch_size)):
         xb = x[batch]
         if augment is not None:
@@ -284,7 +286,7 @@ def _epoch(
             p.grad = None
         loss, logits = batch_loss(xb, y[batch])
         loss.backward()
-        optimizer.step()
+        step()
         # Sums stay on the device: reading them per batch would stall a GPU on every step. The loss is summed
         # batch by batch (the record's float sums, in their order); the predictions are kept and compared with
         # the labels once per epoch, one kernel per batch instead of four (issue 12: per-step overhead).
