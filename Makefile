@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedevents-installed
 
-.PHONY: setup bytecode demo reid-demo test bench clean
+.PHONY: setup bytecode demo reid-demo test test-slow bench clean
 
 setup: $(STAMP) bytecode
 
@@ -25,8 +25,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/fedevents run configs/demo.yaml
 
+# The suite without the tests marked slow (about 8 minutes on 2 cores); CI (.ci/run) runs both.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The slow tests alone: many real `fedevents` processes (kill-and-resume chains, Ray, full-width backbones).
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 bench: setup
 	$(BIN)/python benchmarks/bench_bus.py

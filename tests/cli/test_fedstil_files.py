@@ -66,7 +66,8 @@ def test_an_ablation_file_is_the_fedstil_file_with_one_option_changed(name: str)
     assert ablation == base
 
 
-@pytest.mark.parametrize("name", FILES)
+# The full-size backbones take most of this file's time: CI runs them (`make test-slow`), `make test` does not.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n for n in FILES])
 def test_a_fedstil_file_runs_unchanged(request: pytest.FixtureRequest, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str], name: str) -> None:
     if FILES[name] not in REGISTRY:

@@ -48,7 +48,9 @@ def test_the_fedprox_file_runs_unchanged_apart_from_its_dirs(data: Path, tmp_pat
     assert len({e.task for e in scored if e.round == 4}) == 5 * 6  # every client scored on every task
 
 
-@pytest.mark.parametrize("method", METHODS)
+# The two methods with the most to build per task take half this file's time: CI runs them (`make test-slow`).
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in ("fedstil-atten", "fedweit") else m
+                                    for m in METHODS])
 def test_every_method_runs_from_the_same_files_through_a_task_switch(data: Path, tmp_path: Path, method: str) -> None:
     exp, trained, _ = run(data, tmp_path, f"exp_method={method}", "method_opts={}", "exp_opts.comm_rounds=3",
                           "exp_opts.val_interval=3")

@@ -75,6 +75,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_record(tmp_path: Path, refe
     assert shape(evs[restart + 1:]) == shape(ref)
 
 
+@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
 def test_a_kill_while_a_checkpoint_is_written_beside_the_next_round_resumes_from_the_one_before(
         tmp_path: Path) -> None:
     exp = experiment(tmp_path)
@@ -88,6 +89,7 @@ def test_a_kill_while_a_checkpoint_is_written_beside_the_next_round_resumes_from
     assert "after round 2 from" in resumed.stderr
 
 
+@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
 def test_no_temporary_checkpoint_is_ever_loaded(tmp_path: Path) -> None:
     exp = experiment(tmp_path)
     kill = KILL_POINTS["mid-checkpoint-write"]
@@ -106,6 +108,7 @@ def test_resume_with_nothing_checkpointed_starts_over_and_says_so(tmp_path: Path
     assert record(tmp_path)["data"] == record(reference)["data"]
 
 
+@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
 def test_resume_refuses_a_changed_config_and_allows_more_rounds(tmp_path: Path) -> None:
     exp = experiment(tmp_path, comm_rounds=3)
     assert fedevents("run", str(exp), cwd=tmp_path).returncode == 0
@@ -123,6 +126,7 @@ def test_resume_refuses_a_changed_config_and_allows_more_rounds(tmp_path: Path) 
     assert max(int(r) for client in data.values() for r in client) == 5
 
 
+@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
 def test_retention_keeps_the_last_k_checkpoints_and_a_finished_run_only_its_last(tmp_path: Path) -> None:
     exp = experiment(tmp_path, checkpoint_keep=2, checkpoint_interval=2)
     # Killed once round 6's checkpoint is announced (written), at the end of round 7, before round 7's.
@@ -142,6 +146,7 @@ def kill_at(tmp_path: Path, exp: Path, point: str = "after-record-before-checkpo
     assert killed.returncode == -signal.SIGKILL, killed.stderr
 
 
+@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
 def test_resume_is_exact_when_spilled_clients_are_left_out_of_checkpoints(tmp_path: Path, reference: Path) -> None:
     """Checkpoints that export only changed clients, with most clients spilled to disk, still resume exactly."""
     exp = experiment(tmp_path, clients_in_memory=2)
@@ -151,6 +156,7 @@ def test_resume_is_exact_when_spilled_clients_are_left_out_of_checkpoints(tmp_pa
     assert (final["data"], final["comm"]) == (expected["data"], expected["comm"])
 
 
+@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
 def test_resume_into_another_logs_dir_gives_the_whole_record(tmp_path: Path, reference: Path) -> None:
     """Regression: the resumed record lacked every round before the checkpoint when the logs moved."""
     exp = experiment(tmp_path)
@@ -162,6 +168,7 @@ def test_resume_into_another_logs_dir_gives_the_whole_record(tmp_path: Path, ref
     assert (final["status"], final["data"], final["comm"]) == ("finished", expected["data"], expected["comm"])
 
 
+@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
 def test_resume_after_the_record_was_deleted_or_cut_gives_the_whole_record(tmp_path: Path, reference: Path) -> None:
     exp = experiment(tmp_path)
     kill_at(tmp_path, exp)
@@ -172,6 +179,7 @@ def test_resume_after_the_record_was_deleted_or_cut_gives_the_whole_record(tmp_p
     assert (final["data"], final["comm"]) == (expected["data"], expected["comm"])
 
 
+@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
 def test_a_symlinked_record_is_replaced_never_read_or_written_through(tmp_path: Path, reference: Path) -> None:
     exp = experiment(tmp_path)
     kill_at(tmp_path, exp)
@@ -187,6 +195,7 @@ def test_a_symlinked_record_is_replaced_never_read_or_written_through(tmp_path: 
     assert record(tmp_path)["data"] == record(reference)["data"]
 
 
+@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
 def test_tolerated_failures_survive_a_resume(tmp_path: Path) -> None:
     """Regression: failures recorded under failure_policy tolerate vanished from the resumed record."""
     fail = {"target": "killer:FailTraining", "kwargs": {"client": "client-1"}}
@@ -207,6 +216,7 @@ def test_tolerated_failures_survive_a_resume(tmp_path: Path) -> None:
     assert final["data"] == expected["data"]
 
 
+@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
 def test_a_second_process_resuming_the_same_run_is_refused(tmp_path: Path) -> None:
     exp = experiment(tmp_path)
     kill_at(tmp_path, exp)
@@ -222,6 +232,7 @@ def test_a_second_process_resuming_the_same_run_is_refused(tmp_path: Path) -> No
     assert fedevents("run", str(exp), "--resume", cwd=tmp_path).returncode == 0
 
 
+@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
 def test_a_run_killed_before_its_first_checkpoint_is_finished_by_resume(tmp_path: Path, reference: Path) -> None:
     """Regression: its record stayed "running" forever, since --resume started another run."""
     exp = experiment(tmp_path)
@@ -265,6 +276,7 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
     json.loads(next(p for p in (tmp_path / "logs").glob("*.json") if ".trace" not in p.name).read_text())
 
 
+@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
 def test_a_resume_refused_before_its_first_round_names_that_round(tmp_path: Path) -> None:
     """The events stream of another run in place: the resume stops at once, naming the round it was to run."""
     exp = experiment(tmp_path)

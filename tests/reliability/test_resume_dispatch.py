@@ -25,6 +25,9 @@ from fedevents.handlers.checkpoint import load_checkpoint
 
 from .conftest import KILLER, fedevents, record
 
+# Real `fedevents run` processes, killed and resumed: CI runs these (`make test-slow`), `make test` does not.
+pytestmark = pytest.mark.slow
+
 KEEPER = '''
 import shutil
 from pathlib import Path

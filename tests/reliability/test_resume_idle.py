@@ -22,6 +22,9 @@ import yaml
 
 from .conftest import KILLER, ROOT, fedevents, record
 
+# Real `fedevents run` processes, killed and resumed: CI runs these (`make test-slow`), `make test` does not.
+pytestmark = pytest.mark.slow
+
 HELPERS = '''
 import shutil
 from pathlib import Path

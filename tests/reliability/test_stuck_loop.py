@@ -15,6 +15,9 @@ from fedevents.engine.experiment import ABANDON_AFTER_S
 
 from .conftest import experiment, fedevents, record
 
+# Real `fedevents run` processes, killed and resumed: CI runs these (`make test-slow`), `make test` does not.
+pytestmark = pytest.mark.slow
+
 STUCK = '''
 import os, signal, time
 
