@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["prepare_optimizer_class"]
+__all__ = ["prepare_optimizer_class", "STEP_WRAPPERS"]
 
 _DYNAMO = "torch._dynamo"
 #: Where ``torch._disable_dynamo``'s wrapper caches the disabled function on the function it wraps.
@@ -147,6 +147,18 @@ def _hooked_step(step: Callable[..., Any]) -> Callable[..., Any]:
         return out
 
     return wrapper
+
+
+def _wrapper_codes() -> frozenset[Any]:
+    codes = {_USE_GRAD, _PROFILE_HOOK, _code_of(_hooked_step(_probe))}
+    if _USE_GRAD is not None:
+        codes.add(_code_of(_lazy_use_grad(sys.modules[Optimizer.__module__]._use_grad_for_differentiable(_probe))))
+    return frozenset(code for code in codes if code is not None)
+
+
+#: The code of every wrapper torch or this module puts around an optimizer class's ``step`` (each keeps the
+#: function it wraps as ``__wrapped__``): a step under none but these is the class's own.
+STEP_WRAPPERS = _wrapper_codes()
 
 
 _prepared: set[type] = set()

@@ -19,14 +19,12 @@ from torch import Tensor
 from torch.optim import SGD, Optimizer
 from torch.optim import optimizer as _optimizer_module
 
-from .lazydynamo import _PROFILE_HOOK, _USE_GRAD
+from .lazydynamo import STEP_WRAPPERS
 
 __all__ = ["step_of"]
 
 #: The function torch's ``SGD.step`` runs, under the wrappers torch (and fedevents) put around it.
 _TORCH_SGD_STEP = inspect.unwrap(SGD.step)
-#: The code of those wrappers: torch's grad-mode switch and its hooks-and-profiler wrapper.
-_KNOWN_WRAPPERS = {code for code in (_PROFILE_HOOK, _USE_GRAD) if code is not None}
 #: torch's registries of step hooks for every optimizer (``register_optimizer_step_pre_hook`` and post).
 _GLOBAL_HOOKS = (getattr(_optimizer_module, "_global_optimizer_pre_hooks", None),
                  getattr(_optimizer_module, "_global_optimizer_post_hooks", None))
@@ -72,9 +70,10 @@ def _plain(optimizer: Optimizer) -> bool:
 
 
 def _is_torch_sgd_step(step: Any) -> bool:
-    """True if ``step`` is torch's SGD step under none but torch's and fedevents' own wrappers (not a user's)."""
+    """True if ``step`` is torch's SGD step under none but torch's and fedevents' own wrappers (not a user's,
+    which ``functools.wraps`` gives the attributes of the function it wraps, but not its code)."""
     while step is not _TORCH_SGD_STEP:
-        known = getattr(step, "__fedevents_lazy_dynamo__", False) or getattr(step, "__code__", None) in _KNOWN_WRAPPERS
+        known = getattr(step, "__code__", None) in STEP_WRAPPERS
         step = getattr(step, "__wrapped__", None)
         if not known or step is None:
             return False

@@ -109,7 +109,8 @@ def test_other_optimizers_and_options_keep_their_step():
 
 def test_a_users_wrapper_around_sgd_step_is_called(monkeypatch):
     model = _model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    # Built as a run builds it, so the class's step is already fedevents' lazy-dynamo wrapper.
+    optimizer = build_optimizer({"name": "sgd", "lr": 0.05}, model.parameters())
     original, calls = torch.optim.SGD.step, []
 
     def counted(self, *args, **kwargs):
