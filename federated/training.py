@@ -207,12 +207,23 @@ def train_local(
         total_correct += epoch_correct
         if stop is not None and stop.ends(epoch_loss / count, epoch_correct / count):
             break
-    # Gradients would otherwise keep a model-sized buffer alive in a model that is reused.
-    optimizer.zero_grad(set_to_none=True)
+    _drop_gradients(optimizer)
     if stop is not None:
         return Scores(samples=count * stop.counted, loss=epoch_loss / count, acc=epoch_correct / count)
     seen = count * epochs
     return Scores(samples=seen, loss=total_loss / seen, acc=total_correct / seen)
+
+
+def _drop_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.zero_grad(set_to_none=True)``: gradients would otherwise keep a model-sized buffer alive in a
+    model that is reused. Done directly unless the optimizer's class has its own ``zero_grad``: torch's opens a
+    profiler range on every call, about 0.3 ms per training of a small model (issue 12: per-client cost)."""
+    if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
 
 
 def direct_call(criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:

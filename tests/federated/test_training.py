@@ -88,6 +88,21 @@ def test_training_changes_the_weights_and_leaves_no_gradients_behind() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_an_optimizer_with_its_own_zero_grad_has_it_called_after_training() -> None:
+    model, _, _, x, y = _setup()
+    calls = []
+
+    class Counted(torch.optim.SGD):
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            calls.append(set_to_none)
+            super().zero_grad(set_to_none)
+
+    train_local(model, Counted(model.parameters(), lr=0.1), None, build_criterion({"name": "cross_entropy"}), x, y,
+                epochs=1, batch_size=4, shuffle=generator(0, "shuffle"))
+    assert calls == [True]
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_the_same_shuffle_seed_gives_the_same_weights() -> None:
     results = []
     for _ in range(2):
