@@ -17,7 +17,7 @@ import torch
 from .backbones import empty_reid_model
 from .datasets.registry import SHAPES
 from .datasets.user import class_shape
-from .methods import Method, build_method
+from .methods import build_method
 from .models import empty_model
 from .registry import is_target
 from .synthetic import SyntheticSpec
@@ -45,10 +45,8 @@ def check_config(config: Mapping[str, Any], memory: int | None = None) -> None:
     memory = physical_memory() if memory is None else memory
     method = build_method(config["exp_method"], config.get("method_opts") or {})
     model = _meta_model(config)
-    if model is not None and type(method).plan is not Method.plan:
-        # What each worker does before its first job (FedSTIL's FX trace), so a network the method cannot
-        # use is refused now rather than failing the run's first job.
-        method.plan(method.prepare(model))
+    if model is not None:
+        method.plan_network(lambda: model)
     dummy = [torch.nn.Parameter(torch.zeros(1))]
     build_scheduler(config["scheduler_opts"], build_optimizer(config["optimizer_opts"], dummy))
     build_loss(config["criterion_opts"], config["model_opts"].get("num_classes"))

@@ -100,8 +100,8 @@ class Worker:
         # Building a model costs more than training a small one for a round, so each thread keeps one per
         # device and loads whatever weights a job needs into it.
         self._models = threading.local()
-        if type(self._method).plan is not Method.plan:  # before any job can run a forward pass
-            self._method.plan(self._method.prepare(self._tasks.empty_model(self._model_opts, torch.device("meta"))))
+        # Before any job can run a forward pass.
+        self._method.plan_network(lambda: self._tasks.empty_model(self._model_opts, torch.device("meta")))
 
     @property
     def tasks(self) -> Any:

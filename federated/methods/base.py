@@ -160,6 +160,13 @@ class Method:
         the meta device (shapes, no values). For work that must not run beside a training in another thread,
         such as an FX trace (FedSTIL); nothing here."""
 
+    def plan_network(self, build: Callable[[], nn.Module]) -> None:
+        """``plan(prepare(build()))`` where this method's class has a ``plan`` of its own; otherwise nothing is
+        built. Each worker calls it before its first job, and the config check calls it too, so a network
+        the method cannot plan is refused before the run rather than failing its first job."""
+        if type(self).plan is not Method.plan:
+            self.plan(self.prepare(build()))
+
     # server half -------------------------------------------------------------------------------------
     def payload(self, server: ServerState, client: str, kind: str) -> dict[str, Any]:
         """What ``client`` starts from; ``kind`` is "integrated" (new client) or "incremental"."""
