@@ -2,17 +2,16 @@
 
 ``torch.optim.SGD.step()`` wraps each call in a grad-mode switch, a step counter and hook checks, collects
 each group's parameters and gradients into lists, and picks a kernel family from them (single-tensor,
-foreach or fused) on every call. On a small model on the CPU that is about a tenth of the SGD step
-(issue 12: per-step overhead, measured in benchmarks/bench_costs.py). ``step_of(optimizer)`` gives a step
-that runs the arithmetic of torch's single-tensor SGD directly — the path torch itself takes for parameters
-on the CPU — and falls back to ``optimizer.step`` for anything else.
+foreach or fused) on every call. On a small model on the CPU that is several percent of the SGD step
+(issue 12: per-step overhead; benchmarks/bench_step.py, docs/benchmarks.md). ``step_of(optimizer)`` gives
+a step that runs the arithmetic of torch's single-tensor SGD directly — the path torch itself takes for
+parameters on the CPU — and falls back to ``optimizer.step`` for anything else.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import inspect
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -120,4 +119,3 @@ def _written_out_sgd(optimizer: Optimizer) -> Callable[[], Any]:
                     p.add_(grad, alpha=-lr)
 
     return step
-
