@@ -89,6 +89,7 @@ def test_mlflow_gets_metrics_params_artifacts_and_the_final_status(tmp_path: Pat
     assert artifacts == sorted([exp.paths.record.name, exp.paths.trace.name])
 
 
+@pytest.mark.slow  # a killed run resumed against MLflow's store: run by CI (`make test-slow`), not by `make test`
 def test_a_resumed_run_continues_the_same_mlflow_run(tmp_path: Path, mlflow_store: str) -> None:
     from mlflow.tracking import MlflowClient
 

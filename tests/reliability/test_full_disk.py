@@ -74,7 +74,7 @@ def checkpointed_rounds(folder: Path) -> list[int]:
     return sorted(int(p.stem.split("-")[1]) for p in (folder / "ckpts").rglob("round-*.pt"))
 
 
-@pytest.mark.parametrize("how", ["full", "read-only"])
+@pytest.mark.parametrize("how", [pytest.param("full", marks=pytest.mark.slow), "read-only"])  # full: CI only
 def test_a_logs_folder_that_cannot_be_written_stops_the_run_and_resume_completes_it(
         tmp_path: Path, small_disk: Path, reference: Path, how: str) -> None:
     exp = experiment(tmp_path)
@@ -109,6 +109,7 @@ def test_a_logs_folder_that_cannot_be_written_stops_the_run_and_resume_completes
         parses(path)
 
 
+@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
 def test_a_record_left_unfinished_by_a_full_disk_is_completed_by_resume(
         tmp_path: Path, small_disk: Path, reference: Path) -> None:
     exp = experiment(tmp_path)
