@@ -24,7 +24,6 @@ from typing import Any, Callable, Hashable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "AUGMENT_LEVELS",
@@ -398,6 +397,10 @@ def _read_images(paths: Sequence[str], size: tuple[int, int]) -> np.ndarray:
 
 
 def _read_image(path: str, size: tuple[int, int]) -> np.ndarray:
+    # Imported here: a run on synthetic or tensor data sets never decodes an image, and Pillow costs about
+    # 20 ms of every start-up (issue 12).
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(path) as image:
             rgb = image.convert("RGB")
