@@ -83,7 +83,7 @@ def test_bad_input_is_one_line_exit_2_and_creates_no_files(tmp_path: Path, args:
     assert not (tmp_path / "logs").exists()
 
 
-@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
+@pytest.mark.slow  # thread and process executors each run the demo: run by CI (`make test-slow`), not `make test`
 def test_the_process_executor_runs_the_demo_from_the_command_line(tmp_path: Path) -> None:
     runs = {}
     for executor in ("thread", "process"):

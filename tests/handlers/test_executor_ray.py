@@ -78,7 +78,7 @@ def run(tmp_path: Path, **extra: Any) -> tuple[dict, list]:
     return json.loads(exp.paths.record.read_text()), events.events
 
 
-@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
+@pytest.mark.slow  # Ray nodes and actors started and stopped: run by CI (`make test-slow`), not by `make test`
 def test_two_node_record_equals_the_thread_executors_to_the_last_digit(cluster: Cluster, tmp_path: Path) -> None:
     on_ray, events = run(tmp_path / "ray", executor="ray", parallel=1, **{"ray.address": cluster.address})
     on_thread, _ = run(tmp_path / "thread")
@@ -127,7 +127,7 @@ def test_a_model_in_a_file_next_to_the_config_runs_on_ray_actors(cluster: Cluste
     assert on_ray["data"] == on_thread["data"]
 
 
-@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
+@pytest.mark.slow  # Ray nodes and actors started and stopped: run by CI (`make test-slow`), not by `make test`
 def test_a_node_killed_mid_round_fails_its_clients_and_the_run_finishes(cluster: Cluster, tmp_path: Path) -> None:
     doomed = cluster.add_node(**NODE)
     cluster.wait_for_nodes(timeout=60)
@@ -178,7 +178,7 @@ def test_a_device_no_node_has_is_refused_before_the_run(cluster: Cluster, tmp_pa
     assert not (tmp_path / "logs").exists()
 
 
-@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
+@pytest.mark.slow  # Ray nodes and actors started and stopped: run by CI (`make test-slow`), not by `make test`
 def test_cli_runs_the_demo_on_a_private_ray_and_leaves_no_ray_process(cluster: Cluster, tmp_path: Path,
                                                                       short_tmp: str) -> None:
     tmp = short_tmp

@@ -79,7 +79,7 @@ def slow_process_executor(exp, tmp_path: Path, monkeypatch, victim: str) -> Proc
     return work.executor
 
 
-@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
+@pytest.mark.slow  # worker processes timed out and killed: run by CI (`make test-slow`), not by `make test`
 async def test_a_timed_out_process_job_is_killed_and_its_slot_comes_back_once_the_process_is_gone(
     tmp_path: Path, monkeypatch
 ) -> None:
