@@ -84,6 +84,24 @@ class KillInCheckpointRename:
         return []
 '''
 
+#: A handler, as a module's text, that copies every checkpoint's manifest into ``into`` as it is saved (a
+#: finished run keeps only its last checkpoint); test modules append their own handlers to it.
+KEEPER = '''
+import shutil
+from pathlib import Path
+
+class Keeper:
+    """Copies every checkpoint's manifest into `into` once it is saved (a finished run keeps only its last)."""
+    def __init__(self, into):
+        self.into = Path(into)
+        self.into.mkdir(parents=True, exist_ok=True)
+    def subscribe(self, bus):
+        from fedevents.engine.events import CheckpointSaved
+        return [bus.subscribe(CheckpointSaved, self)]
+    def __call__(self, ev):
+        shutil.copy(ev.path, self.into / Path(ev.path).name)
+'''
+
 
 def experiment(folder: Path, **exp_opts: Any) -> Path:
     """A small FedAvg experiment in ``folder`` (7 rounds, validation every 2) and the kill helpers beside it."""

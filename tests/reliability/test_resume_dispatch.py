@@ -23,26 +23,12 @@ import yaml
 from fedevents.federated.synth_reid import generate_synth_reid
 from fedevents.handlers.checkpoint import load_checkpoint
 
-from .conftest import KILLER, fedevents, record
+from .conftest import KEEPER, KILLER, fedevents, record
 
 # Real `fedevents run` processes, killed and resumed: CI runs these (`make test-slow`), `make test` does not.
 pytestmark = pytest.mark.slow
 
-KEEPER = '''
-import shutil
-from pathlib import Path
-
-class Keeper:
-    """Copies every checkpoint's manifest into `into` once it is saved (a finished run keeps only its last)."""
-    def __init__(self, into):
-        self.into = Path(into)
-        self.into.mkdir(parents=True, exist_ok=True)
-    def subscribe(self, bus):
-        from fedevents.engine.events import CheckpointSaved
-        return [bus.subscribe(CheckpointSaved, self)]
-    def __call__(self, ev):
-        shutil.copy(ev.path, self.into / Path(ev.path).name)
-
+HELPERS = KEEPER + '''
 class EveryEntry:
     """Declares every entry of a FedWeIT client's model replaced by its dispatch, wrongly at a task switch."""
     def __init__(self):
@@ -87,7 +73,7 @@ def experiment(folder: Path, dataset: Path, method: str, **exp_opts: Any) -> Pat
     data["optimizer_opts"]["keep_state"] = False
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "killer.py").write_text(KILLER)
-    (folder / "keeper.py").write_text(KEEPER)  # and the careless variants beside it
+    (folder / "keeper.py").write_text(HELPERS)  # and the careless variants beside it
     path = folder / "exp.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

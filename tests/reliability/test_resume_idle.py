@@ -20,26 +20,12 @@ import pytest
 import torch
 import yaml
 
-from .conftest import KILLER, ROOT, fedevents, record
+from .conftest import KEEPER, KILLER, ROOT, fedevents, record
 
 # Real `fedevents run` processes, killed and resumed: CI runs these (`make test-slow`), `make test` does not.
 pytestmark = pytest.mark.slow
 
-HELPERS = '''
-import shutil
-from pathlib import Path
-
-class Keeper:
-    """Copies each checkpoint's manifest into `into` once it is announced (a finished run keeps its last)."""
-    def __init__(self, into):
-        self.into = Path(into)
-        self.into.mkdir(parents=True, exist_ok=True)
-    def subscribe(self, bus):
-        from fedevents.engine.events import CheckpointSaved
-        return [bus.subscribe(CheckpointSaved, self)]
-    def __call__(self, ev):
-        shutil.copy(ev.path, self.into / Path(ev.path).name)
-
+HELPERS = KEEPER + '''
 class EveryEntryAtSwitches:
     """Declares an EWC client's whole model replaced at its dispatch, wrongly at a task switch (where EWC
     measures importances with the stored model first)."""
@@ -64,7 +50,6 @@ SAMPLED = {1: {1, 3}, 2: {0, 2}, 3: {4, 5}, 4: {0, 3}, 5: {1, 2}, 6: {2, 4}, 7: 
 
 def experiment(folder: Path, method: str, **exp_opts: Any) -> Path:
     data = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
-    # One slot: FedSTIL's tracing of an MLP in two threads at once fails now and then (FX's patcher is global).
     data.update(exp_method=method, exp_name=method, random_seed=1, logs_dir=str(folder / "logs"),
                 checkpoints_dir=str(folder / "ckpts"), clients={"count": 6, "tasks": ["t1", "t2"]}, parallel=1)
     data["exp_opts"].update({"comm_rounds": 7, "val_interval": 1, "online_clients": 2, "val_model": "global",
