@@ -20,7 +20,7 @@ import torch
 from ..fedavg import Upload, weighted_mean
 from .base import LocalRound, Method, ModelOutput, ServerState, every_entry, option
 from .counts import count_option
-from .importance import fisher_diagonal
+from .importance import fisher_diagonal, fisher_form
 
 __all__ = ["FedCurv"]
 
@@ -29,7 +29,7 @@ class FedCurv(Method):
     """FedAvg with the curvature penalty lambda * sum_{j != i} u_j (w - w_j)^2 (up to a constant)."""
 
     name = "fedcurv"
-    defaults = {"lambda": 1.0, "fisher_batches": None}
+    defaults = {"lambda": 1.0, "fisher_batches": None, "fisher": "per_sample"}
     aliases = {"lambda_penalty": ("lambda", 1.0)}
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
@@ -37,6 +37,7 @@ class FedCurv(Method):
         self.strength = option(self.options, "lambda", 1.0, method=self.name)
         self.fisher_batches = count_option(self.options, "fisher_batches", method=self.name, minimum=1,
                                            optional=True)
+        self.fisher = fisher_form(self.options, method=self.name)
 
     # server half -------------------------------------------------------------------------------------
     def payload(self, server: ServerState, client: str, kind: str) -> dict[str, Any]:
@@ -98,7 +99,8 @@ class FedCurv(Method):
     def finish(self, rnd: LocalRound) -> None:
         """Measure ``u`` on the task just trained, at the trained weights, and ``v = u * w``."""
         x, y = rnd.task_inputs(rnd.task)
-        u = fisher_diagonal(rnd.model, rnd.forward_inputs, x, y, batches=self.fisher_batches)
+        u = fisher_diagonal(rnd.model, rnd.forward_inputs, x, y, batches=self.fisher_batches,
+                            form=self.fisher)
         weights = dict(rnd.model.named_parameters())
         rnd.memory["u"] = u
         rnd.memory["v"] = {name: value * weights[name].detach() for name, value in u.items()}

@@ -7,19 +7,23 @@ forward pass per batch of ``BATCH`` samples is differentiated for all its sample
 ``autograd.grad(..., is_grads_batched=True)``. The pass runs in train mode, the mode in which every model
 here gives logits (a ReID net gives only its embedding in eval mode); BatchNorm statistics the pass would
 update are put back afterwards, so the model leaves exactly as it came.
+
+In train mode BatchNorm ties a batch's samples together, so each sample's gradient needs a backward pass
+through the whole batch: the per-sample Fisher costs a batch's backward pass per sample. ``fisher: batch``
+(FedSTIL's form) squares each batch's mean gradient instead, one backward pass per batch.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .base import ModelOutput
 
-__all__ = ["BATCH", "fisher_diagonal", "output_sensitivity", "per_sample_mean"]
+__all__ = ["BATCH", "FISHER_FORMS", "fisher_diagonal", "fisher_form", "output_sensitivity", "per_sample_mean"]
 
 #: Samples per forward pass when computing importances.
 BATCH = 64
@@ -29,18 +33,50 @@ GRADIENT_BUDGET = 1 << 25
 Forward = Callable[[torch.Tensor], ModelOutput]
 #: ``(x, y) -> one scalar per sample``, the quantity whose per-sample gradients are reduced.
 Scalars = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: The ways of measuring the Fisher diagonal (``method_opts.fisher``); the first is the default.
+FISHER_FORMS = ("per_sample", "batch")
+
+
+def fisher_form(options: Mapping[str, Any], *, method: str) -> str:
+    """``method_opts.fisher``, checked: a one-line ValueError names the forms and the value."""
+    value = options.get("fisher", FISHER_FORMS[0])
+    if value not in FISHER_FORMS:
+        raise ValueError(f"method_opts.fisher: expected one of {', '.join(FISHER_FORMS)} for {method}, "
+                         f"found {value!r}")
+    return value
 
 
 def fisher_diagonal(model: nn.Module, forward: Forward, x: torch.Tensor, y: torch.Tensor, *,
-                    batches: int | None = None) -> dict[str, torch.Tensor]:
-    """The empirical Fisher diagonal: the mean over samples of (d log p(y | x) / dw)^2, by parameter name.
+                    batches: int | None = None, form: str = "per_sample") -> dict[str, torch.Tensor]:
+    """The empirical Fisher diagonal by parameter name: with ``form`` per_sample, the mean over samples of
+    (d log p(y | x) / dw)^2; with ``form`` batch, FedSTIL's estimate of it, the mean over batches of
+    ``n_b * g_b^2``, ``g_b`` the gradient of batch b's mean log-likelihood and ``n_b`` its sample count.
 
     ``y`` is the true label; ``batches`` caps the samples used at ``batches * BATCH`` (evenly spaced).
     """
     def log_likelihood(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(forward(xb).logits, dim=1).gather(1, yb[:, None]).squeeze(1)
 
+    if form == "batch":
+        return _batch_fisher(model, log_likelihood, x, y, batches)
     return per_sample_mean(model, log_likelihood, x, y, torch.square, batches=batches)
+
+
+def _batch_fisher(model: nn.Module, scalars: Scalars, x: torch.Tensor, y: torch.Tensor,
+                  batches: int | None) -> dict[str, torch.Tensor]:
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    totals = [torch.zeros_like(p, requires_grad=False) for p in params]
+    x, y = _subset(x, y, batches)
+    spans = _spans(int(y.shape[0])) if y.shape[0] else []
+    if params:
+        with _training_pass(model):
+            for start, stop in spans:
+                grads = torch.autograd.grad(scalars(x[start:stop], y[start:stop]).mean(), params, allow_unused=True)
+                for total, grad in zip(totals, grads):
+                    if grad is not None:
+                        total += grad.square() * (stop - start)
+    return {name: total / max(len(spans), 1) for (name, _), total in zip(named, totals)}
 
 
 def output_sensitivity(model: nn.Module, forward: Forward, x: torch.Tensor, y: torch.Tensor, *,

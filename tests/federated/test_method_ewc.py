@@ -65,6 +65,38 @@ def test_the_fisher_at_non_zero_weights_matches_the_softmax_formula() -> None:
     torch.testing.assert_close(fisher["weight"], g_w.pow(2).mean(0))
 
 
+def test_the_batch_form_is_the_mean_over_batches_of_size_times_squared_mean_gradient() -> None:
+    weight, bias = [[0.5, -1.0], [2.0, 0.25]], [0.1, -0.3]
+    model = _linear(weight, bias)
+    # 150 samples: batches of 64, 64 and 22 (importance.BATCH), so the sizes differ.
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(150, 2, generator=gen), torch.randint(0, 2, (150,), generator=gen)
+    fisher = fisher_diagonal(model, lambda v: ModelOutput(model(v), model(v)), x, y, form="batch")
+    p = torch.softmax(x @ torch.tensor(weight).T + torch.tensor(bias), dim=1)
+    g_b = nn.functional.one_hot(y, 2).float() - p
+    g_w = g_b[:, :, None] * x[:, None, :]
+    want_b, want_w = torch.zeros(2), torch.zeros(2, 2)
+    for start, stop in ((0, 64), (64, 128), (128, 150)):
+        want_b += (stop - start) * g_b[start:stop].mean(0).pow(2)
+        want_w += (stop - start) * g_w[start:stop].mean(0).pow(2)
+    torch.testing.assert_close(fisher["bias"], want_b / 3)
+    torch.testing.assert_close(fisher["weight"], want_w / 3)
+    # At W = 0 over balanced labels the batch form of the bias is 0 where the per-sample one is 1/4.
+    zero = _linear([[0.0, 0.0], [0.0, 0.0]], [0.0, 0.0])
+    batch = fisher_diagonal(zero, lambda v: ModelOutput(zero(v), zero(v)), X0, Y0, form="batch")
+    torch.testing.assert_close(batch["bias"], torch.zeros(2), rtol=0, atol=1e-7)
+
+
+def test_the_batch_form_leaves_the_model_and_its_batchnorm_statistics_as_they_were() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fisher = fisher_diagonal(model, lambda v: ModelOutput(model(v), model(v)), X0, Y0, form="batch")
+    assert not model.training and set(fisher) == {name for name, _ in model.named_parameters()}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(bool(f.abs().sum() > 0) for f in fisher.values())
+
+
 def test_a_task_switch_consolidates_the_finished_task_before_loading_the_payload() -> None:
     method = EWC({"lambda": 100.0})
     previous = _linear([[0.0, 0.0], [0.0, 0.0]], [0.0, 0.0])
@@ -117,3 +149,7 @@ def test_options_and_registry() -> None:
         EWC({"fisher_batches": 0})
     with pytest.raises(ValueError, match=r"^method_opts.lambda: expected a number >= 0 for ewc, found -1$"):
         EWC({"lambda": -1})
+    assert EWC().fisher == "per_sample" and EWC({"fisher": "batch"}).fisher == "batch"
+    with pytest.raises(ValueError, match=r"^method_opts.fisher: expected one of per_sample, batch for ewc, "
+                                         r"found 'mean'$"):
+        EWC({"fisher": "mean"})

@@ -134,3 +134,21 @@ def test_measuring_u_leaves_the_trained_state_as_it_was() -> None:
     assert list(rnd.memory["u"]) == ["0.weight", "0.bias", "1.weight", "1.bias"]
     assert all(torch.equal(model.state_dict()[name], before[name]) for name in before)
     assert not model.training
+
+
+def test_fisher_batch_measures_u_in_fedstils_form() -> None:
+    """``fisher: batch``: u is the batch's size times its squared mean gradient (one batch of four here)."""
+    weight, bias = [[0.5, -1.0], [2.0, 0.25]], [0.1, -0.3]
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor(weight))
+        model.bias.copy_(torch.tensor(bias))
+    rnd = _round(model, PAYLOAD)
+    FedCurv({"fisher": "batch"}).finish(rnd)
+    g_b = nn.functional.one_hot(Y, 2).float() - torch.softmax(X @ torch.tensor(weight).T + torch.tensor(bias), dim=1)
+    g_w = g_b[:, :, None] * X[:, None, :]
+    torch.testing.assert_close(rnd.memory["u"]["bias"], 4 * g_b.mean(0).pow(2))
+    torch.testing.assert_close(rnd.memory["u"]["weight"], 4 * g_w.mean(0).pow(2))
+    torch.testing.assert_close(rnd.memory["v"]["weight"], rnd.memory["u"]["weight"] * torch.tensor(weight))
+    with pytest.raises(ValueError, match=r"^method_opts.fisher: expected one of per_sample, batch for fedcurv"):
+        FedCurv({"fisher": None})
