@@ -13,7 +13,8 @@ import torch
 from fedevents.engine.config import load_experiment
 from fedevents.federated import Federation
 
-CLIENTS = ("client-0", "client-1")
+from two_task_play import differences, play
+
 OPTIONS = {
     "fedstil": {"lambda_k": 6, "atten_default": 0.9, "distance_calculate_step": 1},
     "fedstil-atten": {"lambda_k": 6, "atten_default": 0.0, "bank_size": 2},
@@ -28,38 +29,6 @@ def config(dataset: Path, method: str) -> dict[str, Any]:
     cfg["model_opts"] = {**cfg["model_opts"], "fine_tuning": ["base.layer4", "classifier"]}
     cfg["task_opts"] = {**cfg["task_opts"], "batch_size": 8, "train_epochs": 1}
     return cfg
-
-
-def play(fed: Federation, rounds: range) -> list[dict[str, float]]:
-    """Train, upload and aggregate every client for ``rounds`` (task 0, then task 1); the training metrics
-    in order, then each client's scores on its first task after the last round."""
-    seen = []
-    for r in rounds:
-        for client in CLIENTS:
-            task = f"{client}-task-{min(r - 1, 1)}"
-            state = "integrated" if r == 1 else "incremental"
-            seen.append(fed.train(client=client, task=task, round=r, device="cpu", state=state).metrics)
-            fed.upload(client=client, round=r)
-        fed.aggregate(round=r, clients=list(CLIENTS))
-    for client in CLIENTS:
-        scores = fed.validate(client=client, tasks=[f"{client}-task-0"], round=rounds[-1], device="cpu")
-        seen.append(scores[f"{client}-task-0"].metrics)
-    return seen
-
-
-def flat(state: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(state, dict):
-        return {k: v for key, value in state.items() for k, v in flat(value, f"{prefix}{key}/").items()}
-    if isinstance(state, list):
-        return {k: v for i, value in enumerate(state) for k, v in flat(value, f"{prefix}{i}/").items()}
-    return {prefix: state}
-
-
-def same(a: Any, b: Any) -> bool:
-    fa, fb = flat(a), flat(b)
-    if fa.keys() != fb.keys():
-        return False
-    return all(torch.equal(x, fb[k]) if isinstance(x, torch.Tensor) else x == fb[k] for k, x in fa.items())
 
 
 @pytest.mark.parametrize("method", sorted(OPTIONS))
@@ -80,7 +49,7 @@ def test_a_run_is_deterministic_and_resumes_identically(
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     # ... and a run resumed from its checkpoint ends exactly where the uninterrupted one did.
     assert play(resumed, range(3, 4)) == metrics[4:]
-    assert same(resumed.state_dict(), whole.state_dict())
+    assert differences(resumed.state_dict(), whole.state_dict()) == []
 
 
 def _with_anchors(model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -107,7 +76,7 @@ def test_a_fedstil_state_that_stores_the_anchors_resumes_identically(two_task_re
     resumed.load_state_dict(state)
     assert not any(name.endswith((".a0", ".A0")) for name in resumed.server_state())
     assert play(resumed, range(3, 4)) == metrics[4:]
-    assert same(resumed.state_dict(), whole.state_dict())
+    assert differences(resumed.state_dict(), whole.state_dict()) == []
 
 
 def test_fedstil_trains_only_what_its_layers_leave_trainable(two_task_reid: Path, quiet_logs: None) -> None:

@@ -22,7 +22,8 @@ from fedevents.federated.methods.prototypes import prototypes, split_tail
 from fedevents.federated.methods.adaptive import AdaptiveLayer, adapt
 from fedevents.federated.reid_data import AugmentOpts
 
-CLIENTS = ("client-0", "client-1")
+from two_task_play import differences, play
+
 OPTIONS = {
     "fedstil": {"lambda_k": 6, "atten_default": 0.9, "distance_calculate_step": 1},
     "icarl": {"memory_size": 4},
@@ -53,38 +54,6 @@ def as_floats(fed: Federation) -> Federation:
 
     tasks.train_inputs = float_split  # an instance attribute: this federation's source only
     return fed
-
-
-def play(fed: Federation, rounds: range) -> list[dict[str, float]]:
-    """Task 0 in round 1, task 1 after (a switch in round 2): the training metrics, then the scores on task 0."""
-    seen = []
-    for r in rounds:
-        for client in CLIENTS:
-            task = f"{client}-task-{min(r - 1, 1)}"
-            state = "integrated" if r == 1 else "incremental"
-            seen.append(fed.train(client=client, task=task, round=r, device="cpu", state=state).metrics)
-            fed.upload(client=client, round=r)
-        fed.aggregate(round=r, clients=list(CLIENTS))
-    for client in CLIENTS:
-        seen.append(fed.validate(client=client, tasks=[f"{client}-task-0"], round=rounds[-1], device="cpu")
-                    [f"{client}-task-0"].metrics)
-    return seen
-
-
-def flat(state: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(state, dict):
-        return {k: v for key, value in state.items() for k, v in flat(value, f"{prefix}{key}/").items()}
-    if isinstance(state, list):
-        return {k: v for i, value in enumerate(state) for k, v in flat(value, f"{prefix}{i}/").items()}
-    return {prefix: state}
-
-
-def differences(a: Any, b: Any) -> list[str]:
-    fa, fb = flat(a), flat(b)
-    if fa.keys() != fb.keys():
-        return sorted(fa.keys() ^ fb.keys())
-    return [k for k, x in fa.items()
-            if not (torch.equal(x, fb[k]) if isinstance(x, torch.Tensor) else x == fb[k])]
 
 
 def normalised(dataset: Path, state: dict[str, Any]) -> dict[str, Any]:
