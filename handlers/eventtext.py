@@ -90,8 +90,8 @@ def _layout(cls: type) -> tuple[str, tuple[tuple[str, str], ...]] | None:
 
 def _event_text(event: Event) -> tuple[str, str | None]:
     """``strict_json`` of ``to_dict(event)`` less ``RUN_FIELDS``, byte for byte, without the dict: the text of
-    the plain fields (str, int, finite float, bool, None) and of metrics is written directly, the rest through
-    ``json_safe``; and the text of its ``metrics`` when they are plain.
+    the plain fields (str, int, finite float, bool, None), of metrics and of tuples of names is written
+    directly, the rest through ``json_safe``; and the text of its ``metrics`` when they are plain.
 
     This is the one encoding every event goes through (the events stream), 40 % of its cost as a dict.
     """
@@ -122,6 +122,8 @@ def _event_text(event: Event) -> tuple[str, str | None]:
             if name == "metrics":
                 metrics = plain
             text = strict_json(json_safe(value)) if plain is None else plain
+        elif kind is tuple and all(type(item) is str for item in value):  # tasks, clients
+            text = "[" + ",".join(map(_json_str, value)) + "]"
         else:
             text = strict_json(json_safe(value))
         parts.append(key)

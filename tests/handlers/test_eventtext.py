@@ -31,7 +31,7 @@ _SAMPLES = {
     "int": [0, -7, 2**70],
     "float": [1.5, 0.1, -0.0, 5e-324, 1e22, float("nan"), float("inf"), float("-inf"), 3, _Float64(2.5)],
     "bool": [True, False],
-    "tuple[str, ...]": [("synth",), (), ("a", "ü")],
+    "tuple[str, ...]": [("synth",), (), ("a", "ü"), ('q "\\ \n', _Name("n"))],
     "Mapping[str, float]": [{"acc": 0.5, "loss": 1e-7}, {}, {"loss": float("nan")}, {"n": 3}, {"ü": _Float64(1.0)},
                             {"t": {"n": 3}}, {1: 0.5}, {"ok": True}, {"big": 2**70}, {_Name("x"): 1.0}],
     "tuple[int, ...]": [(0, 3), (), (2**70,)],
