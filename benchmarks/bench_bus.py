@@ -1,6 +1,6 @@
 """Bus cost: microseconds per emitted event and per client, bare and with the default sinks attached.
 
-    python benchmarks/bench_bus.py [--events 20000] [--clients 2000] [--repeats 5]
+    python benchmarks/bench_bus.py [--events 20000] [--clients 2000] [--repeats 5] [--split] [--before TREE]
 
 "per event" emits TrainDone events (the most frequent event with a payload) with round/client context
 bound, as in a run. "per client" emits the seven events one client's work item makes in a round
@@ -10,12 +10,20 @@ does, clients by the hundred per round with a RoundFinished after each hundred. 
 writing to a temporary folder, with the run's default handler time limit (300 s). Events are built before the
 clock starts (building them is the engine's cost, reported as "build"). Wall time and this process's CPU time
 are both given: on a shared machine the CPU time is the steadier of the two.
+
+``--split`` adds each default sink alone (the log sink, the record, the trace recorder writing only the events
+file, and only the Chrome trace). ``--before TREE`` measures this checkout and the fedevents source tree TREE
+(``git archive`` of an earlier commit, say) side by side: each repeat is one fresh process of each, in
+turns, and the table gives both and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +53,7 @@ from fedevents.engine.context import RunContext  # noqa: E402
 from fedevents.handlers import JsonRecorder, LogSink, TraceRecorder  # noqa: E402
 
 SINKS = ("no handlers", "one no-op handler", "default sinks")
+ALONE = ("log sink alone", "record alone", "events file alone", "trace file alone")
 
 
 def train_done_events(ctx: RunContext, n: int) -> list[Any]:
@@ -83,11 +92,18 @@ async def scenario(kind: str, make: Callable[[RunContext, int], list[Any]], n: i
     sinks = []
     if kind == "one no-op handler":
         bus.subscribe(TrainDone, lambda e: None)
+    if kind == "default sinks" or kind == "log sink alone":
+        sinks.append(LogSink(folder / "b.log.jsonl", console=None))
+    if kind == "default sinks" or kind == "record alone":
+        sinks.append(JsonRecorder(folder / "b.json", {"exp_name": "bench"}))
     if kind == "default sinks":
-        sinks = [LogSink(folder / "b.log.jsonl", console=None), JsonRecorder(folder / "b.json", {"exp_name": "bench"}),
-                 TraceRecorder(folder / "b.events.jsonl", folder / "b.trace.json")]
-        for s in sinks:
-            s.subscribe(bus)
+        sinks.append(TraceRecorder(folder / "b.events.jsonl", folder / "b.trace.json"))
+    elif kind == "events file alone":
+        sinks.append(TraceRecorder(folder / "b.events.jsonl", None))
+    elif kind == "trace file alone":
+        sinks.append(TraceRecorder(None, folder / "b.trace.json"))
+    for s in sinks:
+        s.subscribe(bus)
     await bus.emit(ctx.make(ExperimentStarted, method="fedavg", rounds=1, clients=100, online_clients=100,
                             devices=("cpu",), parallel=2, seed=0, dry_run=False))
     built = time.perf_counter()
@@ -120,23 +136,84 @@ def _row(label: str, runs: list[tuple], per: int) -> str:
             f"({min(cpu):.1f}) | {built:.1f} |")
 
 
+def _tables(args: argparse.Namespace) -> list[tuple[str, str, Callable[[RunContext, int], list[Any]], int]]:
+    """(table, kind, events to emit, how many) of every measurement asked for."""
+    kinds = SINKS + (ALONE if args.split else ())
+    client_kinds = ("no handlers", "default sinks") + (ALONE if args.split else ())
+    return ([("event", kind, train_done_events, args.events) for kind in kinds]
+            + [("client", kind, client_events, args.clients) for kind in client_kinds])
+
+
+def _once(args: argparse.Namespace) -> dict[str, list[float]]:
+    """One repeat of every measurement in this process: per event or per client, µs of wall and of CPU."""
+    out = {}
+    for table, kind, make, n in _tables(args):
+        wall, cpu, _ = _measure(kind, make, n, 1)[0]
+        out[f"{table}|{kind}"] = [wall / n * 1e6, cpu / n * 1e6]
+    return out
+
+
+def _side_by_side(args: argparse.Namespace) -> None:
+    """Each repeat: one process of the code in ``--before``, then one of this checkout; medians and ratios."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_vs_loop import source_path
+
+    child = [sys.executable, __file__, "--events", str(args.events), "--clients", str(args.clients), "--child"]
+    child += ["--split"] if args.split else []
+    runs: dict[str, list[dict[str, list[float]]]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        before_env = source_path(args.before, Path(scratch))
+        for _ in range(args.repeats):
+            for side, env in (("before", before_env), ("after", None)):
+                done = subprocess.run(child, env=env, capture_output=True, text=True, check=True)
+                runs[side].append(json.loads(done.stdout.splitlines()[-1]))
+    for table, unit in (("event", "µs per TrainDone"), ("client", "µs per client (seven events)")):
+        print(f"\n| {unit}, median (best) of {args.repeats} | CPU before | CPU after | after / before | "
+              "wall before | wall after | after / before |\n|---|---:|---:|---:|---:|---:|---:|")
+        for name, kind, _, _ in _tables(args):
+            if name != table:
+                continue
+            cells = []
+            for i in (1, 0):  # CPU, then wall
+                before = [r[f"{table}|{kind}"][i] for r in runs["before"]]
+                after = [r[f"{table}|{kind}"][i] for r in runs["after"]]
+                ratio = statistics.median(after) / statistics.median(before)
+                cells += [f"{statistics.median(before):.1f} ({min(before):.1f})",
+                          f"{statistics.median(after):.1f} ({min(after):.1f})", f"{ratio:.2f}"]
+            print(f"| {kind} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--clients", type=int, default=2_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--split", action="store_true", help="also measure each default sink alone")
+    parser.add_argument("--before", type=Path, help="a fedevents source tree measured beside this checkout")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_once(args)))
+        return
     print(f"machine: {describe()}")
+    print(f"load average at the start: {os.getloadavg()}")
     print(f"{args.events} TrainDone events and {args.clients} clients' events per repeat, {args.repeats} repeats; "
-          "median (best)\n")
-    print("| TrainDone events | µs per event, wall | µs per event, CPU | build µs |")
+          "median (best)")
+    if args.before is not None:
+        _side_by_side(args)
+        print(f"load average at the end: {os.getloadavg()}")
+        return
+    print("\n| TrainDone events | µs per event, wall | µs per event, CPU | build µs |")
     print("|---|---:|---:|---:|")
-    for kind in SINKS:
-        print(_row(kind, _measure(kind, train_done_events, args.events, args.repeats), args.events))
+    for _, kind, make, n in _tables(args):
+        if make is train_done_events:
+            print(_row(kind, _measure(kind, make, n, args.repeats), n))
     print("\n| one client's seven events | µs per client, wall | µs per client, CPU | build µs |")
     print("|---|---:|---:|---:|")
-    for kind in ("no handlers", "default sinks"):
-        print(_row(kind, _measure(kind, client_events, args.clients, args.repeats), args.clients))
+    for _, kind, make, n in _tables(args):
+        if make is client_events:
+            print(_row(kind, _measure(kind, make, n, args.repeats), n))
+    print(f"load average at the end: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Unit costs behind the side-by-side benchmark: µs per SGD step, and the engine's cost per client and per event.
 
     python benchmarks/bench_costs.py [--repeat 5] [--clients 1000 --per-round 100 --rounds 10] [--only divergence]
+    python benchmarks/bench_costs.py --only engine [--before TREE] [--repeat 5]
 
 Per step: one local training of the heavy preset (8,192 samples of 1x16x16, 3 epochs of batches of 32: 768
 steps, MLP 256-384-10, SGD lr 0.05, torch threads 1), from the same initial weights and the same shuffling
@@ -12,6 +13,8 @@ Per client and per event: a dry run of fedevents (the engine, the bus, the clien
 simulated executor, nothing trained) of ``--clients`` clients, ``--per-round`` trained per round, for
 ``--rounds`` rounds with the global model scored each round, with the default sinks (log, events, trace, the
 record, checkpoints of the dry run) and without any; wall time over trainings and over emitted events.
+``--before TREE`` (with ``--only engine``) runs each dry run in a fresh process of this checkout and of the
+fedevents source tree TREE (``git archive`` of an earlier commit, say), in turns, and gives both side by side.
 
 Per commit: the divergence check of one trained client of the wide preset (its MLP's four weight tensors),
 element by element with ``isfinite`` and as fedevents does it (``all_finite``: a sum first); CPU µs per client.
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -126,6 +131,48 @@ def engine_cost(clients: int, per_round: int, rounds: int, sinks: bool) -> dict[
             "us_per_event": seconds / events * 1e6 if events else None}
 
 
+def engine_side_by_side(args: argparse.Namespace) -> None:
+    """Dry runs with and without sinks, each in a fresh process, of ``--before`` (when given) and of this
+    checkout in turns; medians of CPU and wall per training and per event, and the ratios."""
+    from bench_vs_loop import source_path
+
+    sides = ("before", "after") if args.before is not None else ("after",)
+    runs: dict[tuple[str, str], list[dict]] = {(side, sinks): [] for side in sides for sinks in ("none", "sinks")}
+    print(f"machine: {describe()}\nload average at the start: {os.getloadavg()}", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        envs = {"after": None, "before": source_path(args.before, Path(scratch)) if args.before else None}
+        for _ in range(args.repeat):
+            for sinks in ("none", "sinks"):
+                for side in sides:
+                    child = [sys.executable, __file__, "--child", sinks, "--clients", str(args.clients),
+                             "--per-round", str(args.per_round), "--rounds", str(args.rounds)]
+                    done = subprocess.run(child, env=envs[side], capture_output=True, text=True, check=True)
+                    runs[(side, sinks)].append(json.loads(done.stdout.splitlines()[-1]))
+    events = runs[("after", "sinks")][0]["events"]
+    trainings = args.per_round * args.rounds
+    print(f"\ndry run, {args.clients} clients, {args.per_round} per round, {args.rounds} rounds: {trainings} trainings, "
+          f"{events} events; median of {args.repeat}, one process each\n")
+    print("| code | sinks | CPU ms per training | wall ms per training | CPU µs per event | wall µs per event |\n"
+          "|---|---|---:|---:|---:|---:|")
+    medians = {}
+    for (side, sinks), results in runs.items():
+        cpu = statistics.median(r["cpu_s"] for r in results)
+        wall = statistics.median(r["run_s"] for r in results)
+        medians[(side, sinks)] = (cpu, wall)
+        print(f"| {side} | {'default' if sinks == 'sinks' else 'none'} | {cpu / trainings * 1e3:.3f} | "
+              f"{wall / trainings * 1e3:.3f} | {cpu / events * 1e6:.1f} | {wall / events * 1e6:.1f} |")
+    if args.before is not None:
+        for sinks in ("none", "sinks"):
+            (cpu_b, wall_b), (cpu_a, wall_a) = medians[("before", sinks)], medians[("after", sinks)]
+            print(f"\nafter / before, {'default sinks' if sinks == 'sinks' else 'no sinks'}: CPU {cpu_a / cpu_b:.2f}, "
+                  f"wall {wall_a / wall_b:.2f}")
+        sinks_b = medians[("before", "sinks")][0] - medians[("before", "none")][0]
+        sinks_a = medians[("after", "sinks")][0] - medians[("after", "none")][0]
+        print(f"the sinks' own CPU per training (default minus none): before {sinks_b / trainings * 1e3:.3f} ms, "
+              f"after {sinks_a / trainings * 1e3:.3f} ms ({sinks_a / sinks_b:.2f})")
+    print(f"load average at the end: {os.getloadavg()}")
+
+
 def main() -> None:
     # train_local logs each epoch; the benchmark measures the logging call, not a console writing it.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
@@ -134,11 +181,20 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--only", choices=("divergence", "step"), help="measure only the divergence check, or "
-                        "only the per-step cost")
+    parser.add_argument("--only", choices=("divergence", "step", "engine"), help="measure only the divergence "
+                        "check, only the per-step cost, or only the dry runs")
+    parser.add_argument("--before", type=Path, help="with --only engine: a fedevents source tree measured beside "
+                        "this checkout")
+    parser.add_argument("--child", choices=("sinks", "none"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.child:
+        print(json.dumps(engine_cost(args.clients, args.per_round, args.rounds, args.child == "sinks")))
+        return
+    if args.only == "engine":
+        engine_side_by_side(args)
+        return
     print(f"machine: {describe()}", flush=True)
     checks = {}
     if args.only != "step":

@@ -44,7 +44,11 @@ class AppendArray:
 
     def add(self, item: Any) -> None:
         """Queue ``item`` (JSON-safe) for the next flush."""
-        line = _encode(item).encode("utf-8")
+        self.add_text(_encode(item))
+
+    def add_text(self, text: str) -> None:
+        """Queue an item already written as JSON text (one line) for the next flush."""
+        line = text.encode("utf-8")
         self._pending.append(line)
         self._pending_bytes += len(line) + 2
         if self._pending_bytes >= self._limit:

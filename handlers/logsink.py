@@ -15,21 +15,17 @@ handlers and the training threads, and the run's summary lines.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from json.encoder import encode_basestring_ascii as _json_str
 from pathlib import Path
-from types import MappingProxyType
 from typing import IO, Any, Mapping, TextIO
 
 import structlog
 
 from fedevents.engine.bus import ALL, EventBus, Subscription
-from fedevents.engine.eventfile import RUN_FIELDS
 from fedevents.engine.events import (
     ClientFailed,
     Event,
@@ -43,15 +39,13 @@ from fedevents.engine.events import (
     TrainDone,
     ValDone,
     ValReused,
-    json_safe,
     strict_json,
-    to_dict,
 )
 
 from .streams import LineStream, trim_partial_tail
 from .atomic import close_quietly, output_failed
 
-__all__ = ["LEVELS", "LogSink", "LoggingSetup", "SINK_PRIORITY", "configure_logging", "event_line"]
+__all__ = ["LEVELS", "LogSink", "LoggingSetup", "SINK_PRIORITY", "configure_logging"]
 
 #: Sinks run before work handlers (priority 0), so they see every event as soon as it is emitted, in
 #: sequence order, rather than after the work it triggers.
@@ -63,83 +57,6 @@ _LEVEL_NO.update(warn=30, exception=40, fatal=50, failure=40, msg=20, log=20)
 _CONSOLE_KEYS = ("timestamp", "level", "event")
 # One encoder for every line: json.dumps with options builds a new encoder on each call.
 _encode = strict_json  # strict JSON: a NaN metric is written as "NaN", never as a bare token
-# How json writes numbers (float.__repr__ and int.__repr__ also for subclasses; only exact types come here).
-_float_repr, _int_repr = float.__repr__, int.__repr__
-
-
-_last_event: tuple[Event | None, str] = (None, "")
-
-
-def event_line(event: Event) -> str:
-    """The event's line in the events stream: ``to_dict(event)`` as compact JSON, without the run id and
-    experiment name its stream's header holds (``fedevents.engine.eventfile``); built once per event."""
-    global _last_event
-    seen, text = _last_event  # one tuple, swapped whole, so a thread never pairs an event with another's text
-    if seen is not event:
-        text = _event_text(event)
-        _last_event = (event, text)
-    return text
-
-
-#: Per event class: the text before its fields and each field's name with its ``,"name":`` key.
-_LAYOUTS: dict[type, tuple[str, tuple[tuple[str, str], ...]] | None] = {}
-
-
-def _layout(cls: type) -> tuple[str, tuple[tuple[str, str], ...]] | None:
-    fields = tuple(f.name for f in dataclasses.fields(cls))
-    if "event" in fields or "schema" in fields:  # would replace to_dict's own keys: left to to_dict
-        return None
-    names = tuple(name for name in fields if name not in RUN_FIELDS)
-    head = f'{{"event":{_json_str(cls.__name__)}'
-    return head, tuple((name, f",{_json_str(name)}:") for name in names)
-
-
-def _event_text(event: Event) -> str:
-    """``strict_json`` of ``to_dict(event)`` less ``RUN_FIELDS``, byte for byte, without the dict: the text of
-    the plain fields (str, int, finite float, bool, None) is written directly, the rest through ``json_safe``.
-
-    This is the one encoding every event goes through (the events stream), 40 % of its cost as a dict.
-    """
-    cls = type(event)
-    layout = _LAYOUTS.get(cls, False)
-    if layout is False:
-        layout = _LAYOUTS[cls] = _layout(cls)
-    if layout is None:  # every field, the run's too: a line's own run fields win over its header's
-        return _encode(to_dict(event))
-    head, keys = layout
-    parts = [head]
-    for name, key in keys:
-        value = getattr(event, name)
-        kind = type(value)
-        if kind is str:
-            text = _json_str(value)
-        elif kind is float and value - value == 0.0:  # finite: inf - inf and nan - nan are nan
-            text = _float_repr(value)
-        elif kind is int:
-            text = _int_repr(value)
-        elif kind is bool:
-            text = "true" if value else "false"
-        elif value is None:
-            text = "null"
-        elif kind is MappingProxyType:
-            text = _metrics_text(value)
-        else:
-            text = _encode(json_safe(value))
-        parts.append(key)
-        parts.append(text)
-    parts.append("}")
-    return "".join(parts)
-
-
-def _metrics_text(mapping: Mapping[Any, Any]) -> str:
-    """A frozen mapping's JSON as ``strict_json(json_safe(mapping))`` writes it; metrics (names to finite
-    floats) are written directly."""
-    parts = []
-    for name, value in mapping.items():
-        if type(name) is not str or type(value) is not float or value - value != 0.0:
-            return _encode(json_safe(mapping))
-        parts.append(f"{_json_str(name)}:{_float_repr(value)}")
-    return "{" + ",".join(parts) + "}"
 
 
 def check_level(level: str) -> str:

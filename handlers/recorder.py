@@ -29,6 +29,7 @@ from fedevents.engine.events import (
     ValDone,
     ValReused,
     json_safe,
+    strict_encoder,
     strict_json,
 )
 
@@ -68,7 +69,7 @@ def _compose(record: Mapping[str, Any], data_lines: Any) -> str:
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
-_encode = json.JSONEncoder(separators=(", ", ": "), allow_nan=False, default=str).encode
+_encode = strict_encoder((", ", ": "))
 
 
 def _text(value: Any) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 from fedevents.engine.bus import ALL, EventBus, Subscription
 from fedevents.engine.errors import OutputError
@@ -37,7 +37,8 @@ from fedevents.engine.events import (
 
 from .atomic import close_quietly, output_failed
 from .jsonarray import AppendArray
-from .logsink import SINK_PRIORITY, event_line
+from .eventtext import event_line, event_metrics_text, plain_text
+from .logsink import SINK_PRIORITY
 from .streams import LineStream, trim_partial_tail
 
 __all__ = ["TraceRecorder"]
@@ -70,11 +71,21 @@ class TraceRecorder:
         self._pids: dict[str, int] = {}
         self._threads: set[tuple[int, int]] = set()
         self._open_train: dict[tuple[int, str], TrainStarted] = {}
-        self._open_val: dict[tuple[int, str], tuple[float, dict[str, Any]]] = {}  # written at the round's end
+        # Per (round, client): the validation's start, its span (written at the round's end) and the time of
+        # its last ValDone so far, whose duration is worked out once, when the span is written.
+        self._open_val: dict[tuple[int, str], list[Any]] = {}
         self._trainings: Counter[tuple[str, int]] = Counter()
         self._busy: defaultdict[tuple[str, int], float] = defaultdict(float)
         self._closed = False
         self._subs: list[Subscription] = []
+        # What each kind of event adds besides its line (the bus has matched the type already: every event
+        # reaches this sink for the events stream).
+        self._then: dict[type[Event], Callable[[Any], None]] = {
+            TrainStarted: self._train_started, TrainDone: self._train_done, ValStarted: self._val_started,
+            ValDone: self._val_done, RoundStarted: self._round_started, Aggregated: self._aggregated,
+            ClientFailed: self._client_failed, RoundFinished: self._round_over,
+            **{end: self._round_over for end in _ENDS},
+        }
 
     def subscribe(self, bus: EventBus, *, priority: int = SINK_PRIORITY) -> list[Subscription]:
         self._subs.append(bus.subscribe(ALL, self.handle, priority=priority))
@@ -104,25 +115,9 @@ class TraceRecorder:
         if self._file is not None:
             self._file.write(self._line(event))
         self._last_mono = event.mono_time
-        kind = type(event)
-        if kind is TrainStarted:
-            self._open_train[(event.round, event.client)] = event  # type: ignore[attr-defined]
-        elif kind is TrainDone:
-            self._train_done(event)  # type: ignore[arg-type]
-        elif kind is ValStarted:
-            self._val_started(event)  # type: ignore[arg-type]
-        elif kind is ValDone:
-            self._val_done(event)  # type: ignore[arg-type]
-        elif kind is RoundStarted:
-            self._instant(f"round {event.round} started", event, {})  # type: ignore[attr-defined]
-        elif kind is Aggregated:
-            self._instant(f"aggregated r{event.round}", event,  # type: ignore[attr-defined]
-                          {"clients": len(event.clients), "samples": event.samples, "ran_s": event.ran_s})
-        elif kind is ClientFailed:
-            self._client_failed(event)  # type: ignore[arg-type]
-        elif kind is RoundFinished or kind in _ENDS:
-            self._close_validations()  # a round's validations are over when it finishes
-            self._flush()  # at the end too, so a tracker that attaches the files finds them whole
+        then = self._then.get(type(event))
+        if then is not None:
+            then(event)
 
     def summary(self) -> dict[str, Any]:
         """Trainings and busy seconds per (device, slot), their totals, and the makespan seen so far."""
@@ -221,7 +216,9 @@ class TraceRecorder:
             self._chrome.add(event)
 
     def _close_validations(self) -> None:
-        for _, span in self._open_val.values():
+        for start, span, end in self._open_val.values():
+            if end is not None:  # the span grows to the client's last ValDone of the round
+                span["dur"] = round(max(end - start, 0.0) * 1e6, 3)
             self._put(span)
         self._open_val.clear()
 
@@ -253,37 +250,87 @@ class TraceRecorder:
             self._put(span)
         return span
 
+    def _train_started(self, ev: TrainStarted) -> None:
+        self._open_train[(ev.round, ev.client)] = ev
+
     def _train_done(self, ev: TrainDone) -> None:
         started = self._open_train.pop((ev.round, ev.client), None)
         start = started.mono_time if started is not None else ev.mono_time - ev.ran_s
-        self._span(f"train {ev.client} r{ev.round}", "train", start, ev.mono_time, ev.device, ev.slot,
-                   {"task": ev.task, "waited_s": ev.waited_s, "samples": ev.samples, "metrics": dict(ev.metrics)})
+        if self._chrome is not None:
+            self._train_span(ev, start)
         self._trainings[(ev.device, ev.slot)] += 1
         self._busy[(ev.device, ev.slot)] += ev.mono_time - start
 
+    def _train_span(self, ev: TrainDone, start: float) -> None:
+        """The training's span, written as text from the fields (and the metrics text of the event's line);
+        a span with a value that is not plain is built as a dict and encoded, as every span once was."""
+        name = f"train {ev.client} r{ev.round}"
+        args = None
+        metrics = event_metrics_text(ev)
+        if metrics is not None:
+            task, waited, samples = plain_text(ev.task), plain_text(ev.waited_s), plain_text(ev.samples)
+            if task is not None and waited is not None and samples is not None:
+                args = f'{{"task":{task},"waited_s":{waited},"samples":{samples},"metrics":{metrics}}}'
+        text = None if args is None else self._span_text(name, "train", start, ev.mono_time, ev.device, ev.slot,
+                                                          args)
+        if text is None:
+            self._span(name, "train", start, ev.mono_time, ev.device, ev.slot,
+                       {"task": ev.task, "waited_s": ev.waited_s, "samples": ev.samples, "metrics": dict(ev.metrics)})
+        else:
+            self._chrome.add_text(text)  # type: ignore[union-attr]
+
+    def _span_text(self, name: str, cat: str, start: float, end: float, device: str, slot: int,
+                   args: str) -> str | None:
+        """``strict_json`` of ``_span``'s dict, with ``args`` already JSON; None where a number is not plain."""
+        if type(slot) is not int:
+            return None
+        pid, tid = self._where(device, slot)
+        ts, dur = plain_text(self._us(start)), plain_text(round(max(end - start, 0.0) * 1e6, 3))
+        if ts is None or dur is None:
+            return None
+        return (f'{{"ph":"X","name":{plain_text(name)},"cat":"{cat}","ts":{ts},"dur":{dur},"pid":{pid},'
+                f'"tid":{tid},"args":{args}}}')
+
     def _val_started(self, ev: ValStarted) -> None:
+        if self._chrome is None:
+            return
         span = self._span(f"val {ev.client} r{ev.round}", "val", ev.mono_time, ev.mono_time, ev.device, ev.slot,
                           {"waited_s": ev.waited_s, "metrics": {}}, write=False)
-        self._open_val[(ev.round, ev.client)] = (ev.mono_time, span)
+        self._open_val[(ev.round, ev.client)] = [ev.mono_time, span, None]
 
     def _val_done(self, ev: ValDone) -> None:
-        key = (ev.round, ev.client)
-        if key not in self._open_val:
+        if self._chrome is None:
+            return
+        opened = self._open_val.get((ev.round, ev.client))
+        if opened is None:
             start = ev.mono_time - ev.ran_s
             span = self._span(f"val {ev.client} r{ev.round}", "val", start, ev.mono_time, ev.device, ev.slot,
                               {"metrics": {}}, write=False)
-            self._open_val[key] = (start, span)
-        start, span = self._open_val[key]
-        # The span grows to the client's last ValDone of the round.
-        span["dur"] = round(max(ev.mono_time - start, 0.0) * 1e6, 3)
-        span["args"]["metrics"][ev.task] = dict(ev.metrics)
+            opened = self._open_val[(ev.round, ev.client)] = [start, span, None]
+        opened[2] = ev.mono_time
+        opened[1]["args"]["metrics"][ev.task] = dict(ev.metrics)
+
+    def _round_started(self, ev: RoundStarted) -> None:
+        self._instant(f"round {ev.round} started", ev, {})
+
+    def _aggregated(self, ev: Aggregated) -> None:
+        self._instant(f"aggregated r{ev.round}", ev, {"clients": len(ev.clients), "samples": ev.samples,
+                                                      "ran_s": ev.ran_s})
+
+    def _round_over(self, ev: Event) -> None:
+        self._close_validations()  # a round's validations are over when it finishes
+        self._flush()  # at the end too, so a tracker that attaches the files finds them whole
 
     def _instant(self, name: str, ev: Event, args: dict[str, Any]) -> None:
+        if self._chrome is None:
+            return
         self._put({"ph": "i", "s": "g", "name": name, "ts": self._us(ev.mono_time),
                    "pid": 1, "tid": 1, "args": {"round": ev.round, **args}})  # type: ignore[attr-defined]
 
     def _client_failed(self, ev: ClientFailed) -> None:
         started = self._open_train.pop((ev.round, ev.client), None)
+        if self._chrome is None:
+            return
         if started is not None and ev.phase == "train":
             self._span(f"train {ev.client} r{ev.round} (failed)", "train", started.mono_time, ev.mono_time,
                        started.device, started.slot, {"task": ev.task, "error": f"{ev.error_type}: {ev.error}"})

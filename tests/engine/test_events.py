@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedevents.engine.events import EVENT_TYPES, SCHEMA_VERSION, TrainDone, to_dict
+from fedevents.engine.events import EVENT_TYPES, SCHEMA_VERSION, TrainDone, strict_encoder, strict_json, to_dict
 from fedevents.engine.testing import make_event
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "events.md").read_text()
@@ -43,3 +43,28 @@ def test_every_event_and_field_is_documented(event_type: type) -> None:
     for field in dataclasses.fields(event_type):
         place = DOC if field.name in base else body
         assert f"| `{field.name}` |" in place, f"{event_type.__name__}.{field.name} is not documented"
+
+
+class _Float64(float):
+    pass
+
+
+_AWKWARD = ["ü \"q\" \\ \n\u2028 😀", 2**70, -0.0, 5e-324, 1e22, 1e-05, _Float64(2.5), True, None, (1, [2, "x"]),
+            {"a": {"b": [1.5, None]}, 1: "int key", None: "null key", 2.5: "float key"}, {}, [], b"bytes", object]
+
+
+@pytest.mark.parametrize("separators", [(",", ":"), (", ", ": ")])
+def test_strict_encoder_writes_what_json_writes(separators: tuple[str, str]) -> None:
+    """The encoder made once writes what json.JSONEncoder(...).encode writes, byte for byte."""
+    encode = strict_encoder(separators)
+    reference = json.JSONEncoder(separators=separators, allow_nan=False, default=str).encode
+    for value in _AWKWARD + [_AWKWARD]:
+        assert encode(value) == reference(value), value
+    for value in (float("nan"), [float("inf")], {"m": -float("inf")}):
+        with pytest.raises(ValueError):
+            encode(value)
+
+
+def test_strict_json_writes_nan_and_the_infinities_as_strings() -> None:
+    assert strict_json({"a": [float("nan"), float("inf")], "b": -float("inf"), "c": 1.5}) == (
+        '{"a":["NaN","Infinity"],"b":"-Infinity","c":1.5}')

@@ -14,14 +14,18 @@ from fedevents.engine.eventfile import is_header
 from fedevents.engine.events import (
     ClientFailed,
     ExperimentStarted,
+    RoundFinished,
     RoundStarted,
+    TrainDone,
     TrainStarted,
+    ValDone,
+    ValStarted,
     json_safe,
     to_dict,
 )
 from fedevents.handlers import TraceRecorder
 
-from .conftest import Run
+from .conftest import T0, Run
 
 pytestmark = pytest.mark.anyio
 
@@ -276,3 +280,98 @@ async def test_a_resumed_run_appends_after_the_earlier_spans(tmp_path, bus, run)
     assert len(trains) == 2  # the first process's span is kept
     # the resumed clock starts one second after the earlier trace's last event (the aggregation at 4.5 s)
     assert trains[1][0] == trains[0][0] + 4.5e6 + 1e6
+
+
+class _Float64(float):
+    pass
+
+
+# Span fields with awkward values: escapes, non-ASCII, NaN and infinities (the whole span then goes through
+# json_safe), ints and bools where numbers go, float subclasses, nested and non-str-keyed metrics.
+_TASKS = ["t0", 'ü "q" \\ \n\u2028', ""]
+_WAITS = [0.25, float("nan"), float("inf"), 3, _Float64(0.5), -0.0, 5e-324, 1e22, True, 1e-05]
+_SAMPLE_COUNTS = [64, 2**70, True]
+_METRICS = [{"tr_acc": 0.5, "tr_loss": 1e-7}, {}, {"tr_loss": float("nan")}, {"n": 3}, {"ü": _Float64(1.0)},
+            {"t": {"n": 3}}, {1: 0.5}, {"ok": True}, {"big": 2**70}, {"l": [1.5, float("-inf")]}]
+_SLOTS = [0, 1, True]
+
+
+def _reference(span: dict) -> str:
+    """A span as json.dumps writes its dict, strictly: json_safe's strings for NaN and the infinities."""
+    try:
+        return json.dumps(span, separators=(",", ":"), allow_nan=False, default=str)
+    except ValueError:
+        return json.dumps(json_safe(span), separators=(",", ":"), allow_nan=False, default=str)
+
+
+def _items(path: Path) -> list[str]:
+    """The trace's items as the text of their lines."""
+    lines = path.read_text().splitlines()
+    assert (lines[0], lines[-1]) == ("[", "]")
+    return [line[:-1] if line.endswith(",") else line for line in lines[1:-1]]
+
+
+async def test_every_training_span_is_the_json_of_its_dict_for_awkward_values(tracer, run) -> None:
+    """Spans are written as text from the events' fields: the same bytes as their dicts through json."""
+    await run.start()
+    expected = []
+    for i in range(60):
+        at = 1.0 + i
+        fields = dict(round=1, client=f"c{i}", task=_TASKS[i % 3], device=("cpu", "cuda:0")[i % 2],
+                      slot=_SLOTS[i % 3])
+        started = i % 4 != 0  # a TrainDone without its TrainStarted starts ran_s before it ends
+        if started:
+            await run.emit(TrainStarted, at, **fields, waited_s=0.0)
+        ran_s = float("nan") if i == 7 else 0.5  # a start that is not a number: ts and dur are NaN
+        done = await run.emit(TrainDone, at + 0.75, **fields, waited_s=_WAITS[i % len(_WAITS)], ran_s=ran_s,
+                              samples=_SAMPLE_COUNTS[i % 3], metrics=_METRICS[i % len(_METRICS)])
+        start = T0 + at if started else done.mono_time - ran_s
+        expected.append({
+            "ph": "X", "name": f"train c{i} r1", "cat": "train", "ts": round((start - T0) * 1e6 + 0.0, 3),
+            "dur": round(max(done.mono_time - start, 0.0) * 1e6, 3), "pid": 1 + i % 2, "tid": _SLOTS[i % 3] + 1,
+            "args": {"task": done.task, "waited_s": done.waited_s, "samples": done.samples,
+                     "metrics": dict(done.metrics)}})
+    tracer.close()
+    written = [item for item in _items(tracer.chrome_path) if item.startswith('{"ph":"X"')]
+    assert written == [_reference(span) for span in expected]
+
+
+async def test_validation_spans_are_the_json_of_their_dicts_for_awkward_values(tracer, run) -> None:
+    await run.start()
+    await run.emit(ValStarted, 1.0, round=1, client="c0", device="cpu", slot=1, waited_s=float("inf"))
+    first = await run.emit(ValDone, 1.5, round=1, client="c0", task="t0", device="cpu", slot=1, ran_s=0.5,
+                           samples=4, metrics={"val_acc": float("nan"), "n": 3})
+    last = await run.emit(ValDone, 2.25, round=1, client="c0", task="ü", device="cpu", slot=1, ran_s=0.75,
+                          samples=4, metrics={"val_acc": _Float64(0.5)})
+    alone = await run.emit(ValDone, 3.0, round=1, client="c1", task="t0", device="cuda:0", slot=0, ran_s=0.5,
+                           samples=4, metrics={"nested": {"a": 1.0}})
+    await run.emit(RoundFinished, 3.5, round=1, trained=0, failed=0, validated=2, seconds=3.0)
+    tracer.close()
+    # The metrics as the events hold them (a nested mapping is read-only there, and written as its text).
+    expected = [
+        {"ph": "X", "name": "val c0 r1", "cat": "val", "ts": 1_000_000.0, "dur": 1_250_000.0, "pid": 1, "tid": 2,
+         "args": {"waited_s": float("inf"), "metrics": {"t0": dict(first.metrics), "ü": dict(last.metrics)}}},
+        {"ph": "X", "name": "val c1 r1", "cat": "val", "ts": 2_500_000.0, "dur": 500_000.0, "pid": 2, "tid": 1,
+         "args": {"metrics": {"t0": dict(alone.metrics)}}},
+    ]
+    written = [item for item in _items(tracer.chrome_path) if item.startswith('{"ph":"X"')]
+    assert written == [_reference(span) for span in expected]
+
+
+async def test_without_a_trace_file_the_events_and_the_summary_are_the_same(tmp_path, bus, run) -> None:
+    both = TraceRecorder(tmp_path / "both.events.jsonl", tmp_path / "both.trace.json")
+    alone = TraceRecorder(tmp_path / "alone.events.jsonl", None)
+    both.subscribe(bus)
+    alone.subscribe(bus)
+    await run.start()
+    await run.round_one()
+    await run.emit(TrainStarted, 4.75, round=2, client="c1", task="t0", device="cuda:0", slot=1, waited_s=0.0)
+    await run.emit(ClientFailed, 4.9, round=2, client="c1", task="t0", phase="train", error_type="ValueError",
+                   error="bad batch")
+    await run.finish()
+    assert alone.summary() == both.summary()
+    both.close()
+    alone.close()
+    assert (tmp_path / "alone.events.jsonl").read_bytes() == (tmp_path / "both.events.jsonl").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone.events.jsonl", "both.events.jsonl",
+                                                         "both.trace.json"]
