@@ -17,7 +17,7 @@ from .bus import EventBus
 from .config import ExperimentConfig
 from .context import RunContext, new_run_id
 from .devices import DevicePool
-from .errors import ConfigError, FedEventsError, RunFailed
+from .errors import ConfigError, FedEventsError, RunFailed, describe
 from .results import ResultTracker, RunResult
 from .reuse import ScoreLedger
 from .runner import STOP_GRACE_S, Engine
@@ -204,7 +204,7 @@ class Experiment:
             except Exception as exc:
                 if first is None:
                     first = exc if isinstance(exc, FedEventsError) else RunFailed(
-                        f"closing the run failed: {type(exc).__name__}: {exc}")
+                        f"closing the run failed: {describe(exc)}")
         self._closers.clear()
         return first
 

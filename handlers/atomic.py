@@ -9,7 +9,11 @@ from typing import IO, Any, Callable
 
 from fedevents.engine.errors import OutputError
 
-__all__ = ["write_atomic", "write_text_atomic", "output_failed", "trim_partial_line", "close_quietly"]
+__all__ = ["write_atomic", "write_text_atomic", "output_failed", "trim_partial_line", "close_quietly", "drop_link",
+           "NO_FOLLOW"]
+
+#: Flags that make ``os.open`` refuse a symlink at the last component of the path (ELOOP).
+NO_FOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -33,7 +37,14 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
 
 
 def _no_follow(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return os.open(path, flags | NO_FOLLOW, 0o644)
+
+
+def drop_link(path: Path) -> None:
+    """Remove a symlink found where fedevents appends to one of its files, so that the file continued or
+    started there is its own: the link's target is never read, cut back or written through."""
+    if path.is_symlink():
+        path.unlink()
 
 
 def write_text_atomic(path: Path, text: str) -> None:

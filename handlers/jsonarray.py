@@ -15,6 +15,8 @@ from typing import Any
 
 from fedevents.engine.events import strict_json
 
+from .atomic import NO_FOLLOW, drop_link
+
 __all__ = ["AppendArray", "repair_array"]
 
 _CLOSE = b"\n]\n"
@@ -33,11 +35,12 @@ class AppendArray:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self.earlier: list[Any] = []  # the items already in a continued file
+        drop_link(self.path)
         if keep and self.path.exists():
             self._tail, self.earlier = repair_array(self.path)
-            self._fd = os.open(self.path, os.O_WRONLY)
+            self._fd = os.open(self.path, os.O_WRONLY | NO_FOLLOW)
         else:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NO_FOLLOW, 0o644)
             os.write(self._fd, b"[" + _CLOSE)
             self._tail = 1
         self._empty = not self.earlier
