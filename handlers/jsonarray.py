@@ -81,15 +81,22 @@ def repair_array(path: Path) -> tuple[int, list[Any]]:
     closing bracket) it is cut back after its last whole line and closed again; what cannot be read at all
     becomes an empty array.
     """
-    data = path.read_bytes()
-    items = _parse(data)
+    found = path.read_bytes()
+    items = _parse(found)
     if items is None:
-        data, items = _cut_to_whole_items(data)
+        data, items = _cut_to_whole_items(found)
         with open(path, "r+b") as f:
-            f.truncate(0)
-            f.write(data + _CLOSE)
+            if found.startswith(data):
+                # The whole items stay where they are and only what follows them is rewritten, so a kill
+                # in here leaves them for the next repair (emptying the file first would lose them all).
+                f.seek(len(data))
+                f.write(_CLOSE)
+                f.truncate()
+            else:
+                f.truncate(0)
+                f.write(data + _CLOSE)
         return len(data), items
-    body = data.rstrip()[:-1].rstrip()  # without the closing bracket
+    body = found.rstrip()[:-1].rstrip()  # without the closing bracket
     return len(body), items
 
 
