@@ -10,7 +10,7 @@ from typing import IO, Any, Callable
 from fedevents.engine.errors import OutputError
 
 __all__ = ["write_atomic", "write_text_atomic", "output_failed", "trim_partial_line", "close_quietly", "drop_link",
-           "NO_FOLLOW"]
+           "name_failure", "NO_FOLLOW"]
 
 #: Flags that make ``os.open`` refuse a symlink at the last component of the path (ELOOP).
 NO_FOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -57,6 +57,14 @@ def output_failed(path: Path, exc: OSError) -> OutputError:
     why = exc.strerror or str(exc)
     return OutputError(f"cannot write {path}: {why}; the run stopped before the round's checkpoint: "
                        f"make room (or make it writable) and run the same command with --resume")
+
+
+def name_failure(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming the file it failed on: a write to a descriptor does not say, and a sink that writes
+    two files (the events and the trace) must report the one that failed."""
+    if exc.filename is None:
+        exc.filename = str(path)
+    return exc
 
 
 def close_quietly(stream: IO[Any] | None) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from fedevents.engine.events import strict_json
 
-from .atomic import NO_FOLLOW, drop_link
+from .atomic import NO_FOLLOW, drop_link, name_failure
 
 __all__ = ["AppendArray", "repair_array"]
 
@@ -58,7 +58,10 @@ class AppendArray:
         if not self._pending or self._fd < 0:
             return
         body = (b"\n" if self._empty else b",\n") + b",\n".join(self._pending)
-        os.pwrite(self._fd, body + _CLOSE, self._tail)
+        try:
+            os.pwrite(self._fd, body + _CLOSE, self._tail)
+        except OSError as exc:
+            raise name_failure(exc, self.path)
         self._tail += len(body)
         self._empty = False
         self._pending.clear()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedevents.engine.errors import OutputError
 
-from .atomic import NO_FOLLOW, drop_link, trim_partial_line
+from .atomic import NO_FOLLOW, drop_link, name_failure, trim_partial_line
 
 __all__ = ["LineStream", "trim_partial_tail"]
 
@@ -86,8 +86,11 @@ class LineStream:
             packer = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, _GZIP_WBITS)
             data = packer.compress(data) + packer.flush()
         view = memoryview(data)
-        while view:  # a nearly full disk takes part of a write; the next part then fails with ENOSPC
-            view = view[os.write(self._fd, view):]
+        try:
+            while view:  # a nearly full disk takes part of a write; the next part then fails with ENOSPC
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            raise name_failure(exc, self.path)
 
 
 def trim_partial_tail(path: Path, *, compress: bool) -> None:
