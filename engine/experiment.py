@@ -160,7 +160,16 @@ class Experiment:
         is dispatched, the record is marked interrupted and ``Interrupted`` is raised; a second signal ends
         the process at once.
         """
-        return anyio.run(partial(self.run_async, handle_signals=handle_signals), backend=backend)
+        try:
+            return anyio.run(partial(self.run_async, handle_signals=handle_signals), backend=backend)
+        except (SystemExit, KeyboardInterrupt) as exc:
+            if isinstance(exc, KeyboardInterrupt) and not handle_signals:
+                raise  # without fedevents' signal handling it may be the user's Ctrl-C
+            # asyncio lets these two out of its loop from any task, past the handler that started the task,
+            # so the bus could not report them as that handler's failure.
+            round_ = self.engine.round if self.engine is not None else 0
+            raise RunFailed(f"round {round_}: a task started by a handler raised {describe(exc)}, which ends the "
+                            "event loop itself: the run stopped there") from None
 
     async def run_async(self, *, handle_signals: bool = False) -> RunResult:
         """Run inside an existing event loop; components are closed on every exit path.
