@@ -304,6 +304,17 @@ def test_a_fifo_or_a_device_as_the_config_is_refused_without_waiting(
     assert snapshot(project) == before
 
 
+def test_a_file_of_very_many_values_is_refused_in_the_first_pass(
+        project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: a 6 MB flow list (3 million values, well under the 16 MiB cap) held PyYAML's pure-Python
+    loader for over a minute before any message."""
+    (project / "many.yaml").write_text(EARLIER + "notes: [" + ",".join(["x"] * 100_001) + "]\n")
+    before = snapshot(project)
+    status, stderr = run_here(project, monkeypatch, capsys, "many.yaml")
+    assert_refused(status, stderr, before, project, "fedevents: error: many.yaml: ",
+                   ("expected at most 100,000 values, mappings and lists, found more by line 7",))
+
+
 def test_deep_nesting_in_a_set_is_refused_in_one_short_line(
         project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     before = snapshot(project)
@@ -342,6 +353,10 @@ REFUSED_FLAGS: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
     "parallel_flag_zero": (("experiment.yaml", "--parallel", "0"), "--parallel: ",
                            ("parallel: expected an integer >= 1, found 0 (integer)",)),
     "parallel_flag_not_a_number": (("experiment.yaml", "--parallel", "two"), "--parallel", ("'two'",)),
+    "set_control_characters": (("experiment.yaml", "--set", "exp_nam\x1b[31me=a\nb"), "--set exp_nam\\x1b[31me: ",
+                               ("exp_nam\\x1b[31me: unknown key; did you mean 'exp_name'?",)),
+    "flag_control_characters": (("experiment.yaml", "--bogus\x1bx"), "fedevents: ",
+                                ("unrecognized arguments: --bogus\\x1bx",)),
     "device_flag_bad_name": (("experiment.yaml", "--device", "gpu0"), "--device: ",
                              ("device[0]: expected 'cpu', 'cuda' or 'cuda:N', found 'gpu0'",)),
 }
