@@ -99,6 +99,8 @@ class Experiment:
         self._settlers: list[Callable[[float], int | None]] = []
         self._results = ResultTracker()
         self._results.subscribe(self.bus)
+        #: Whether fedevents handles SIGINT itself in this run, so that a KeyboardInterrupt is never a Ctrl-C.
+        self._own_signals = False
 
     @property
     def finished(self) -> bool:
@@ -160,6 +162,7 @@ class Experiment:
         is dispatched, the record is marked interrupted and ``Interrupted`` is raised; a second signal ends
         the process at once.
         """
+        self._own_signals = handle_signals and threading.current_thread() is threading.main_thread()
         try:
             return anyio.run(partial(self.run_async, handle_signals=handle_signals), backend=backend)
         except (SystemExit, KeyboardInterrupt) as exc:
@@ -210,7 +213,9 @@ class Experiment:
         for close in reversed(self._closers):
             try:
                 close()
-            except Exception as exc:
+            except BaseException as exc:  # a handler's close raising SystemExit has failed, like any other
+                if isinstance(exc, KeyboardInterrupt) and not self._own_signals:
+                    raise  # without fedevents' signal handling it may be the user's Ctrl-C
                 if first is None:
                     first = exc if isinstance(exc, FedEventsError) else RunFailed(
                         f"closing the run failed: {describe(exc)}")
