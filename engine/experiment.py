@@ -166,7 +166,7 @@ class Experiment:
         try:
             return anyio.run(partial(self.run_async, handle_signals=handle_signals), backend=backend)
         except (SystemExit, KeyboardInterrupt) as exc:
-            if isinstance(exc, KeyboardInterrupt) and not handle_signals:
+            if isinstance(exc, KeyboardInterrupt) and not self._own_signals:
                 raise  # without fedevents' signal handling it may be the user's Ctrl-C
             # asyncio lets these two out of its loop from any task, past the handler that started the task,
             # so the bus could not report them as that handler's failure.
