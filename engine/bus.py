@@ -280,7 +280,8 @@ def _real_cancellation(exc: BaseException) -> bool:
     """Whether ``exc`` is a cancellation the event loop delivered, not one a handler raised by itself.
 
     On asyncio a delivered cancellation leaves its task cancelling; an ``asyncio.CancelledError()`` a
-    handler raises does not. On trio only trio itself can make a ``Cancelled``.
+    handler raises does not (Python 3.10 cannot tell them apart: there every one passes). On trio only
+    trio itself can make a ``Cancelled``.
     """
     if not isinstance(exc, anyio.get_cancelled_exc_class()):
         return False
@@ -288,7 +289,8 @@ def _real_cancellation(exc: BaseException) -> bool:
         task = asyncio.current_task()
     except RuntimeError:  # not running on asyncio
         return True
-    return task is None or task.cancelling() > 0
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11 and later
+    return cancelling is None or cancelling() > 0
 
 
 def _real_interrupt(exc: BaseException) -> bool:
