@@ -198,10 +198,11 @@ def build_experiment(
             _add_sinks(exp, console, progress, recorder)
         handlers += _trackers(tensorboard, mlflow)
         trace = exp.paths.trace if "trace" in config.data["outputs"] else None
-        for handler in handlers:
+        for i, handler in enumerate(handlers):
             if callable(getattr(handler, "attach_files", None)):  # a tracker: the config and the files it attaches
                 handler.attach_files(config.data, exp.paths.record, trace)
-            attach_handler(handler, exp.bus)
+            named = f"handlers[{i}]" if i < len(config.data["handlers"]) else type(handler).__name__  # a tracker
+            attach_handler(handler, exp.bus, f"{config.source}: {named}")
             exp.components.append(handler)
             if callable(getattr(handler, "close", None)):
                 exp.on_close(handler.close)

@@ -15,7 +15,7 @@ import traceback
 from typing import NoReturn, Sequence
 
 from fedevents.engine.config import EXECUTORS
-from fedevents.engine.errors import ConfigError, FedEventsError, Interrupted
+from fedevents.engine.errors import ConfigError, FedEventsError, Interrupted, one_line
 
 __all__ = ["main", "report_main"]
 
@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one ``fedevents: error:`` line and exit status 2, like any bad input."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"fedevents: error: {self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(2, one_line(f"fedevents: error: {self.prog}: {message} (see {self.prog} --help)") + "\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,7 +105,8 @@ def _command(argv: Sequence[str] | None) -> int:
         if args.debug:
             traceback.print_exc()
         label = "interrupted" if isinstance(exc, Interrupted) else "error"
-        print(f"fedevents: {label}: {exc}", file=sys.stderr)
+        # One line whatever the message quotes: a --set value or a user's error may hold control characters.
+        print(one_line(f"fedevents: {label}: {exc}"), file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print("fedevents: interrupted", file=sys.stderr)
@@ -209,7 +210,7 @@ def _run_experiments(args: argparse.Namespace) -> int:
             raise
         except FedEventsError as exc:
             failed.append(exp.config.exp_name)
-            print(f"fedevents: error: {exp.config.exp_name}: {exc}", file=sys.stderr)
+            print(one_line(f"fedevents: error: {exp.config.exp_name}: {exc}"), file=sys.stderr)
     summary = f"{len(runs)} runs, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "")
     print(f"fedevents: group {runs[0].data['group']}: {summary}", file=sys.stderr)
     return 1 if failed else 0

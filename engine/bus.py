@@ -6,11 +6,13 @@ after another, never concurrently, so a sync handler sees events one at a time o
 
 Two roles:
 - a *sink* (the default) observes. If it raises, the error is logged with the event, counted in
-  ``bus.sink_errors``, and the remaining handlers still run. ``SystemExit`` and ``KeyboardInterrupt``
-  raised by a sink are its failure too. An async sink that runs longer than ``bus.time_limit_s`` is
-  cancelled and reported by name, the same way.
+  ``bus.sink_errors``, and the remaining handlers still run. Whatever it raises is its failure
+  (``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit``, an exception group, a cancellation of its
+  own making), except a cancellation of the run and, without fedevents' signal handling, the user's
+  Ctrl-C. An async sink that runs longer than ``bus.time_limit_s`` is cancelled and reported by name,
+  the same way.
 - a *work* handler (``work=True``) does the experiment's work. If it raises, ``emit`` raises too, and the
-  engine turns that into a failed client (a ``SystemExit`` or ``KeyboardInterrupt`` as ``HandlerFailed``).
+  engine turns that into a failed client (anything that is not an ``Exception`` as ``HandlerFailed``).
 
 One failure is never isolated: a sink that cannot write one of the run's files raises ``OutputError``.
 ``emit`` raises it at once (the handlers after it, such as the checkpoint, do not run), keeps it in
@@ -20,6 +22,7 @@ the end of the run is reported once and nothing tries to log it to the disk that
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import itertools
 import signal
@@ -30,7 +33,7 @@ from typing import Any, Awaitable, Callable, Iterable, Union
 import anyio
 import structlog
 
-from .errors import HandlerFailed, OutputError
+from .errors import HandlerFailed, OutputError, describe, message, one_line
 from .events import Event
 
 __all__ = ["ALL", "EventBus", "Subscription", "Handler"]
@@ -184,8 +187,8 @@ class EventBus:
                     result = sub.handler(event)
                     if sub.is_async:
                         await result  # type: ignore[misc]
-                except (SystemExit, KeyboardInterrupt) as exc:
-                    if _real_interrupt(exc):
+                except BaseException as exc:
+                    if isinstance(exc, Exception) or _passes_through(exc):
                         raise
                     raise HandlerFailed(_own_exit(sub, exc)) from None
                 continue
@@ -199,8 +202,8 @@ class EventBus:
                 if self.output_error is None:  # the first one stops the run; later ones are its echoes
                     self.output_error = exc
                     raise
-            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a sink must never stop training
-                if _real_interrupt(exc):
+            except BaseException as exc:  # a sink must never stop training, whatever it raises
+                if _passes_through(exc):
                     raise
                 self._sink_failed(sub, event, exc)
 
@@ -233,7 +236,7 @@ class EventBus:
             handler=_name(sub.handler),
             failed_event=type(event).__name__,
             failed_seq=event.seq,
-            error=f"{type(exc).__name__}: {exc}",
+            error=describe(exc),
         )
 
     def _remove(self, sub: Subscription) -> None:
@@ -267,6 +270,29 @@ def _name(handler: object) -> str:
     return getattr(handler, "__qualname__", None) or type(handler).__qualname__
 
 
+def _passes_through(exc: BaseException) -> bool:
+    """Whether what a handler raised is not its own failure but the run's: the user's Ctrl-C, or a
+    cancellation of the scope the handler runs in."""
+    return _real_interrupt(exc) or _real_cancellation(exc)
+
+
+def _real_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is a cancellation the event loop delivered, not one a handler raised by itself.
+
+    On asyncio a delivered cancellation leaves its task cancelling; an ``asyncio.CancelledError()`` a
+    handler raises does not (Python 3.10 cannot tell them apart: there every one passes). On trio only
+    trio itself can make a ``Cancelled``.
+    """
+    if not isinstance(exc, anyio.get_cancelled_exc_class()):
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not running on asyncio
+        return True
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11 and later
+    return cancelling is None or cancelling() > 0
+
+
 def _real_interrupt(exc: BaseException) -> bool:
     """Whether a KeyboardInterrupt may be the user's Ctrl-C rather than a handler's own: only while SIGINT
     still raises it (the CLI's signal handling replaces that), since Python raises it wherever it lands."""
@@ -274,4 +300,4 @@ def _real_interrupt(exc: BaseException) -> bool:
 
 
 def _own_exit(sub: Subscription, exc: BaseException) -> str:
-    return f"handler {_name(sub.handler)} raised {type(exc).__name__}({exc})"
+    return f"handler {_name(sub.handler)} raised {type(exc).__name__}({one_line(message(exc))})"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["FedEventsError", "ConfigError", "DeviceError", "RunFailed", "HandlerLoadError", "Interrupted",
-           "CheckpointError", "OutputError", "HandlerFailed"]
+           "CheckpointError", "OutputError", "HandlerFailed", "describe", "message", "one_line"]
 
 
 class FedEventsError(Exception):
@@ -58,3 +58,25 @@ class Interrupted(FedEventsError):
                          f"the same command with --resume continues from {where}")
         self.signal_name = signal_name
         self.exit_status = 143 if signal_name == "SIGTERM" else 130
+
+
+def describe(exc: BaseException) -> str:
+    """``exc`` as ``Type: message`` on one printable line: how an error raised by code that is not
+    fedevents' own (a user's handler, method or model) is reported, whatever its message holds."""
+    return one_line(f"{type(exc).__name__}: {message(exc)}")
+
+
+def message(exc: BaseException) -> str:
+    """``str(exc)``, or a note saying it could not be read: a ``__str__`` that fails must not turn one
+    failure into another."""
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - whatever it raises
+        return "(its message could not be read)"
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks, terminal escapes and other unprintable characters written as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -17,7 +17,7 @@ from .bus import EventBus
 from .config import ExperimentConfig
 from .context import RunContext, new_run_id
 from .devices import DevicePool
-from .errors import ConfigError, FedEventsError, RunFailed
+from .errors import ConfigError, FedEventsError, RunFailed, describe
 from .results import ResultTracker, RunResult
 from .reuse import ScoreLedger
 from .runner import STOP_GRACE_S, Engine
@@ -99,6 +99,8 @@ class Experiment:
         self._settlers: list[Callable[[float], int | None]] = []
         self._results = ResultTracker()
         self._results.subscribe(self.bus)
+        #: Whether fedevents handles SIGINT itself in this run, so that a KeyboardInterrupt is never a Ctrl-C.
+        self._own_signals = False
 
     @property
     def finished(self) -> bool:
@@ -160,7 +162,17 @@ class Experiment:
         is dispatched, the record is marked interrupted and ``Interrupted`` is raised; a second signal ends
         the process at once.
         """
-        return anyio.run(partial(self.run_async, handle_signals=handle_signals), backend=backend)
+        self._own_signals = handle_signals and threading.current_thread() is threading.main_thread()
+        try:
+            return anyio.run(partial(self.run_async, handle_signals=handle_signals), backend=backend)
+        except (SystemExit, KeyboardInterrupt) as exc:
+            if isinstance(exc, KeyboardInterrupt) and not self._own_signals:
+                raise  # without fedevents' signal handling it may be the user's Ctrl-C
+            # asyncio lets these two out of its loop from any task, past the handler that started the task,
+            # so the bus could not report them as that handler's failure.
+            round_ = self.engine.round if self.engine is not None else 0
+            raise RunFailed(f"round {round_}: a task started by a handler raised {describe(exc)}, which ends the "
+                            "event loop itself: the run stopped there") from None
 
     async def run_async(self, *, handle_signals: bool = False) -> RunResult:
         """Run inside an existing event loop; components are closed on every exit path.
@@ -201,10 +213,12 @@ class Experiment:
         for close in reversed(self._closers):
             try:
                 close()
-            except Exception as exc:
+            except BaseException as exc:  # a handler's close raising SystemExit has failed, like any other
+                if isinstance(exc, KeyboardInterrupt) and not self._own_signals:
+                    raise  # without fedevents' signal handling it may be the user's Ctrl-C
                 if first is None:
                     first = exc if isinstance(exc, FedEventsError) else RunFailed(
-                        f"closing the run failed: {type(exc).__name__}: {exc}")
+                        f"closing the run failed: {describe(exc)}")
         self._closers.clear()
         return first
 

@@ -24,7 +24,7 @@ from structlog.contextvars import bound_contextvars
 from .bus import EventBus
 from .config import ExperimentConfig
 from .context import RunContext
-from .errors import ConfigError, FedEventsError, Interrupted, OutputError, RunFailed
+from .errors import ConfigError, FedEventsError, Interrupted, OutputError, RunFailed, describe, message
 from .events import (
     CheckpointSaved,
     ClientDispatched,
@@ -194,7 +194,7 @@ class Engine:
             raise
         except BaseException as exc:
             await self._settle_quietly()
-            await self._last_word(ExperimentFailed, round=self.round, reason=f"{type(exc).__name__}: {exc}",
+            await self._last_word(ExperimentFailed, round=self.round, reason=describe(exc),
                                   error_type=type(exc).__name__, traceback=_format(exc))
             raise
         finally:
@@ -275,7 +275,7 @@ class Engine:
         except OutputError:  # a sink could not write the round: its checkpoint was not saved
             raise
         except Exception as exc:  # a work handler of RoundFinished (the checkpoint) failed
-            reason = str(exc) if isinstance(exc, FedEventsError) else f"{type(exc).__name__}: {exc}"
+            reason = str(exc) if isinstance(exc, FedEventsError) else describe(exc)
             raise RunFailed(f"round {rnd}: {reason}") from exc
 
     async def _round(self, rnd: int) -> None:
@@ -305,7 +305,7 @@ class Engine:
         except OutputError:
             raise
         except Exception as exc:
-            raise RunFailed(f"round {rnd}: aggregation failed: {type(exc).__name__}: {exc}") from exc
+            raise RunFailed(f"round {rnd}: aggregation failed: {describe(exc)}") from exc
         self._check_stop()
         if validating:
             await self._validate_global(rnd)
@@ -318,7 +318,7 @@ class Engine:
         try:
             await self.emit(GlobalValScheduled, round=rnd, tasks=self.config.clients.all_tasks())
         except Exception as exc:
-            raise RunFailed(f"round {rnd}: validating the global model failed: {type(exc).__name__}: {exc}") from exc
+            raise RunFailed(f"round {rnd}: validating the global model failed: {describe(exc)}") from exc
         self._check_stop()
 
     async def _validate(self, rnd: int, clients: Sequence[str]) -> tuple[int, int]:
@@ -388,14 +388,14 @@ class Engine:
         with anyio.CancelScope(shield=True):
             try:
                 await self.emit(ClientFailed, round=rnd, client=client, task=task, phase=phase_name,
-                                error_type=type(exc).__name__, error=str(exc), traceback=_format(exc))
+                                error_type=type(exc).__name__, error=message(exc), traceback=_format(exc))
             except OutputError:
                 scope.cancel()
                 return
         if phase.first_error is None and not self._tolerate:
             verb = "training" if phase_name == "train" else "validating"
             phase.first_error = RunFailed(
-                f"client {client} failed in round {rnd} while {verb}: {type(exc).__name__}: {exc}"
+                f"client {client} failed in round {rnd} while {verb}: {describe(exc)}"
             )
             phase.first_error.__cause__ = exc
             scope.cancel()  # failure policy 'fail': stop the rest of the phase

@@ -12,12 +12,16 @@ from typing import Any
 
 import yaml
 
-__all__ = ["load_yaml", "YamlProblem", "MAX_VALUES", "MAX_DEPTH"]
+__all__ = ["load_yaml", "YamlProblem", "MAX_VALUES", "MAX_DEPTH", "MAX_NODES"]
 
 #: Values a config may hold once its aliases are expanded; a real experiment has a few thousand.
 MAX_VALUES = 1_000_000
 #: Levels of nested mappings and lists a config may have; a real experiment has five or six.
 MAX_DEPTH = 64
+#: Values, mappings and lists a config may write out; a real experiment has a few thousand. PyYAML's
+#: pure-Python loader takes about a minute per million, so a file allowed its 16 MiB could hold it for
+#: minutes before any check: counting during the first, flat pass refuses it within seconds.
+MAX_NODES = 100_000
 
 
 class YamlProblem(ValueError):
@@ -65,8 +69,14 @@ def load_yaml(text: str) -> Any:
 def _check_depth(text: str) -> None:
     # The parser's event stream is flat, so counting here never recurses; the composer that builds the
     # document does recurse, once per level, and would hit Python's recursion limit first.
-    depth = 0
+    depth = nodes = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.NodeEvent):  # a scalar, an alias, or the start of a mapping or list
+            nodes += 1
+            if nodes > MAX_NODES:
+                mark = event.start_mark
+                raise YamlProblem(f"expected at most {MAX_NODES:,} values, mappings and lists, found more by line "
+                                  f"{mark.line + 1}, column {mark.column + 1}")
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:

@@ -1,8 +1,9 @@
 """The identity of the data a run trains on, cheap enough to take at every start and compare on resume.
 
-ReID tasks are folders of image files: a task's fingerprint is its number of files, their total size and a
-hash of the sorted (path, size) list, so it takes one ``stat`` per file and never reads an image. A
-generated data set is its spec.
+ReID tasks are folders of image files: a task's fingerprint is its number of images, their total size and
+a hash of the sorted (path, size) list, so it takes one ``stat`` per file and never reads an image. Only
+the files the loader reads count: a note, a thumbnail cache or a broken link beside the images is not data.
+A generated data set is its spec.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from .reid_data import is_image_file
 from .registry import is_target
 from .tasks import all_tasks
 
@@ -45,10 +47,11 @@ def describe_change(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
 def _folder(root: Path) -> dict[str, Any]:
     listing = []
     for folder, dirs, files in os.walk(root):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # the loader skips hidden folders too
         for name in sorted(files):
             path = os.path.join(folder, name)
-            listing.append(f"{os.path.relpath(path, root)}\0{os.path.getsize(path)}")
+            if is_image_file(Path(path)):
+                listing.append(f"{os.path.relpath(path, root)}\0{os.path.getsize(path)}")
     digest = hashlib.blake2b("\n".join(listing).encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
     return {"files": len(listing), "bytes": sum(int(entry.rpartition("\0")[2]) for entry in listing),
             "digest": digest}

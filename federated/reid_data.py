@@ -37,6 +37,7 @@ __all__ = [
     "ReidSample",
     "ReidTask",
     "augment",
+    "is_image_file",
     "load_image_set",
     "load_reid_task",
 ]
@@ -346,7 +347,7 @@ def _read_split(split_dir: Path, task_name: str) -> tuple[ReidSample, ...]:
         raise ValueError(f"{split_dir}: expected the {split_dir.name} split folder of task {task_name!r}, found none")
     samples: list[ReidSample] = []
     for pid, person_dir in _person_dirs(split_dir):
-        for image in sorted(p for p in person_dir.iterdir() if _is_image(p)):
+        for image in sorted(p for p in person_dir.iterdir() if is_image_file(p)):
             samples.append(ReidSample(str(image), pid, _camera(image.name)))
     if not samples:
         raise ValueError(f"{split_dir}: expected images under <person_id>/ folders, found none")
@@ -364,7 +365,8 @@ def _person_dirs(split_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, key=lambda item: (item[0], item[1].name))
 
 
-def _is_image(path: Path) -> bool:
+def is_image_file(path: Path) -> bool:
+    """Whether the loader reads ``path`` as an image: an image suffix, not hidden, a file (or a link to one)."""
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
 
 

@@ -9,7 +9,11 @@ from typing import IO, Any, Callable
 
 from fedevents.engine.errors import OutputError
 
-__all__ = ["write_atomic", "write_text_atomic", "output_failed", "trim_partial_line", "close_quietly"]
+__all__ = ["write_atomic", "write_text_atomic", "output_failed", "trim_partial_line", "close_quietly", "drop_link",
+           "name_failure", "NO_FOLLOW"]
+
+#: Flags that make ``os.open`` refuse a symlink at the last component of the path (ELOOP).
+NO_FOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -33,7 +37,14 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
 
 
 def _no_follow(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return os.open(path, flags | NO_FOLLOW, 0o644)
+
+
+def drop_link(path: Path) -> None:
+    """Remove a symlink found where fedevents appends to one of its files, so that the file continued or
+    started there is its own: the link's target is never read, cut back or written through."""
+    if path.is_symlink():
+        path.unlink()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -46,6 +57,14 @@ def output_failed(path: Path, exc: OSError) -> OutputError:
     why = exc.strerror or str(exc)
     return OutputError(f"cannot write {path}: {why}; the run stopped before the round's checkpoint: "
                        f"make room (or make it writable) and run the same command with --resume")
+
+
+def name_failure(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming the file it failed on: a write to a descriptor does not say, and a sink that writes
+    two files (the events and the trace) must report the one that failed."""
+    if exc.filename is None:
+        exc.filename = str(path)
+    return exc
 
 
 def close_quietly(stream: IO[Any] | None) -> None:

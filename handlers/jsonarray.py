@@ -15,6 +15,8 @@ from typing import Any
 
 from fedevents.engine.events import strict_json
 
+from .atomic import NO_FOLLOW, drop_link, name_failure
+
 __all__ = ["AppendArray", "repair_array"]
 
 _CLOSE = b"\n]\n"
@@ -33,11 +35,12 @@ class AppendArray:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self.earlier: list[Any] = []  # the items already in a continued file
+        drop_link(self.path)
         if keep and self.path.exists():
             self._tail, self.earlier = repair_array(self.path)
-            self._fd = os.open(self.path, os.O_WRONLY)
+            self._fd = os.open(self.path, os.O_WRONLY | NO_FOLLOW)
         else:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NO_FOLLOW, 0o644)
             os.write(self._fd, b"[" + _CLOSE)
             self._tail = 1
         self._empty = not self.earlier
@@ -59,7 +62,10 @@ class AppendArray:
         if not self._pending or self._fd < 0:
             return
         body = (b"\n" if self._empty else b",\n") + b",\n".join(self._pending)
-        os.pwrite(self._fd, body + _CLOSE, self._tail)
+        try:
+            os.pwrite(self._fd, body + _CLOSE, self._tail)
+        except OSError as exc:
+            raise name_failure(exc, self.path)
         self._tail += len(body)
         self._empty = False
         self._pending.clear()
@@ -82,15 +88,22 @@ def repair_array(path: Path) -> tuple[int, list[Any]]:
     closing bracket) it is cut back after its last whole line and closed again; what cannot be read at all
     becomes an empty array.
     """
-    data = path.read_bytes()
-    items = _parse(data)
+    found = path.read_bytes()
+    items = _parse(found)
     if items is None:
-        data, items = _cut_to_whole_items(data)
+        data, items = _cut_to_whole_items(found)
         with open(path, "r+b") as f:
-            f.truncate(0)
-            f.write(data + _CLOSE)
+            if found.startswith(data):
+                # The whole items stay where they are and only what follows them is rewritten, so a kill
+                # in here leaves them for the next repair (emptying the file first would lose them all).
+                f.seek(len(data))
+                f.write(_CLOSE)
+                f.truncate()
+            else:
+                f.truncate(0)
+                f.write(data + _CLOSE)
         return len(data), items
-    body = data.rstrip()[:-1].rstrip()  # without the closing bracket
+    body = found.rstrip()[:-1].rstrip()  # without the closing bracket
     return len(body), items
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedevents.engine.bus import ALL, EventBus, Subscription
-from fedevents.engine.errors import HandlerLoadError
+from fedevents.engine.errors import HandlerLoadError, describe
 from fedevents.federated.registry import importable
 
 __all__ = ["load_handler", "attach_handler"]
@@ -29,8 +29,9 @@ def load_handler(entry: str | Mapping[str, Any], where: str = "handlers", *, con
     try:
         with importable(config_dir):
             module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise HandlerLoadError(f"{where}: could not import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+    except BaseException as exc:
+        _pass_interrupt(exc)
+        raise HandlerLoadError(f"{where}: could not import {module_name!r}: {describe(exc)}") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -39,15 +40,29 @@ def load_handler(entry: str | Mapping[str, Any], where: str = "handlers", *, con
     if isinstance(obj, type) or kwargs:
         try:
             obj = obj(**kwargs)
-        except Exception as exc:
-            raise HandlerLoadError(f"{where}: {target}(**{kwargs!r}) failed: {type(exc).__name__}: {exc}") from exc
+        except BaseException as exc:
+            _pass_interrupt(exc)
+            raise HandlerLoadError(f"{where}: {target}(**{kwargs!r}) failed: {describe(exc)}") from exc
     if not callable(obj) and not hasattr(obj, "subscribe"):
         raise HandlerLoadError(f"{where}: expected {target} to be callable or to have subscribe(bus), found {type(obj).__name__}")
     return obj
 
 
-def attach_handler(handler: Any, bus: EventBus) -> list[Subscription]:
-    """Subscribe a built handler: ``handler.subscribe(bus)`` if it has one, else to ``handler.events`` or all."""
+def attach_handler(handler: Any, bus: EventBus, where: str = "handlers") -> list[Subscription]:
+    """Subscribe a built handler: ``handler.subscribe(bus)`` if it has one, else to ``handler.events`` or all.
+
+    Whatever a handler's ``subscribe`` raises (``SystemExit`` too) is a one-line HandlerLoadError.
+    """
     if hasattr(handler, "subscribe") and callable(handler.subscribe):
-        return list(handler.subscribe(bus) or [])
+        try:
+            return list(handler.subscribe(bus) or [])
+        except BaseException as exc:
+            _pass_interrupt(exc)
+            raise HandlerLoadError(f"{where}: {type(handler).__name__}.subscribe(bus) failed: {describe(exc)}") from exc
     return [bus.subscribe(getattr(handler, "events", ALL), handler)]
+
+
+def _pass_interrupt(exc: BaseException) -> None:
+    # Before the run, SIGINT still raises KeyboardInterrupt: it may be the user's Ctrl-C, so it goes on.
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc

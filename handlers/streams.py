@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedevents.engine.errors import OutputError
 
-from .atomic import trim_partial_line
+from .atomic import NO_FOLLOW, drop_link, name_failure, trim_partial_line
 
 __all__ = ["LineStream", "trim_partial_tail"]
 
@@ -40,11 +40,12 @@ class LineStream:
         self._pending: list[str] = []
         self._pending_bytes = 0
         self._lock = threading.Lock()
+        drop_link(self.path)
         if keep and self.path.exists():
             trim_partial_tail(self.path, compress=compress)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | NO_FOLLOW)
         else:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NO_FOLLOW, 0o644)
 
     def write(self, text: str) -> int:
         """Queue ``text`` (whole lines); write when the buffer is full."""
@@ -85,8 +86,11 @@ class LineStream:
             packer = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, _GZIP_WBITS)
             data = packer.compress(data) + packer.flush()
         view = memoryview(data)
-        while view:  # a nearly full disk takes part of a write; the next part then fails with ENOSPC
-            view = view[os.write(self._fd, view):]
+        try:
+            while view:  # a nearly full disk takes part of a write; the next part then fails with ENOSPC
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            raise name_failure(exc, self.path)
 
 
 def trim_partial_tail(path: Path, *, compress: bool) -> None:

@@ -86,3 +86,19 @@ def test_a_gzip_stream_cut_inside_its_first_member_is_emptied(tmp_path: Path) ->
     path.write_bytes(gzip.compress(b'{"i":1}\n')[:1])  # killed one byte into the first member
     trim_partial_tail(path, compress=True)
     assert path.read_bytes() == b""
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_symlink_at_the_path_is_replaced_never_read_or_written_through(tmp_path: Path, compress: bool) -> None:
+    """Regression: a resumed run appended its log into whatever file a link at the log's path named."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file\n")
+    for keep in (False, True):
+        path = tmp_path / f"keep-{keep}.jsonl"
+        path.symlink_to(victim)
+        stream = LineStream(path, keep=keep, compress=compress)
+        stream.write("{}\n")
+        stream.close()
+        assert not path.is_symlink()
+        assert (gzip.decompress(path.read_bytes()) if compress else path.read_bytes()) == b"{}\n"
+    assert victim.read_text() == "the user's own file\n"

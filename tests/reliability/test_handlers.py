@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import operator
+import sys
 import time
 from pathlib import Path
 from types import MappingProxyType
 
+import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from fedevents.engine import EventBus, RoundStarted, TrainDone
 from fedevents.engine.errors import HandlerFailed
@@ -16,6 +20,9 @@ from fedevents.engine.events import ClientsSampled, to_dict
 from fedevents.engine.runner import STOP_GRACE_S
 
 from .conftest import experiment, fedevents, record
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 HANDLERS = '''
 import os, signal, time
@@ -48,6 +55,19 @@ class Exits:
             raise SystemExit(3)
         if type(ev).__name__ == "RoundStarted" and ev.round == 3:
             raise KeyboardInterrupt
+
+class TaskExits:
+    """An async sink whose own task, started in its own task group, raises SystemExit on RoundFinished of 2."""
+    def subscribe(self, bus):
+        from fedevents.engine import RoundFinished
+        return [bus.subscribe(RoundFinished, self)]
+    async def __call__(self, ev):
+        if ev.round == 2:
+            async def child():
+                raise SystemExit(5)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(child)
+                await anyio.sleep(5)
 
 class Blocks:
     """Holds the event loop for `seconds` on the second TrainStarted of round 1 (a slow sync handler)."""
@@ -125,15 +145,17 @@ def test_systemexit_and_keyboardinterrupt_of_a_sink_are_its_failures(tmp_path: P
 
 
 @pytest.mark.anyio
-async def test_a_work_handler_raising_systemexit_fails_as_that_handler() -> None:
+@pytest.mark.parametrize(("raised", "reported"), [(SystemExit("bye"), r"SystemExit\(bye\)"),
+                                                  (GeneratorExit("closing"), r"GeneratorExit\(closing\)")])
+async def test_a_work_handler_raising_systemexit_fails_as_that_handler(raised: BaseException, reported: str) -> None:
     bus = EventBus()
 
     def quits(event) -> None:
-        raise SystemExit("bye")
+        raise raised
 
     bus.subscribe(RoundStarted, quits, work=True)
     ev = RoundStarted(run_id="r", exp_name="e", seq=0, wall_time=0.0, mono_time=0.0, round=1)
-    with pytest.raises(HandlerFailed, match=r"^handler .*quits raised SystemExit\(bye\)$"):
+    with pytest.raises(HandlerFailed, match=rf"^handler .*quits raised {reported}$"):
         await bus.emit(ev)
 
 
@@ -170,3 +192,68 @@ def test_sequences_become_tuples_and_the_json_form_is_unchanged() -> None:
     assert to_dict(ev) == {"event": "ClientsSampled", "schema": 1, "run_id": "r", "exp_name": "e", "seq": 1,
                            "wall_time": 1.0, "mono_time": 2.0, "round": 1, "clients": ["c0", "c1"],
                            "sample_seed": 7}
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no message")
+
+
+#: What sinks raised that ended runs with a traceback (or, for the CancelledError, exit 0 and a `failed`
+#: record), and how each is reported now: as the sink's failure, in one printable line.
+RAISED = {
+    "generator_exit": (lambda: GeneratorExit("closing"), "GeneratorExit: closing"),
+    "base_exception_group": (lambda: BaseExceptionGroup("two", [SystemExit(4), ValueError("v")]),
+                             "BaseExceptionGroup: two (2 sub-exceptions)"),
+    "own_cancellation": pytest.param(lambda: asyncio.CancelledError("mine"), "CancelledError: mine", marks=[
+        pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.10 cannot tell it from a real one")]),
+    "lines_and_escapes": (lambda: RuntimeError("first\nsecond\x1b[31m"), "RuntimeError: first\\nsecond\\x1b[31m"),
+    "unprintable": (lambda: _Unprintable(), "_Unprintable: (its message could not be read)"),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("make", "reported"), RAISED.values(), ids=RAISED)
+async def test_whatever_a_sink_raises_is_its_failure_reported_in_one_line(make, reported: str) -> None:
+    bus, after = EventBus(), []
+
+    async def raises(event) -> None:
+        raise make()
+
+    bus.subscribe(RoundStarted, raises, priority=1)
+    bus.subscribe(RoundStarted, after.append)
+    ev = RoundStarted(run_id="r", exp_name="e", seq=0, wall_time=0.0, mono_time=0.0, round=1)
+    with capture_logs() as logs:
+        await bus.emit(ev)
+    assert after == [ev] and bus.sink_errors == 1
+    [failed] = [log for log in logs if log["event"] == "sink failed"]
+    assert failed["error"] == reported
+    assert failed["error"].isprintable()
+
+
+@pytest.mark.anyio
+async def test_a_cancellation_of_the_run_still_passes_through_a_sink() -> None:
+    """A sink's own CancelledError is its failure; the cancellation of the scope the run is in is not."""
+    bus = EventBus()
+
+    async def waits(event) -> None:
+        await anyio.sleep_forever()
+
+    bus.subscribe(RoundStarted, waits)
+    ev = RoundStarted(run_id="r", exp_name="e", seq=0, wall_time=0.0, mono_time=0.0, round=1)
+    with anyio.move_on_after(0.2) as scope:
+        await bus.emit(ev)
+    assert scope.cancelled_caught and bus.sink_errors == 0
+
+
+def test_systemexit_from_a_task_a_sink_started_ends_the_run_in_one_line(tmp_path: Path) -> None:
+    """Regression: asyncio lets a SystemExit out of its loop from any task, so the process exited with
+    status 5 and no line, the record `failed`."""
+    exp = _setup(tmp_path)
+    run = fedevents("run", str(exp), *_with({"target": "hostile_handlers:TaskExits"}), cwd=tmp_path, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        "fedevents: error: round 2: a task started by a handler raised SystemExit: 5, which ends the event loop "
+        "itself: the run stopped there")
+    assert record(tmp_path)["status"] == "failed"

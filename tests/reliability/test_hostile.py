@@ -304,6 +304,58 @@ def test_a_fifo_or_a_device_as_the_config_is_refused_without_waiting(
     assert snapshot(project) == before
 
 
+EXITING_HANDLER = '''
+class Exits:
+    """Raises SystemExit(3) from its constructor, its subscribe or its close, as `where` says."""
+    def __init__(self, where):
+        self.where = where
+        if where == "init":
+            raise SystemExit(3)
+    def subscribe(self, bus):
+        if self.where == "subscribe":
+            raise SystemExit(3)
+        return []
+    def close(self):
+        if self.where == "close":
+            raise SystemExit(3)
+'''
+
+
+@pytest.mark.parametrize(("where", "message"), [
+    ("init", "handlers[0]: exiting:Exits(**{'where': 'init'}) failed: SystemExit: 3"),
+    ("subscribe", "handlers[0]: Exits.subscribe(bus) failed: SystemExit: 3"),
+])
+def test_a_handler_exiting_while_it_is_built_is_refused_in_one_line(
+        project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], where: str,
+        message: str) -> None:
+    """Regression: the process exited with the handler's status 3 and not a line."""
+    (project / "exiting.py").write_text(EXITING_HANDLER)
+    handler = f'{{target: "exiting:Exits", kwargs: {{where: {where}}}}}'
+    (project / "exits.yaml").write_text(f"{EARLIER}handlers: [{handler}]\n")
+    before = snapshot(project)
+    status, stderr = run_here(project, monkeypatch, capsys, "exits.yaml")
+    assert_refused(status, stderr, before, project, "fedevents: error: exits.yaml: ", (message,))
+
+
+def test_a_handler_exiting_in_its_close_fails_the_run_in_one_line(
+        project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    (project / "exiting.py").write_text(EXITING_HANDLER)
+    (project / "exits.yaml").write_text(f'{EARLIER}handlers: [{{target: "exiting:Exits", kwargs: {{where: close}}}}]\n')
+    status, stderr = run_here(project, monkeypatch, capsys, "exits.yaml")
+    assert_error_line(status, stderr, 1, "fedevents: error: ", ("closing the run failed: SystemExit: 3",))
+
+
+def test_a_file_of_very_many_values_is_refused_in_the_first_pass(
+        project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: a 6 MB flow list (3 million values, well under the 16 MiB cap) held PyYAML's pure-Python
+    loader for over a minute before any message."""
+    (project / "many.yaml").write_text(EARLIER + "notes: [" + ",".join(["x"] * 100_001) + "]\n")
+    before = snapshot(project)
+    status, stderr = run_here(project, monkeypatch, capsys, "many.yaml")
+    assert_refused(status, stderr, before, project, "fedevents: error: many.yaml: ",
+                   ("expected at most 100,000 values, mappings and lists, found more by line 7",))
+
+
 def test_deep_nesting_in_a_set_is_refused_in_one_short_line(
         project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     before = snapshot(project)
@@ -342,6 +394,10 @@ REFUSED_FLAGS: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
     "parallel_flag_zero": (("experiment.yaml", "--parallel", "0"), "--parallel: ",
                            ("parallel: expected an integer >= 1, found 0 (integer)",)),
     "parallel_flag_not_a_number": (("experiment.yaml", "--parallel", "two"), "--parallel", ("'two'",)),
+    "set_control_characters": (("experiment.yaml", "--set", "exp_nam\x1b[31me=a\nb"), "--set exp_nam\\x1b[31me: ",
+                               ("exp_nam\\x1b[31me: unknown key; did you mean 'exp_name'?",)),
+    "flag_control_characters": (("experiment.yaml", "--bogus\x1bx"), "fedevents: ",
+                                ("unrecognized arguments: --bogus\\x1bx",)),
     "device_flag_bad_name": (("experiment.yaml", "--device", "gpu0"), "--device: ",
                              ("device[0]: expected 'cpu', 'cuda' or 'cuda:N', found 'gpu0'",)),
 }

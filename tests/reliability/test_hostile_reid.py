@@ -101,3 +101,18 @@ def test_resuming_on_other_data_is_refused_naming_the_task_that_changed(project,
     image.write_bytes(image.read_bytes()[:-1])  # the same data in another folder: datasets_dir may move
     status = main(["run", str(project / "exp.yaml"), *extend])
     assert status == 0, capsys.readouterr().err
+
+
+def test_files_beside_the_images_are_not_data(project, capsys) -> None:
+    """Regression: a broken symlink in a task folder ended every start in a traceback, and a .DS_Store or
+    Thumbs.db made a resume on the very same images refused as other data."""
+    assert main(["run", str(project / "exp.yaml")]) == 0
+    task = project / "data/client-0-task-0"
+    (task / ".DS_Store").write_bytes(b"\0" * 10)
+    (task / "train/Thumbs.db").write_bytes(b"\0" * 20)
+    (task / "notes.txt").symlink_to(project / "no-such-file")
+    capsys.readouterr()
+    status = main(["run", str(project / "exp.yaml"), "--resume", "--set", "exp_opts.comm_rounds=2"])
+    assert status == 0, capsys.readouterr().err
+    record = json.loads(next(p for p in (project / "logs").glob("*.json") if ".trace" not in p.name).read_text())
+    assert record["status"] == "finished" and record["last_round"] == 2

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fedevents.engine.errors import ConfigError
 from fedevents.handlers.checkpoint import load_checkpoint
 from fedevents.handlers.runlock import RunLock
 
@@ -195,6 +196,29 @@ def test_a_symlinked_record_is_replaced_never_read_or_written_through(tmp_path: 
     assert record(tmp_path)["data"] == record(reference)["data"]
 
 
+@pytest.mark.slow  # real `fedevents` processes (a killed run and its resume): run by CI, not by `make test`
+def test_symlinks_at_the_log_events_and_trace_are_replaced_never_read_or_written_through(
+        tmp_path: Path, reference: Path) -> None:
+    """Regression: a resume appended the log and the trace into the files that links at their paths named
+    (the user's own), and read a linked events file as its own, failing the run."""
+    exp = experiment(tmp_path)
+    kill_at(tmp_path, exp)
+    victims = {}
+    for suffix in (".log.jsonl", ".events.jsonl", ".trace.json"):
+        (path,) = (tmp_path / "logs").glob(f"*{suffix}")
+        victims[path] = tmp_path / f"victim{suffix}"
+        victims[path].write_text("the user's own file\n")
+        path.unlink()
+        path.symlink_to(victims[path])
+    resumed = fedevents("run", str(exp), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    for path, victim in victims.items():
+        assert not path.is_symlink() and victim.read_text() == "the user's own file\n"
+    assert json.loads(next((tmp_path / "logs").glob("*.trace.json")).read_text())
+    assert [e["event"] for e in events(tmp_path)][-1] == "ExperimentFinished"
+    assert record(tmp_path)["data"] == record(reference)["data"]
+
+
 @pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
 def test_tolerated_failures_survive_a_resume(tmp_path: Path) -> None:
     """Regression: failures recorded under failure_policy tolerate vanished from the resumed record."""
@@ -230,6 +254,21 @@ def test_a_second_process_resuming_the_same_run_is_refused(tmp_path: Path) -> No
     assert second.stderr.strip() == (f"fedevents: error: {exp}: cannot run {run_dir.name}: expected no other "
                                      f"process running it, found its lock {run_dir / 'lock'} held by one")
     assert fedevents("run", str(exp), "--resume", cwd=tmp_path).returncode == 0
+
+
+def test_deleting_the_lock_file_does_not_unlock_a_running_run(tmp_path: Path) -> None:
+    """Regression: with the lock file deleted under a running run, a second --resume locked a new one and
+    both processes wrote the run (a failed record, a trace that no longer parsed)."""
+    run_dir = tmp_path / "ckpts" / "demo-20261202-000000-abcdef"
+    holder = RunLock.acquire(run_dir, "test")
+    try:
+        (run_dir / "lock").unlink()
+        with pytest.raises(ConfigError, match="expected no other process running it"):
+            RunLock.acquire(run_dir, "test")
+        assert not (run_dir / "lock").exists()  # the refused one created nothing
+    finally:
+        holder.release()
+    RunLock.acquire(run_dir, "test").release()
 
 
 @pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
