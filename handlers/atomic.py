@@ -3,6 +3,7 @@ sink does when it cannot write at all."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -10,7 +11,7 @@ from typing import IO, Any, Callable
 from fedevents.engine.errors import OutputError
 
 __all__ = ["write_atomic", "write_text_atomic", "output_failed", "trim_partial_line", "close_quietly", "drop_link",
-           "name_failure", "NO_FOLLOW"]
+           "name_failure", "still_in_place", "NO_FOLLOW"]
 
 #: Flags that make ``os.open`` refuse a symlink at the last component of the path (ELOOP).
 NO_FOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -55,8 +56,22 @@ def write_text_atomic(path: Path, text: str) -> None:
 def output_failed(path: Path, exc: OSError) -> OutputError:
     """The one-line error of a sink that could not write ``path``, telling the user how to go on."""
     why = exc.strerror or str(exc)
+    fix = "" if exc.errno == errno.ENOENT else "make room (or make it writable) and "
     return OutputError(f"cannot write {path}: {why}; the run stopped before the round's checkpoint: "
-                       f"make room (or make it writable) and run the same command with --resume")
+                       f"{fix}run the same command with --resume")
+
+
+def still_in_place(fd: int, path: Path) -> None:
+    """Raise ENOENT, naming ``path``, when the file open at ``fd`` is no longer the file at ``path``: it, or
+    its folder, was deleted, moved or replaced while the run wrote it. Writes would still succeed, into a
+    file nobody can read, and the run would end "finished" without it."""
+    held = os.fstat(fd)
+    try:
+        there = os.stat(path, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        there = None
+    if held.st_nlink == 0 or there is None or (there.st_dev, there.st_ino) != (held.st_dev, held.st_ino):
+        raise OSError(errno.ENOENT, "deleted or replaced while the run was writing it", str(path))
 
 
 def name_failure(exc: OSError, path: Path) -> OSError:

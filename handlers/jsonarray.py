@@ -15,7 +15,7 @@ from typing import Any
 
 from fedevents.engine.events import strict_json
 
-from .atomic import NO_FOLLOW, drop_link, name_failure
+from .atomic import NO_FOLLOW, drop_link, name_failure, still_in_place
 
 __all__ = ["AppendArray", "repair_array"]
 
@@ -63,6 +63,7 @@ class AppendArray:
             return
         body = (b"\n" if self._empty else b",\n") + b",\n".join(self._pending)
         try:
+            still_in_place(self._fd, self.path)
             os.pwrite(self._fd, body + _CLOSE, self._tail)
         except OSError as exc:
             raise name_failure(exc, self.path)

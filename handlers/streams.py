@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedevents.engine.errors import OutputError
 
-from .atomic import NO_FOLLOW, drop_link, name_failure, trim_partial_line
+from .atomic import NO_FOLLOW, drop_link, name_failure, still_in_place, trim_partial_line
 
 __all__ = ["LineStream", "trim_partial_tail"]
 
@@ -87,6 +87,7 @@ class LineStream:
             data = packer.compress(data) + packer.flush()
         view = memoryview(data)
         try:
+            still_in_place(self._fd, self.path)
             while view:  # a nearly full disk takes part of a write; the next part then fails with ENOSPC
                 view = view[os.write(self._fd, view):]
         except OSError as exc:

@@ -125,3 +125,15 @@ def test_a_failed_write_names_the_array_file(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(OSError) as failed:
         array.flush()
     assert failed.value.filename == str(tmp_path / "a.trace.json")
+
+
+def test_an_array_whose_file_was_deleted_fails_its_next_write_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "run.trace.json"
+    array = AppendArray(path)
+    array.add({"a": 1})
+    array.flush()
+    path.unlink()
+    array.add({"a": 2})
+    with pytest.raises(OSError, match="deleted or replaced while the run was writing it") as caught:
+        array.flush()
+    assert caught.value.errno == errno.ENOENT and caught.value.filename == str(path)

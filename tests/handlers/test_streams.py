@@ -102,3 +102,33 @@ def test_a_symlink_at_the_path_is_replaced_never_read_or_written_through(tmp_pat
         assert not path.is_symlink()
         assert (gzip.decompress(path.read_bytes()) if compress else path.read_bytes()) == b"{}\n"
     assert victim.read_text() == "the user's own file\n"
+
+
+@pytest.mark.parametrize("how", ["file deleted", "folder deleted", "file replaced", "folder moved"])
+def test_a_stream_whose_file_is_gone_from_its_path_fails_its_next_write_naming_it(tmp_path: Path, how: str) -> None:
+    """Writes into a deleted or replaced file succeed and reach nobody: the stream says so instead."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    path = folder / "run.events.jsonl"
+    stream = LineStream(path)
+    stream.write('{"a":1}\n')
+    stream.flush()
+    if how == "file deleted":
+        path.unlink()
+    elif how == "folder deleted":
+        path.unlink()
+        folder.rmdir()
+    elif how == "file replaced":
+        path.unlink()
+        path.write_text('{"mine":1}\n')
+    else:
+        folder.rename(tmp_path / "moved")
+    stream.write('{"a":2}\n')
+    with pytest.raises(OSError, match="deleted or replaced while the run was writing it") as caught:
+        stream.flush()
+    assert caught.value.filename == str(path)
+    stream.close()  # nothing left to write: closes without a second error
+    if how == "file replaced":
+        assert path.read_text() == '{"mine":1}\n'  # the file now at the path is not written into
+    if how == "folder moved":
+        assert (tmp_path / "moved" / path.name).read_text() == '{"a":1}\n'

@@ -132,3 +132,44 @@ def test_a_record_left_unfinished_by_a_full_disk_is_completed_by_resume(
     again = fedevents("run", str(exp), "--resume", cwd=tmp_path)  # now there is nothing left to do
     assert again.returncode == 0 and "already finished" in again.stderr
     assert record(tmp_path) == rec
+
+
+REMOVER = '''
+import shutil
+from pathlib import Path
+
+class Remove:
+    """On RoundStarted of `round`, deletes `folder` with everything in it, as a careless clean-up would."""
+    def __init__(self, folder, round):
+        self.folder, self.round = Path(folder), round
+    def subscribe(self, bus):
+        from fedevents import engine
+        return [bus.subscribe(engine.RoundStarted, self)]
+    def __call__(self, ev):
+        if ev.round == self.round:
+            shutil.rmtree(self.folder)
+'''
+
+
+def test_a_logs_folder_deleted_under_a_run_stops_it_and_resume_completes_the_record(
+        tmp_path: Path, reference: Path) -> None:
+    """The open files would take every later write without complaint and reach nobody: the run would end
+    "finished" with its log, events and trace gone. It stops at the round's flush instead."""
+    exp = experiment(tmp_path)
+    (tmp_path / "remove.py").write_text(REMOVER)
+    remove = {"target": "remove:Remove", "kwargs": {"folder": str(tmp_path / "logs"), "round": 4}}
+    run = fedevents("run", str(exp), "--set", f"handlers=[{json.dumps(remove)}]", cwd=tmp_path)
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    [line] = [line for line in run.stderr.splitlines() if line.startswith("fedevents:")]
+    assert line.startswith(f"fedevents: error: cannot write {tmp_path / 'logs'}/"), line
+    assert line.endswith("the run stopped before the round's checkpoint: run the same command with --resume")
+    assert checkpointed_rounds(tmp_path)[-1] == 3  # round 4's checkpoint did not run ahead
+
+    resumed = fedevents("run", str(exp), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    rec, ref = record(tmp_path), record(reference)
+    assert rec["status"] == "finished"
+    assert (rec["data"], rec["comm"]) == (ref["data"], ref["comm"])
+    for path in (tmp_path / "logs").iterdir():
+        parses(path)
