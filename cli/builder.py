@@ -12,7 +12,7 @@ from fedevents.engine.config import ExperimentConfig, load_experiments, load_map
 from fedevents.engine.errors import ConfigError, DeviceError
 from fedevents.engine.experiment import Experiment, ResumePoint
 from fedevents.engine.vocabulary import Vocabulary
-from fedevents.federated import Federation, check_device
+from fedevents.federated import Federation, check_device, check_precision
 from fedevents.federated.check import check_config
 from fedevents.federated.fingerprint import data_fingerprint
 from fedevents.federated.methods import method_class
@@ -117,9 +117,11 @@ def check_devices(config: ExperimentConfig) -> None:
     """Every configured device exists here; a dry run skips this, so it can plan for other machines."""
     if config.executor == "ray":  # the devices are the cluster's: the executor finds them on its nodes
         return
+    precision = config.data["exp_opts"]["precision"]
     for device in config.devices:
         try:
             check_device(device)
+            check_precision(precision, device)
         except ValueError as exc:
             raise DeviceError(f"{config.source}: {exc}") from None
 

@@ -37,12 +37,15 @@ from .schema import (
 )
 
 __all__ = ["ExperimentConfig", "ClientSet", "load_experiments", "load_experiment", "load_mapping", "parse_override",
-           "COMMON_KEYS", "EXECUTORS", "OUTPUTS"]
+           "COMMON_KEYS", "EXECUTORS", "OUTPUTS", "PRECISIONS"]
 
 #: Keys a common file holds at its top level (besides ``defaults``).
 COMMON_KEYS = ("datasets_dir", "checkpoints_dir", "logs_dir", "parallel", "device", "executor", "ray")
 #: Where client work runs (docs/executors.md); fedevents.handlers.executors holds one class per name.
 EXECUTORS = ("process", "ray", "thread")
+#: ``exp_opts.precision``: float32 throughout, or each model's forward passes in bfloat16
+#: (fedevents.federated.precision).
+PRECISIONS = ("fp32", "bf16")
 #: The files a run may write besides its record (``outputs:``); ``.gz`` writes that stream gzip-compressed.
 OUTPUTS = ("events", "events.gz", "log", "log.gz", "trace")
 DEVICE_NAME = re.compile(r"^(cpu|cuda|cuda:\d+)$")
@@ -111,6 +114,7 @@ def _schema() -> Section:
                         "checkpoint_keep": Field(Int(min=1), 2),
                         "clients_in_memory": Field(Int(min=1), 256),
                         "torch_threads": Field(Int(min=1), 1),
+                        "precision": Field(Str(choices=PRECISIONS), "fp32"),
                         # FedSTIL's runner's behaviour where fedevents' fixes change results (docs/fedstil.md).
                         "legacy": Field(Bool(), False),
                     }

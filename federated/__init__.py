@@ -6,6 +6,7 @@ Knows nothing of events or of the engine; the handlers call ``Federation`` from 
 from __future__ import annotations
 
 from .devices import check_device
+from .precision import check_precision
 from .backbones import REID_MODELS, build_reid_model
 from .fedavg import AggregateResult, FedAvgClient, Upload, weighted_mean
 from .federation import DATASETS, METHODS, Federation, TrainResult, UploadResult, ValResult
@@ -45,6 +46,7 @@ __all__ = [
     "build_reid_model",
     "reid_scores",
     "check_device",
+    "check_precision",
     "client_data",
     "derive_seed",
     "empty_model",

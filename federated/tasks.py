@@ -20,6 +20,7 @@ from .datasets.user import build_user_tasks, not_a_dataset
 from .backbones import REID_MODELS, build_reid_model, empty_reid_model
 from .models import MODELS, build_model, empty_model, fits_small
 from .reid_data import IMAGE_CACHE, AugmentOpts, ImageDecoder, LoaderOpts, augment, load_image_set, load_reid_task
+from .precision import as_float32
 from .registry import Catalogue, Component, is_target
 from .reid_metrics import reid_scores
 from .synthetic import SyntheticSpec, client_data, global_test_data
@@ -187,7 +188,10 @@ class ReidTasks(TaskSource):
         feature before the neck (the neck's input)."""
         caught: list[torch.Tensor] = []
         neck = getattr(model, "bottleneck", None) if self.legacy else None
-        handle = None if neck is None else neck.register_forward_pre_hook(lambda _, args: caught.append(args[0]))
+        # The neck's input is inside the forward pass: in bfloat16 under exp_opts.precision bf16, as the
+        # forward's own outputs are not.
+        handle = None if neck is None else neck.register_forward_pre_hook(
+            lambda _, args: caught.append(as_float32(args[0])))
         model.eval()
         try:
             with torch.inference_mode():

@@ -21,6 +21,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from .allocator import release_free_pages, share_one_heap
 from .criteria import build_reid_criterion
 from .methods import LocalRound, Method, ModelOutput, build_method
+from .precision import forward_precision
 from .seeds import generator
 from .store import ClientState, state_nbytes
 from .tasks import TaskSource, build_task_source
@@ -95,6 +96,8 @@ class Worker:
         self._keep_state = bool(self._optimizer_opts.get("keep_state", True))
         self._scheduler_opts = dict(config["scheduler_opts"])
         self._criterion = build_loss(config["criterion_opts"], self._model_opts.get("num_classes"))
+        #: fp32, or bf16: the model's forward passes in bfloat16 during training and validation.
+        self._precision = str((config.get("exp_opts") or {}).get("precision", "fp32"))
         #: FedSTIL's runner's early stop (exp_opts.legacy): a round ends after 3 epochs without improvement.
         self._patience = RUNNER_PATIENCE if self._method.legacy else None
         # Building a model costs more than training a small one for a round, so each thread keeps one per
@@ -122,6 +125,10 @@ class Worker:
     def _train(self, job: TrainJob) -> TrainOutcome:
         dev = torch.device(job.device)
         model = self.model(dev)
+        with forward_precision(model, dev, self._precision):
+            return self._local_round(job, dev, model)
+
+    def _local_round(self, job: TrainJob, dev: torch.device, model: nn.Module) -> TrainOutcome:
         previous = job.previous
         rnd = LocalRound(
             client=job.client, task=job.task, round=job.round, device=dev, model=model,
@@ -175,6 +182,10 @@ class Worker:
     def _validate(self, job: ValJob) -> dict[str, ValResult]:
         dev = torch.device(job.device)
         model = self.model(dev)
+        with forward_precision(model, dev, self._precision):
+            return self._scores(job, dev, model)
+
+    def _scores(self, job: ValJob, dev: torch.device, model: nn.Module) -> dict[str, ValResult]:
         model.load_state_dict(job.model)
         results = {}
         for task in job.tasks:

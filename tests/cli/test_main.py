@@ -66,6 +66,7 @@ def test_dry_run_prints_a_summary_and_writes_the_trace_without_training(tmp_path
         (["--set", "handlers=['no_such_module:Thing']"], "handlers[0]: could not import 'no_such_module'"),
         (["--executor", "gpu"], "argument --executor: invalid choice: 'gpu'"),
         (["--set", "executor=processes"], "executor: expected one of process, ray, thread, found 'processes'"),
+        (["--set", "exp_opts.precision=fp16"], "exp_opts.precision: expected one of bf16, fp32, found 'fp16'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_creates_no_files(tmp_path: Path, args: list[str], message: str) -> None:
@@ -94,6 +95,22 @@ def test_the_process_executor_runs_the_demo_from_the_command_line(tmp_path: Path
         runs[executor] = json.loads(record.read_text())
     assert runs["process"]["config"]["executor"] == "process"
     assert runs["process"]["data"] == runs["thread"]["data"]
+
+
+@pytest.mark.slow  # three runs of the demo: run by CI (`make test-slow`), not `make test`
+def test_bf16_reaches_the_workers_of_every_executor(tmp_path: Path) -> None:
+    """exp_opts.precision is read by the worker from the config, so a worker process trains as a thread does."""
+    data = {}
+    for name, args in {"thread": ["--executor", "thread"], "process": ["--executor", "process"],
+                       "fp32": ["--executor", "thread", "--set", "exp_opts.precision=fp32"]}.items():
+        precision = [] if name == "fp32" else ["--set", "exp_opts.precision=bf16"]
+        run = fedevents("run", str(ROOT / "configs/demo.yaml"), *args, *precision, "--parallel", "2",
+                        "--logs-dir", str(tmp_path / name), *SMALL, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        record = next(p for p in (tmp_path / name).glob("*.json") if ".trace" not in p.name)
+        data[name] = json.loads(record.read_text())["data"]
+    assert data["process"] == data["thread"]
+    assert data["thread"] != data["fp32"]
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:

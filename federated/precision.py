@@ -1,0 +1,84 @@
+"""Mixed precision (``exp_opts.precision: bf16``): a model's forward passes run under torch's autocast in
+bfloat16, while its weights, gradients, optimizer state and every stored state stay in float32.
+
+Only the forward pass of the model is cast, and what it returns comes back in float32: the loss, a method's
+penalty, the accuracy and the ReID distances and ranks are then computed in float32 as in a float32 run. That
+is what autocast's recipe asks of the forward pass, and it keeps bfloat16's 8-bit mantissa out of the
+metrics. bfloat16 has float32's range, so no loss scaling is needed (float16 would need it; it is not offered).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from fedevents.engine.config import PRECISIONS
+
+__all__ = ["PRECISIONS", "as_float32", "check_precision", "forward_precision"]
+
+#: The first CUDA compute capability with bfloat16 arithmetic (Ampere); older GPUs only emulate it, slower
+#: than float32.
+BF16_CAPABILITY = (8, 0)
+
+_REDUCED = (torch.bfloat16, torch.float16)
+_CUDA_INDEX = re.compile(r"cuda(?::(\d+))?")
+
+
+def check_precision(precision: str, device: str) -> None:
+    """Raise ``ValueError`` unless ``device`` (a name ``check_device`` accepted) computes in ``precision``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"exp_opts.precision: expected one of {', '.join(PRECISIONS)}, found {precision!r}")
+    match = _CUDA_INDEX.fullmatch(device)
+    if precision != "bf16" or match is None:
+        return
+    capability = tuple(torch.cuda.get_device_capability(int(match.group(1) or 0)))
+    if capability < BF16_CAPABILITY:
+        need = ".".join(map(str, BF16_CAPABILITY))
+        raise ValueError(f"exp_opts.precision bf16: expected a device with bfloat16 arithmetic (the CPU, or CUDA "
+                         f"compute capability {need} or newer), found {device} with "
+                         f"{'.'.join(map(str, capability))}")
+
+
+@contextlib.contextmanager
+def forward_precision(model: nn.Module, device: torch.device, precision: str) -> Iterator[None]:
+    """Within the block, calls of ``model`` run its forward pass in ``precision`` on ``device`` and give their
+    floating-point outputs in float32; nothing changes for ``fp32``."""
+    if precision == "fp32":
+        yield
+        return
+    own = vars(model).get("forward")  # a forward set on the instance (rare) is put back afterwards
+    forward = model.forward
+
+    def cast_forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = forward(*args, **kwargs)
+        return as_float32(out)
+
+    model.forward = cast_forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own  # type: ignore[method-assign]
+
+
+def as_float32(value: Any) -> Any:
+    """``value`` with each reduced-precision floating tensor in it (in tuples, lists and dicts) as float32; any
+    other value as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype in _REDUCED else value
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(as_float32(v) for v in value)
+    if isinstance(value, tuple):  # a named tuple keeps its type
+        return type(value)(*(as_float32(v) for v in value))
+    if isinstance(value, list):
+        return [as_float32(v) for v in value]
+    if isinstance(value, dict):
+        return {k: as_float32(v) for k, v in value.items()}
+    return value
