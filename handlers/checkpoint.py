@@ -72,7 +72,7 @@ from .objects import REF, TensorKeys, join, references, split
 from .tensorcodec import decode, encode
 
 __all__ = ["Checkpointer", "Checkpoint", "find_latest", "find_run", "load_checkpoint", "check_data", "check_resumable",
-           "SAFE_TO_CHANGE"]
+           "ADDED_KEYS", "SAFE_TO_CHANGE"]
 
 FORMAT = "fedevents-checkpoint"
 VERSION = 5
@@ -81,6 +81,13 @@ VERSION = 5
 READABLE = (2, 3, 4, 5)
 PACKS = "packs"
 _FILE = re.compile(r"^round-(\d{6})\.pt$")
+
+#: Config keys added after checkpoints were first written, each with the value that does what fedevents did
+#: before it: a checkpoint whose config lacks one was written with that behaviour, so the key is unchanged
+#: when it holds that value (else a run from before the key could never be resumed).
+ADDED_KEYS = {
+    "exp_opts.precision": "fp32",
+}
 
 #: Keys a resumed run may change: where things go and how fast they run, and comm_rounds to extend a run.
 #: Anything else could change the results, so a resume with it changed is refused.
@@ -773,7 +780,8 @@ def check_resumable(checkpoint: Checkpoint, config: ExperimentConfig) -> None:
                               f"found {checkpoint.config.get('exp_name')!r}")
     saved, now = _flatten(checkpoint.config), _flatten(json_safe(config.data))
     differ = [key for key in sorted(saved.keys() | now.keys())
-              if saved.get(key, _MISSING) != now.get(key, _MISSING) and not key.startswith(SAFE_TO_CHANGE)]
+              if saved.get(key, ADDED_KEYS.get(key, _MISSING)) != now.get(key, _MISSING)
+              and not key.startswith(SAFE_TO_CHANGE)]
     if differ:
         shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
         raise CheckpointError(f"{config.source}: cannot resume run {checkpoint.run_id} with a changed config: "

@@ -372,3 +372,23 @@ async def test_the_last_checkpoint_leaves_no_pack_that_is_mostly_dead(tmp_path: 
     assert packs == ["000005.pt"]
     state = load_checkpoint(ck.directory / "round-000005.pt").federation
     assert _bits(state["clients"]["a"]["model"]["x"]) == _bits(x)
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_with_the_key_at_its_old_behaviour(tmp_path: Path) -> None:
+    """exp_opts.precision came after checkpoints did: a checkpoint whose config lacks it was trained in fp32,
+    so a resume in fp32 is the same run and one in bf16 is not."""
+    from fedevents.engine.errors import CheckpointError
+    from fedevents.engine.events import json_safe
+    from fedevents.handlers.checkpoint import ADDED_KEYS, Checkpoint, check_resumable
+
+    assert ADDED_KEYS["exp_opts.precision"] == "fp32"
+    path = tmp_path / "exp.yaml"
+    path.write_text((ROOT / "configs/demo.yaml").read_text())
+    (config,) = load_experiments([path])
+    older = json_safe(config.data)
+    del older["exp_opts"]["precision"]
+    checkpoint = Checkpoint(tmp_path / "round-000003.pt", "demo-20260101-000000-abcdef", 3, older, {}, {})
+    check_resumable(checkpoint, config)
+    (bf16,) = load_experiments([path], overrides=["exp_opts.precision=bf16"])
+    with pytest.raises(CheckpointError, match=r"changed config: exp_opts.precision differs from the checkpoint"):
+        check_resumable(checkpoint, bf16)
