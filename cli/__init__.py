@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .main import main
+from .imports import import_structlog
+
+import_structlog()  # before anything imports it: see imports.py
+
+from .main import main  # noqa: E402
 
 __all__ = ["build_executor", "build_experiment", "build_experiments", "main"]
 
