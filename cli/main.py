@@ -17,6 +17,8 @@ from typing import NoReturn, Sequence
 from fedevents.engine.config import EXECUTORS
 from fedevents.engine.errors import ConfigError, FedEventsError, Interrupted, one_line
 
+from .collector import collector_paused, frozen_heap
+
 __all__ = ["main", "report_main"]
 
 # MKL picks its kernels by the memory alignment of each matrix unless told to keep one code path, so the same
@@ -177,6 +179,28 @@ def _run_experiments(args: argparse.Namespace) -> int:
     Without ``--seeds``/``--sweep`` the first failing run ends the command with its exit status. A group
     goes on past a failing run, and ends with a line saying how many runs failed (exit 1 if any did).
     """
+    with collector_paused():  # torch's import and the building make little garbage and many objects
+        experiments, grouped = _build_experiments(args)
+    if not grouped:
+        for index, exp in enumerate(experiments):
+            _run_one(exp, args.dry_run, after_another=index > 0)
+        return 0
+    failed: list[str] = []
+    for index, exp in enumerate(experiments):
+        try:
+            _run_one(exp, args.dry_run, after_another=index > 0)
+        except Interrupted:
+            raise
+        except FedEventsError as exc:
+            failed.append(exp.config.exp_name)
+            print(one_line(f"fedevents: error: {exp.config.exp_name}: {exc}"), file=sys.stderr)
+    summary = f"{len(experiments)} runs, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "")
+    print(f"fedevents: group {experiments[0].config.data['group']}: {summary}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _build_experiments(args: argparse.Namespace) -> tuple[list, bool]:
+    """Every experiment the command runs, built; and whether they form a group (``--seeds``/``--sweep``)."""
     from fedevents.engine.context import new_run_id
 
     from .builder import build_experiment, build_experiments, flag_overrides, load_configs
@@ -189,10 +213,8 @@ def _run_experiments(args: argparse.Namespace) -> int:
     wiring = dict(resume=args.resume, progress=_wants_progress(args), tensorboard=args.tensorboard,
                   mlflow=args.mlflow)
     if not variants:
-        for exp in build_experiments(args.experiments, common=args.common, overrides=overrides,
-                                     dry_run=args.dry_run, **wiring):
-            _run_one(exp, args.dry_run)
-        return 0
+        return build_experiments(args.experiments, common=args.common, overrides=overrides, dry_run=args.dry_run,
+                                 **wiring), False
     bases = load_configs(args.experiments, common=args.common, overrides=overrides, dry_run=True)
     runs = []
     for path, base in zip(args.experiments, bases):
@@ -201,23 +223,14 @@ def _run_experiments(args: argparse.Namespace) -> int:
             name = ("--seeds/--sweep", f"exp_name={base.exp_name}-{variant.suffix}")
             runs.extend(load_configs([path], common=args.common, overrides=[*overrides, *variant.overrides,
                                                                               group, name], dry_run=args.dry_run))
-    experiments = [build_experiment(cfg, dry_run=args.dry_run, **wiring) for cfg in runs]
-    failed: list[str] = []
-    for exp in experiments:
-        try:
-            _run_one(exp, args.dry_run)
-        except Interrupted:
-            raise
-        except FedEventsError as exc:
-            failed.append(exp.config.exp_name)
-            print(one_line(f"fedevents: error: {exp.config.exp_name}: {exc}"), file=sys.stderr)
-    summary = f"{len(runs)} runs, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "")
-    print(f"fedevents: group {runs[0].data['group']}: {summary}", file=sys.stderr)
-    return 1 if failed else 0
+    return [build_experiment(cfg, dry_run=args.dry_run, **wiring) for cfg in runs], True
 
 
-def _run_one(exp, dry_run: bool) -> None:
-    exp.run()
+def _run_one(exp, dry_run: bool, *, after_another: bool = False) -> None:
+    # What was built is left out of the collector's walks while this experiment runs; an earlier
+    # experiment's garbage is collected first rather than kept frozen through this one.
+    with frozen_heap(collect_first=after_another):
+        exp.run()
     if dry_run:
         _print_dry_run(exp)
 

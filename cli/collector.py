@@ -1,0 +1,49 @@
+"""Python's cyclic garbage collector around a run of the command: off while torch is imported and the
+experiments are built, and blind to everything built by then while each experiment runs.
+
+A process with torch holds about a million objects the collector tracks (modules, functions, classes), none
+of which ever becomes garbage, and each full collection walks all of them: 50-180 ms each, several during the
+imports and more as a run's events and records accumulate. Freezing them (``gc.freeze``) takes them out of
+every later collection, which then costs what the run itself allocated (docs/benchmarks.md, *The collector*).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from typing import Iterator
+
+__all__ = ["collector_paused", "frozen_heap"]
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No automatic collection within the block (imports and building make little garbage); the collector's
+    state is restored after it, so a process that had turned it off keeps it off."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def frozen_heap(*, collect_first: bool = False) -> Iterator[None]:
+    """Every object alive at the start of the block is left out of the collections within it, and handed back
+    to the collector at its end, so what a finished experiment leaves is collected as usual.
+
+    ``collect_first``: collect before freezing (after an earlier experiment of the same command, whose
+    garbage would otherwise be frozen, and kept, for the whole of this one).
+    """
+    if not gc.isenabled():  # a process that turned the collector off
+        yield
+        return
+    if collect_first:
+        gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
