@@ -188,8 +188,8 @@ class ReidTasks(TaskSource):
         feature before the neck (the neck's input)."""
         caught: list[torch.Tensor] = []
         neck = getattr(model, "bottleneck", None) if self.legacy else None
-        # The neck's input is inside the forward pass: in bfloat16 under exp_opts.precision bf16, as the
-        # forward's own outputs are not.
+        # Caught inside the forward pass, so in bfloat16 under exp_opts.precision bf16 (only what the forward
+        # gives back is cast to float32 for the caller).
         handle = None if neck is None else neck.register_forward_pre_hook(
             lambda _, args: caught.append(as_float32(args[0])))
         model.eval()

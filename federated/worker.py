@@ -21,7 +21,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from .allocator import release_free_pages, share_one_heap
 from .criteria import build_reid_criterion
 from .methods import LocalRound, Method, ModelOutput, build_method
-from .precision import forward_precision
+from .precision import forward_precision, precision_call
 from .seeds import generator
 from .store import ClientState, state_nbytes
 from .tasks import TaskSource, build_task_source
@@ -130,6 +130,7 @@ class Worker:
 
     def _local_round(self, job: TrainJob, dev: torch.device, model: nn.Module) -> TrainOutcome:
         previous = job.previous
+        forward = lambda xb: model_output(model(xb))  # noqa: E731
         rnd = LocalRound(
             client=job.client, task=job.task, round=job.round, device=dev, model=model,
             payload=job.payload,
@@ -137,7 +138,7 @@ class Worker:
             previous_model=previous.model if previous is not None else None,
             previous_task=previous.task if previous is not None else None,
             task_data=lambda name: tuple(t.to(dev) for t in self._tasks.train_data(job.client, name)),
-            forward=lambda xb: model_output(model(xb)),
+            forward=forward,
             augment=self._tasks.augment,
             task_inputs=lambda name: tuple(t.to(dev) for t in self._tasks.train_inputs(job.client, name)),
             model_input=self._tasks.model_input,
@@ -152,6 +153,8 @@ class Worker:
         else:
             # A method written for model input mixes its samples with the task's in that form.
             x, y = self._method.training_data(rnd, *rnd.task_data(job.task))
+        if rnd.forward is not forward:  # a method's own training forward runs in the run's precision too
+            rnd.forward = precision_call(rnd.forward, dev, self._precision)
         optimizer, scheduler = self._optimizer_for(model, previous)
 
         def batch_loss(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
