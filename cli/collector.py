@@ -1,8 +1,8 @@
 """Python's cyclic garbage collector around a run of the command: off while torch is imported and the
 experiments are built, and blind to everything built by then while each experiment runs.
 
-A process with torch holds about a million objects the collector tracks (modules, functions, classes), none
-of which ever becomes garbage, and each full collection walks all of them: 50-180 ms each, several during the
+A process with torch holds about 180,000 objects the collector tracks (modules, functions, classes), none of
+which ever becomes garbage, and each full collection walks all of them: 15-170 ms each, three during the
 imports and more as a run's events and records accumulate. Freezing them (``gc.freeze``) takes them out of
 every later collection, which then costs what the run itself allocated (docs/benchmarks.md, *The collector*).
 """
