@@ -158,6 +158,22 @@ def test_resume_is_exact_when_spilled_clients_are_left_out_of_checkpoints(tmp_pa
 
 
 @pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
+def test_resume_is_exact_in_bf16(tmp_path: Path) -> None:
+    """exp_opts.precision bf16 keeps every stored state in float32, so a killed bf16 run resumes to the
+    uninterrupted bf16 run's record, and a resume that would change the precision is refused."""
+    whole = fedevents("run", str(experiment(tmp_path / "whole", precision="bf16")), cwd=tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    exp = experiment(tmp_path / "killed", precision="bf16")
+    kill_at(tmp_path / "killed", exp)
+    changed = fedevents("run", str(exp), "--resume", "--set", "exp_opts.precision=fp32", cwd=tmp_path / "killed")
+    assert changed.returncode == 2 and "exp_opts.precision differs from the checkpoint" in changed.stderr
+    assert fedevents("run", str(exp), "--resume", cwd=tmp_path / "killed").returncode == 0
+    final, expected = record(tmp_path / "killed"), record(tmp_path / "whole")
+    assert final["status"] == "finished"
+    assert (final["data"], final["comm"]) == (expected["data"], expected["comm"])
+
+
+@pytest.mark.slow  # real `fedevents` processes: run by CI (`make test-slow`), not by `make test`
 def test_resume_into_another_logs_dir_gives_the_whole_record(tmp_path: Path, reference: Path) -> None:
     """Regression: the resumed record lacked every round before the checkpoint when the logs moved."""
     exp = experiment(tmp_path)
