@@ -1,29 +1,52 @@
 """Python's cyclic garbage collector around a run of the command: off while torch is imported and the
 experiments are built, and blind to everything built by then while each experiment runs.
 
-A process with torch holds about 180,000 objects the collector tracks (modules, functions, classes), none of
+A process with torch holds about 200,000 objects the collector tracks (modules, functions, classes), none of
 which ever becomes garbage, and each full collection walks all of them: 15-170 ms each, three during the
 imports and more as a run's events and records accumulate. Freezing them (``gc.freeze``) takes them out of
-every later collection, which then costs what the run itself allocated (docs/benchmarks.md, *The collector*).
+every later collection, which then costs what the run itself allocated (docs/benchmarks.md, *Start-up
+without rich, and the collector paused and frozen*).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 from typing import Iterator
 
-__all__ = ["collector_paused", "frozen_heap"]
+__all__ = ["Paused", "collector_paused", "frozen_heap"]
+
+
+@dataclasses.dataclass
+class Paused:
+    """What ``collector_paused`` did: whether it froze what the block made (``thaw`` hands that back)."""
+
+    froze: bool = False
+
+    def thaw(self) -> None:
+        if self.froze:
+            gc.unfreeze()
+            self.froze = False
 
 
 @contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
+def collector_paused(*, then_freeze: bool = False) -> Iterator[Paused]:
     """No automatic collection within the block (imports and building make little garbage); the collector's
-    state is restored after it, so a process that had turned it off keeps it off."""
+    state is restored after it, so a process that had turned it off keeps it off.
+
+    ``then_freeze``: when the block ends without an error, everything alive is frozen before the collector is
+    turned back on. Turned on first, it would at once collect the young generation, which then holds all the
+    block made (torch's modules: about 230,000 objects, 90 ms), only to keep every one of them.
+    """
     enabled = gc.isenabled()
+    paused = Paused()
     gc.disable()
     try:
-        yield
+        yield paused
+        if enabled and then_freeze:
+            gc.freeze()
+            paused.froze = True
     finally:
         if enabled:
             gc.enable()

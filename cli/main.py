@@ -179,16 +179,24 @@ def _run_experiments(args: argparse.Namespace) -> int:
     Without ``--seeds``/``--sweep`` the first failing run ends the command with its exit status. A group
     goes on past a failing run, and ends with a line saying how many runs failed (exit 1 if any did).
     """
-    with collector_paused():  # torch's import and the building make little garbage and many objects
+    # torch's import and the building make many objects and little garbage (cli/collector.py)
+    with collector_paused(then_freeze=True) as paused:
         experiments, grouped = _build_experiments(args)
+    try:
+        return _run_all(experiments, grouped, args.dry_run)
+    finally:
+        paused.thaw()  # each run hands back what it froze; this is for a command that ends before one did
+
+
+def _run_all(experiments: list, grouped: bool, dry_run: bool) -> int:
     if not grouped:
         for index, exp in enumerate(experiments):
-            _run_one(exp, args.dry_run, after_another=index > 0)
+            _run_one(exp, dry_run, after_another=index > 0)
         return 0
     failed: list[str] = []
     for index, exp in enumerate(experiments):
         try:
-            _run_one(exp, args.dry_run, after_another=index > 0)
+            _run_one(exp, dry_run, after_another=index > 0)
         except Interrupted:
             raise
         except FedEventsError as exc:

@@ -46,6 +46,39 @@ def test_paused_leaves_a_collector_that_was_off_off() -> None:
         gc.enable()
 
 
+def test_then_freeze_freezes_what_the_block_made_before_the_collector_comes_back() -> None:
+    """Regression: turned back on first, the collector at once walked the ~230,000 objects of torch's import
+    (90 ms) in one young-generation collection, only to keep them all."""
+    gc.enable()
+    young = []
+    gc.callbacks.append(lambda phase, info: young.append(gc.get_count()[0]) if phase == "start" else None)
+    try:
+        with collector_paused(then_freeze=True) as paused:
+            made = [[i] for i in range(50_000)]
+        assert gc.isenabled() and paused.froze and gc.get_freeze_count() >= len(made)
+        more = [[i] for i in range(2_000)]  # enough to trigger collections of what comes after
+        assert young and max(young) < 10_000
+    finally:
+        gc.callbacks.pop()
+    paused.thaw()
+    assert gc.get_freeze_count() == 0 and not paused.froze
+    del made, more
+
+
+def test_then_freeze_freezes_nothing_after_an_error_or_for_a_collector_that_was_off() -> None:
+    gc.enable()
+    with pytest.raises(RuntimeError), collector_paused(then_freeze=True) as paused:
+        raise RuntimeError
+    assert not paused.froze and gc.get_freeze_count() == 0 and gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused(then_freeze=True) as paused:
+            pass
+        assert not paused.froze and gc.get_freeze_count() == 0 and not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_what_lives_at_the_start_is_frozen_inside_and_given_back_after() -> None:
     gc.enable()
     before = Node()
