@@ -23,9 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import describe  # noqa: E402
 
 from fedevents.federated import build_reid_model, generator  # noqa: E402
-from fedevents.federated.precision import forward_precision  # noqa: E402
-
-PRECISIONS = ("fp32", "bf16")
+from fedevents.federated.precision import PRECISIONS, forward_precision  # noqa: E402
 
 
 def timed_steps(model: torch.nn.Module, device: torch.device, precision: str, x: torch.Tensor, y: torch.Tensor,

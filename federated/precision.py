@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 from typing import Any, Callable, Iterator
 
 import torch
@@ -26,17 +25,16 @@ __all__ = ["PRECISIONS", "as_float32", "check_precision", "forward_precision", "
 BF16_CAPABILITY = (8, 0)
 
 _REDUCED = (torch.bfloat16, torch.float16)
-_CUDA_INDEX = re.compile(r"cuda(?::(\d+))?")
 
 
 def check_precision(precision: str, device: str) -> None:
     """Raise ``ValueError`` unless ``device`` (a name ``check_device`` accepted) computes in ``precision``."""
     if precision not in PRECISIONS:
         raise ValueError(f"exp_opts.precision: expected one of {', '.join(PRECISIONS)}, found {precision!r}")
-    match = _CUDA_INDEX.fullmatch(device)
-    if precision != "bf16" or match is None:
+    where = torch.device(device)  # a name check_device accepted: torch parses it the same way
+    if precision != "bf16" or where.type != "cuda":
         return
-    capability = tuple(torch.cuda.get_device_capability(int(match.group(1) or 0)))
+    capability = tuple(torch.cuda.get_device_capability(where.index or 0))
     if capability < BF16_CAPABILITY:
         need = ".".join(map(str, BF16_CAPABILITY))
         raise ValueError(f"exp_opts.precision bf16: expected a device with bfloat16 arithmetic (the CPU, or CUDA "
